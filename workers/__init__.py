@@ -1,0 +1,1 @@
+"""Worker side of specpipe: model runners, device backends and the worker processes."""

@@ -1,0 +1,108 @@
+"""Reading Hugging Face checkpoint directories: config.json, safetensors shards, tokenizer files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from workers.errors import CheckpointError
+from workers.model.config import ModelConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a Hugging Face checkpoint: it has no config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from None
+    try:
+        return ModelConfig.from_hf(raw)
+    except KeyError as error:
+        raise CheckpointError(f"{config_file} lacks the field {error.args[0]!r}") from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint, checked against its index when there is one."""
+    index_file = directory / "model.safetensors.index.json"
+    if index_file.is_file():
+        names = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        missing = [name for name in names if not (directory / name).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {str(directory)!r} is partial: its index names {len(names)} shards "
+                f"but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+            )
+        return [directory / name for name in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        hint = (
+            f" (it has {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)"
+            if pickled
+            else ""
+        )
+        raise CheckpointError(f"checkpoint {str(directory)!r} has no *.safetensors weights{hint}")
+    return files
+
+
+def read_hf_weights(directory: str | Path) -> dict[str, Tensor]:
+    """All tensors of a checkpoint by their Hugging Face names."""
+    tensors: dict[str, Tensor] = {}
+    for file in weight_files(Path(directory)):
+        try:
+            with safe_open(str(file), framework="pt") as shard:
+                for name in shard.keys():
+                    tensors[name] = shard.get_tensor(name)
+        except Exception as error:  # safetensors raises several types for truncated or corrupt files
+            raise CheckpointError(f"cannot read weights from {file}: {error}") from None
+    return tensors
+
+
+def check_weight_names(config: ModelConfig, hf: dict[str, Tensor], directory: str | Path) -> None:
+    """Refuses a checkpoint that lacks any tensor the decoder needs, naming the first few."""
+    from workers.model.llama import hf_weight_names
+
+    missing = [name for name in hf_weight_names(config) if name not in hf]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} lacks weights {', '.join(missing[:3])}{more} "
+            "(is it partial, or not a Llama-family model?)"
+        )
+
+
+def load_tokenizer(directory: str | Path) -> Any:
+    """The checkpoint's tokenizer through transformers' AutoTokenizer (never downloads)."""
+    path = Path(directory)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"checkpoint {str(path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot load the tokenizer in {str(path)!r}: {error}") from None
+
+
+def tokenizer_fingerprint(directory: str | Path) -> str:
+    """A hash of the tokenizer files, so two workers can check they tokenize alike."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        file = Path(directory) / name
+        if file.is_file():
+            digest.update(name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

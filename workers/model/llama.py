@@ -1,0 +1,203 @@
+"""A Llama-family decoder for inference, in the manner of gpt-fast's model.py.
+
+One sequence per call: `forward(tokens, start, slot)` runs T tokens at positions start..start+T-1
+of KV slot `slot` and returns logits for all T. Prefill, one-token decode and k-token verification
+are the same call. The KV cache is preallocated, so rolling a sequence back is just moving its
+length (the runner's job): stale entries past the length are never attended and get overwritten.
+
+On a CPU thread a small model's decode is bound by memory traffic and per-op overhead, so the
+weights are laid out for it (see `prepare_weights`): q|k|v and gate|up fused into one matrix each,
+stored [in, out] for `x @ W`, and each RMSNorm's gain folded into the matrix that follows it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from workers.model.config import ModelConfig, RopeScaling
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> Tensor:
+    """Inverse frequencies [head_dim/2], as transformers' modeling_rope_utils computes them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type != "llama3":
+        return inv_freq
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def prepare_weights(config: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face tensors (by HF name) -> this module's state dict.
+
+    RMSNorm(x) @ W.T = (x / rms(x)) * g @ W.T = (x * rsqrt(sum(x^2) + d*eps)) @ (W * g * sqrt(d)).T,
+    so the gain g and sqrt(d) move into the next matrix and the norm becomes five cheap ops.
+    """
+    root_d = math.sqrt(config.hidden_size)
+
+    def folded(weight: Tensor, gain: Tensor) -> Tensor:  # [out, in] -> [in, out] with the norm folded in
+        return (weight.float() * (gain.float() * root_d)).t().contiguous()
+
+    def transposed(weight: Tensor) -> Tensor:
+        return weight.t().contiguous()
+
+    state = {"embed": hf["model.embed_tokens.weight"]}
+    head = hf["model.embed_tokens.weight"] if config.tie_word_embeddings else hf["lm_head.weight"]
+    state["lm_head"] = folded(head, hf["model.norm.weight"])
+    for i in range(config.num_layers):
+        hf_layer, layer = f"model.layers.{i}.", f"layers.{i}."
+        attn, mlp = hf_layer + "self_attn.", hf_layer + "mlp."
+        attn_gain, mlp_gain = hf[hf_layer + "input_layernorm.weight"], hf[hf_layer + "post_attention_layernorm.weight"]
+        state[layer + "wqkv"] = folded(torch.cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"]), attn_gain)
+        state[layer + "wo"] = transposed(hf[attn + "o_proj.weight"])
+        gate_up = torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
+        state[layer + "w_gate_up"] = folded(gate_up, mlp_gain)
+        state[layer + "w_down"] = transposed(hf[mlp + "down_proj.weight"])
+        if config.qkv_bias:
+            state[layer + "bqkv"] = torch.cat([hf[attn + f"{p}_proj.bias"] for p in "qkv"])
+        if config.o_bias:
+            state[layer + "bo"] = hf[attn + "o_proj.bias"]
+        if config.mlp_bias:
+            state[layer + "b_gate_up"] = torch.cat([hf[mlp + "gate_proj.bias"], hf[mlp + "up_proj.bias"]])
+            state[layer + "b_down"] = hf[mlp + "down_proj.bias"]
+    return state
+
+
+def hf_weight_names(config: ModelConfig) -> list[str]:
+    """Every Hugging Face tensor name `prepare_weights` reads."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(config.num_layers):
+        layer = f"model.layers.{i}."
+        names += [layer + "input_layernorm.weight", layer + "post_attention_layernorm.weight"]
+        names += [f"{layer}self_attn.{p}_proj.weight" for p in "qkvo"]
+        names += [f"{layer}mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+        if config.qkv_bias:
+            names += [f"{layer}self_attn.{p}_proj.bias" for p in "qkv"]
+        if config.o_bias:
+            names.append(f"{layer}self_attn.o_proj.bias")
+        if config.mlp_bias:
+            names += [f"{layer}mlp.{p}_proj.bias" for p in ("gate", "up", "down")]
+    return names
+
+
+def normalize(x: Tensor, eps_times_dim: Tensor) -> Tensor:
+    # RMSNorm without its gain and without the 1/sqrt(d) (both folded into the next matrix).
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps_times_dim)
+
+
+def project(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+
+
+def _weight(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.group = config.num_heads // config.num_kv_heads
+        self.q_width, self.kv_width, self.ffn_width = config.num_heads * hd, config.num_kv_heads * hd, f
+        self.eps_times_dim = torch.tensor(0.0)  # set by Transformer.setup_caches on the real device
+        self.wqkv = _weight(d, self.q_width + 2 * self.kv_width)
+        self.wo = _weight(self.q_width, d)
+        self.w_gate_up = _weight(d, 2 * f)
+        self.w_down = _weight(f, d)
+        self.bqkv = _weight(self.q_width + 2 * self.kv_width) if config.qkv_bias else None
+        self.bo = _weight(d) if config.o_bias else None
+        self.b_gate_up = _weight(2 * f) if config.mlp_bias else None
+        self.b_down = _weight(d) if config.mlp_bias else None
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, mask: Tensor | None
+    ) -> Tensor:
+        # x: [T, d]; cos, sin: [T, 1, hd]; k_cache, v_cache: [kv_heads, max_seq_len, hd] (this slot's)
+        T, hd, n_kv = x.shape[0], self.head_dim, self.n_kv_heads
+        qkv = project(normalize(x, self.eps_times_dim), self.wqkv, self.bqkv)
+        qk = qkv[:, : self.q_width + self.kv_width].view(T, self.n_heads + n_kv, hd)
+        # RoPE on queries and keys at once; rotate_half(x) = x[..., halves swapped] * [-1.., +1..] (in sin)
+        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
+        v = qkv[:, self.q_width + self.kv_width :].view(T, n_kv, hd)
+
+        end = start + T
+        k_cache[:, start:end] = k.transpose(0, 1)
+        v_cache[:, start:end] = v.transpose(0, 1)
+
+        # Grouped-query attention without repeating K/V: each KV head serves its group's query heads
+        # as group*T query rows. Head h belongs to KV head h // group.
+        if T == 1:
+            q = q.view(1, n_kv, self.group, hd)
+        else:
+            q = q.reshape(T, n_kv, self.group, hd).permute(1, 2, 0, 3).reshape(1, n_kv, self.group * T, hd)
+            mask = mask.repeat(self.group, 1)  # [group*T, end]: row g*T + t is query t
+        attn = F.scaled_dot_product_attention(q, k_cache[None, :, :end], v_cache[None, :, :end], attn_mask=mask)
+        if T == 1:
+            attn = attn.view(1, self.q_width)
+        else:
+            attn = attn.view(n_kv, self.group, T, hd).permute(2, 0, 1, 3).reshape(T, self.q_width)
+        x = x + project(attn, self.wo, self.bo)
+
+        gate_up = project(normalize(x, self.eps_times_dim), self.w_gate_up, self.b_gate_up)
+        hidden = F.silu(gate_up[:, : self.ffn_width]) * gate_up[:, self.ffn_width :]
+        return x + project(hidden, self.w_down, self.b_down)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = _weight(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.lm_head = _weight(config.hidden_size, config.vocab_size)
+        self.eps_times_dim = torch.tensor(0.0)
+        self.max_seq_len = 0
+
+    def setup_caches(self, n_slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocates the KV cache [layers, slots, kv_heads, max_seq_len, hd], RoPE tables and causal mask."""
+        config = self.config
+        shape = (config.num_layers, n_slots, config.num_kv_heads, max_seq_len, config.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seq_len = max_seq_len
+        # A 0-d tensor, because adding a Python float re-wraps it as a tensor on every call.
+        self.eps_times_dim = torch.tensor(config.rms_norm_eps * config.hidden_size, dtype=dtype, device=device)
+        for layer in self.layers:
+            layer.eps_times_dim = self.eps_times_dim
+
+        inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [max_seq_len, hd/2]
+        self.cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(device, dtype)
+        self.sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).to(device, dtype)  # signs of rotate_half
+        # causal[i, j]: position i may attend to position j
+        self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
+
+    def forward(self, tokens: Tensor, start: int, slot: int) -> Tensor:
+        # tokens: [T] at positions start..start+T-1 -> logits [T, vocab]
+        T = tokens.shape[0]
+        end = start + T
+        cos = self.cos[start:end].unsqueeze(1)
+        sin = self.sin[start:end].unsqueeze(1)
+        mask = None if T == 1 else self.causal[start:end, :end]
+        x = F.embedding(tokens, self.embed)
+        k_cache, v_cache = self.k_cache[:, slot], self.v_cache[:, slot]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, k_cache[i], v_cache[i], start, mask)
+        return torch.mm(normalize(x, self.eps_times_dim), self.lm_head)
