@@ -251,7 +251,7 @@ def run_phase(phase: Phase, model, loss_fn, train_stream, heldout_stream, device
 
 @torch.no_grad()
 def target_generations(target, train_stream, count: int, prompt_len: int, new_tokens: int, device, seed: int,
-                       batch: int = 256) -> torch.Tensor:
+                       batch: int = 512) -> torch.Tensor:
     """Continuations written by the target (half greedy, half sampled), prompt included, as one stream."""
     target.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -304,11 +304,11 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--target-steps", type=int, default=2400)
-    parser.add_argument("--draft-steps", type=int, default=2400)
+    parser.add_argument("--target-steps", type=int, default=800)
+    parser.add_argument("--draft-steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--generations", type=int, default=4096, help="target continuations to distil on")
+    parser.add_argument("--generations", type=int, default=12288, help="target continuations to distil on")
     parser.add_argument("--max-minutes", type=float, default=60.0, help="per training phase")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for testing the script itself")
     args = parser.parse_args()
