@@ -1,0 +1,35 @@
+"""Running a set of prompts through a transport: the one entry point the CLI, bench and tests share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.engine import Engine, Transport
+from pipeline.scheduler import DecodeConfig, Scheduler, Sequence
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the coordinator must know of the models (from the workers' READY messages)."""
+
+    vocab_size: int
+    eos_ids: frozenset[int]
+    max_context: int  # the smaller of the two models' contexts
+
+
+def generate(
+    transport: Transport,
+    prompts: list[list[int]],
+    config: DecodeConfig,
+    limits: ModelLimits,
+    concurrency: int = 1,
+    on_tokens: Callable[[Sequence, list[int]], None] | None = None,
+) -> tuple[list[Sequence], Engine]:
+    """Generates for every prompt; returns the sequences in prompt order and the engine (for its timings)."""
+    config.validate(limits.max_context)
+    scheduler = Scheduler(config, limits.vocab_size, set(limits.eos_ids), limits.max_context, concurrency, on_tokens)
+    sequences = [scheduler.add(seq_id, prompt) for seq_id, prompt in enumerate(prompts)]
+    engine = Engine(scheduler, transport)
+    engine.run()
+    return sequences, engine

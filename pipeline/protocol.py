@@ -1,0 +1,236 @@
+"""Every message that crosses a specpipe socket, and nothing else.
+
+A message is a small frozen dataclass. On the wire it is a msgpack map
+{"v": PROTOCOL_VERSION, "type": <class name>, "body": {field: value}} holding only msgpack's own
+types (no pickle, no extension types). `decode` checks the size, version, type name and every
+field's type before building the object, and raises ProtocolError otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import msgpack
+import torch
+
+from workers.sampling import SamplingParams as Sampling
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # draft distributions of a long window at a large vocabulary fit well inside
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed, too large, of an unknown type or of another protocol version."""
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker -> coordinator once its model is loaded: who it is and what it runs."""
+
+    role: str
+    pid: int
+    model: str
+    vocab_size: int
+    tokenizer_hash: str
+    max_context: int
+    eos_ids: list[int]
+    backend: str
+    device: str
+    slots: int
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """Roll sequence `seq_id` back to `start` cached positions, read `feed`, propose `count` tokens."""
+
+    request_id: int
+    seq_id: int
+    start: int
+    feed: list[int]
+    count: int
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass(frozen=True)
+class DraftResult:
+    request_id: int
+    seq_id: int
+    tokens: list[int]
+    probs: bytes | None  # float32 [len(tokens), vocab] when sampling; None when greedy
+    cached: int
+    busy_s: float
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """Roll back to `start`, read `feed` in one pass; its last `drafted` tokens are the proposal."""
+
+    request_id: int
+    seq_id: int
+    start: int
+    feed: list[int]
+    drafted: int
+    probs: bytes | None = None  # the draft's float32 [drafted, vocab] distributions, when sampling
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    request_id: int
+    seq_id: int
+    accepted: int
+    next_token: int
+    cached: int
+    busy_s: float
+
+
+@dataclass(frozen=True)
+class Release:
+    """The sequence is finished or cancelled: free its KV slot. Answered by Released."""
+
+    seq_id: int
+
+
+@dataclass(frozen=True)
+class Released:
+    seq_id: int
+    active: int  # sequences the worker still holds
+
+
+@dataclass(frozen=True)
+class Ping:
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    nonce: int
+    active: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """A request failed (request_id -1 when the request itself was unreadable)."""
+
+    request_id: int
+    message: str
+    fatal: bool
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (Ready, DraftRequest, DraftResult, VerifyRequest, VerifyResult, Release, Released, Ping, Pong,
+                Shutdown, ErrorReply)
+}
+Message = typing.Union[tuple(MESSAGE_TYPES.values())]  # type: ignore[valid-type]
+
+
+# --- tensors as bytes ---------------------------------------------------------------------------
+
+
+def tensor_to_bytes(tensor: torch.Tensor | None) -> bytes | None:
+    return None if tensor is None else tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
+def bytes_to_tensor(data: bytes | None, rows: int, columns: int) -> torch.Tensor | None:
+    if data is None:
+        return None
+    if len(data) != rows * columns * 4:
+        raise ProtocolError(f"expected {rows}x{columns} float32 values, got {len(data)} bytes")
+    return torch.frombuffer(bytearray(data), dtype=torch.float32).view(rows, columns)
+
+
+# --- encoding and validation --------------------------------------------------------------------
+
+
+def _to_wire(value: object) -> object:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def encode(message: object) -> bytes:
+    name = type(message).__name__
+    if MESSAGE_TYPES.get(name) is not type(message):
+        raise TypeError(f"{name} is not a protocol message")
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": name, "body": _to_wire(message)}, use_bin_type=True)
+
+
+def decode(data: bytes) -> object:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=True, use_list=True, max_buffer_size=MAX_MESSAGE_BYTES, ext_hook=_refuse_extension
+    )
+    try:
+        unpacker.feed(data)
+        envelope = unpacker.unpack()
+        if unpacker.tell() != len(data):
+            raise ProtocolError(f"{len(data) - unpacker.tell()} stray bytes after the message")
+    except ProtocolError:
+        raise
+    except Exception as error:  # msgpack raises several types for truncated or garbage input
+        raise ProtocolError(f"not a msgpack message: {type(error).__name__}: {error}") from None
+    if not isinstance(envelope, dict) or set(envelope) != {"v", "type", "body"}:
+        raise ProtocolError("message must be a map with exactly the keys v, type and body")
+    if envelope["v"] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {envelope['v']!r} is not {PROTOCOL_VERSION} (mixed specpipe versions?)")
+    cls = MESSAGE_TYPES.get(envelope["type"]) if isinstance(envelope["type"], str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {envelope['type']!r}")
+    return _build(cls, envelope["body"], envelope["type"])
+
+
+def _refuse_extension(code: int, data: bytes) -> object:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def _build(cls: type, body: object, where: str) -> object:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{where}: expected a map, got {type(body).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(body) - names
+    if unknown:
+        raise ProtocolError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{where}: missing field {f.name!r}")
+            continue
+        values[f.name] = _check(hints[f.name], body[f.name], f"{where}.{f.name}")
+    return cls(**values)
+
+
+def _check(expected: object, value: object, where: str) -> object:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(expected)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [option for option in options if option is not type(None)]
+        return _check(inner, value, where)
+    if origin is list:
+        (item,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check(item, element, f"{where}[]") for element in value]
+    if dataclasses.is_dataclass(expected):
+        return _build(expected, value, where)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):  # type: ignore[arg-type]
+        raise ProtocolError(f"{where}: expected {getattr(expected, '__name__', expected)}, got {type(value).__name__}")
+    return value

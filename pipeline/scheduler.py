@@ -1,0 +1,330 @@
+"""The coordinator's algorithm: which request each worker gets next, and what each reply means.
+
+It knows nothing of processes or sockets (vLLM's EngineCore split): `next_request(role)` hands out
+work for an idle worker, `on_reply(reply)` takes a worker's answer. Each worker runs one request
+at a time; the engine around this class moves the messages.
+
+For every sequence the scheduler mirrors the token ids whose keys and values each worker holds
+(`draft_view`, `target_view`), so every request says exactly where to roll back to and what to read.
+
+Modes:
+  target-only  the target decodes one token per pass (the baseline, through the same worker);
+  serial       draft k tokens, then verify them, then draft again;
+  overlap      while the target verifies window i, the draft pre-drafts window i+1 on the guess that
+               window i is fully accepted and that the target's bonus token equals the draft's own
+               next token. On a hit the pre-drafted window goes to the target at once; on a miss it
+               is discarded and both sides roll back to the committed tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.protocol import (
+    DraftRequest,
+    DraftResult,
+    Release,
+    VerifyRequest,
+    VerifyResult,
+    bytes_to_tensor,
+    tensor_to_bytes,
+)
+from workers.sampling import SamplingParams
+
+MODES = ("overlap", "serial", "target-only")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    mode: str = "overlap"
+    k: int = 5
+    max_new_tokens: int = 128
+    sampling: SamplingParams = SamplingParams()
+
+    def validate(self, max_context: int) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; --mode takes one of {', '.join(MODES)}")
+        if not 1 <= self.k < max_context:
+            raise ValueError(f"--k must be between 1 and {max_context - 1} (the context), got {self.k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        self.sampling.validate()
+
+
+@dataclass
+class SequenceStats:
+    drafted: int = 0  # drafted tokens sent for verification
+    accepted: int = 0
+    verifications: int = 0  # verifications that carried at least one drafted token
+    predraft_hits: int = 0
+    predraft_misses: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)  # per verification with a window
+    window_sizes: list[int] = field(default_factory=list)
+    started: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each generated token was committed
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt: list[int]
+    tokens: list[int]  # prompt + committed generated tokens
+    max_new_tokens: int
+    target_view: list[int] = field(default_factory=list)
+    draft_view: list[int] = field(default_factory=list)
+    window: list[int] | None = None  # drafted tokens for context == tokens, awaiting the target
+    window_probs: torch.Tensor | None = None
+    verifying: list[int] | None = None  # the window in flight at the target
+    drafting: str | None = None  # "window" | "predraft" while a draft request is in flight
+    predraft_context: list[int] | None = None  # what the pre-draft in flight (or done) continues
+    predraft: tuple[list[int], torch.Tensor | None] | None = None  # its tokens (bonus guess first), probs
+    finish_reason: str | None = None
+    stats: SequenceStats = field(default_factory=SequenceStats)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt) :]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: DecodeConfig,
+        vocab_size: int,
+        eos_ids: set[int],
+        max_context: int,
+        concurrency: int = 1,
+        on_tokens: Callable[[Sequence, list[int]], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+        self.eos_ids = eos_ids
+        self.max_context = max_context
+        if concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+        self.concurrency = concurrency
+        self.on_tokens = on_tokens
+        self.clock = clock
+        self.sequences: dict[int, Sequence] = {}  # admitted, in order of admission
+        self.waiting: list[Sequence] = []  # not yet admitted: at most `concurrency` run at once
+        self.control: dict[str, list[object]] = {"draft": [], "target": []}  # releases to send
+        self._next_request_id = 0
+        self._in_flight: dict[int, Sequence] = {}
+
+    # --- admission ------------------------------------------------------------------------------
+
+    def add(self, seq_id: int, prompt: list[int]) -> Sequence:
+        if not prompt:
+            raise ValueError("an empty prompt cannot be continued; give at least one token")
+        if len(prompt) >= self.max_context:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context} tokens "
+                "(leave room for at least one new token)"
+            )
+        sequence = Sequence(seq_id, list(prompt), list(prompt), self.config.max_new_tokens)
+        self.waiting.append(sequence)
+        return sequence
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.active) < self.concurrency:
+            sequence = self.waiting.pop(0)
+            sequence.stats.started = self.clock()
+            self.sequences[sequence.seq_id] = sequence
+
+    @property
+    def done(self) -> bool:
+        return (
+            not self.waiting
+            and not any(self.control.values())
+            and all(s.finish_reason is not None for s in self.sequences.values())
+            and not self._in_flight
+        )
+
+    @property
+    def active(self) -> list[Sequence]:
+        return [s for s in self.sequences.values() if s.finish_reason is None]
+
+    # --- handing out work -----------------------------------------------------------------------
+
+    def next_request(self, role: str) -> object | None:
+        """The next request for an idle worker of `role`, or None if it has nothing useful to do."""
+        if self.control[role]:
+            return self.control[role].pop(0)
+        self._admit()
+        return self._next_verify() if role == "target" else self._next_draft()
+
+    def _window_budget(self, sequence: Sequence, context_len: int, emitted_before: int) -> int:
+        """How many tokens a window for a context of `context_len` may draft."""
+        remaining = sequence.max_new_tokens - emitted_before
+        room = self.max_context - context_len  # the target reads up to position context_len - 1 + k
+        return max(0, min(self.config.k, remaining - 1, room))
+
+    def _next_verify(self) -> VerifyRequest | None:
+        for sequence in self.active:
+            if sequence.verifying is not None:
+                continue
+            if self.config.mode == "target-only" or not sequence.generated:
+                window: list[int] = []  # plain decode step (the first one is the prefill)
+                probs = None
+            elif sequence.window is not None:
+                window, probs = sequence.window, sequence.window_probs
+            elif self._window_budget(sequence, len(sequence.tokens), len(sequence.generated)) == 0:
+                window, probs = [], None  # one token left to make: no point drafting
+            else:
+                continue
+            sequence.window, sequence.window_probs = None, None
+            sequence.verifying = window
+            start = min(common_prefix(sequence.target_view, sequence.tokens), len(sequence.tokens) - 1)
+            feed = sequence.tokens[start:] + window
+            sequence.target_view = sequence.target_view[:start] + feed  # provisional, trimmed on reply
+            return self._issue(
+                sequence,
+                VerifyRequest(
+                    self._new_id(), sequence.seq_id, start, feed, len(window), tensor_to_bytes(probs),
+                    self.config.sampling,
+                ),
+            )
+        return None
+
+    def _next_draft(self) -> DraftRequest | None:
+        if self.config.mode == "target-only":
+            return None
+        # First, windows the target is waiting for; then pre-drafts behind running verifications.
+        for sequence in self.active:
+            if sequence.drafting or sequence.verifying is not None or sequence.window is not None:
+                continue
+            if not sequence.generated:
+                continue  # the target's prefill comes first; overlap pre-drafts behind it
+            count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
+            if count:
+                return self._draft(sequence, sequence.tokens, count, "window")
+        if self.config.mode != "overlap":
+            return None
+        for sequence in self.active:
+            if sequence.drafting or sequence.verifying is None or sequence.predraft_context is not None:
+                continue
+            context = sequence.tokens + sequence.verifying
+            emitted = len(sequence.generated) + len(sequence.verifying) + 1
+            count = self._window_budget(sequence, len(context) + 1, emitted)
+            if count and len(context) + count < self.max_context:
+                sequence.predraft_context = context
+                return self._draft(sequence, context, count + 1, "predraft")  # +1: the bonus guess
+        return None
+
+    def _draft(self, sequence: Sequence, context: list[int], count: int, kind: str) -> DraftRequest:
+        start = min(common_prefix(sequence.draft_view, context), len(context) - 1)
+        feed = context[start:]
+        sequence.drafting = kind
+        sequence.draft_view = sequence.draft_view[:start] + feed  # extended by the reply
+        return self._issue(
+            sequence, DraftRequest(self._new_id(), sequence.seq_id, start, feed, count, self.config.sampling)
+        )
+
+    def _issue(self, sequence: Sequence, request):
+        self._in_flight[request.request_id] = sequence
+        return request
+
+    def _new_id(self) -> int:
+        self._next_request_id += 1
+        return self._next_request_id
+
+    # --- taking replies -------------------------------------------------------------------------
+
+    def on_reply(self, reply: DraftResult | VerifyResult) -> None:
+        sequence = self._in_flight.pop(reply.request_id, None)
+        if sequence is None:
+            raise ValueError(f"reply to unknown request {reply.request_id}")
+        if isinstance(reply, VerifyResult):
+            self._on_verified(sequence, reply)
+        else:
+            self._on_drafted(sequence, reply)
+
+    def _on_drafted(self, sequence: Sequence, reply: DraftResult) -> None:
+        kind, sequence.drafting = sequence.drafting, None
+        sequence.draft_view = sequence.draft_view + reply.tokens[:-1]
+        if len(sequence.draft_view) != reply.cached:
+            raise RuntimeError(
+                f"draft cache of sequence {sequence.seq_id} holds {reply.cached} positions, expected "
+                f"{len(sequence.draft_view)}"
+            )
+        if sequence.finish_reason is not None:
+            return
+        probs = bytes_to_tensor(reply.probs, len(reply.tokens), self.vocab_size)
+        if kind == "window":
+            sequence.window, sequence.window_probs = reply.tokens, probs
+        else:
+            sequence.predraft = (reply.tokens, probs)
+            if sequence.verifying is None:  # the verification it bet on is already back
+                self._judge_predraft(sequence)
+
+    def _on_verified(self, sequence: Sequence, reply: VerifyResult) -> None:
+        window, sequence.verifying = sequence.verifying or [], None
+        sequence.target_view = sequence.target_view[: reply.cached]
+        if len(sequence.target_view) != reply.cached:
+            raise RuntimeError(f"target cache of sequence {sequence.seq_id} holds {reply.cached} positions")
+        stats = sequence.stats
+        if window:
+            stats.verifications += 1
+            stats.drafted += len(window)
+            stats.accepted += reply.accepted
+            stats.accepted_lengths.append(reply.accepted)
+            stats.window_sizes.append(len(window))
+        self._commit(sequence, window[: reply.accepted] + [reply.next_token])
+        if sequence.finish_reason is not None:
+            return
+        if sequence.predraft is not None:
+            self._judge_predraft(sequence)
+        # else: a pre-draft still in flight is judged when it arrives
+
+    def _judge_predraft(self, sequence: Sequence) -> None:
+        """A pre-draft is a hit iff the committed tokens are exactly its context plus its bonus guess."""
+        tokens, probs = sequence.predraft
+        context = sequence.predraft_context
+        sequence.predraft = sequence.predraft_context = None
+        if sequence.window is not None or sequence.tokens != context + tokens[:1]:
+            sequence.stats.predraft_misses += 1
+            return
+        sequence.stats.predraft_hits += 1
+        count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
+        sequence.window = tokens[1 : 1 + count]
+        sequence.window_probs = None if probs is None else probs[1 : 1 + count]
+
+    def _commit(self, sequence: Sequence, new_tokens: list[int]) -> None:
+        now = self.clock()
+        for i, token in enumerate(new_tokens):
+            if token in self.eos_ids:
+                new_tokens = new_tokens[: i + 1]
+                sequence.finish_reason = "eos"
+                break
+        sequence.tokens.extend(new_tokens)
+        stats = sequence.stats
+        if stats.first_token_at is None:
+            stats.first_token_at = now
+        stats.token_times.extend([now] * len(new_tokens))
+        if sequence.finish_reason is None:
+            if len(sequence.generated) >= sequence.max_new_tokens:
+                sequence.finish_reason = "length"
+            elif len(sequence.tokens) >= self.max_context:
+                sequence.finish_reason = "length"  # the context is full
+        if self.on_tokens is not None:
+            self.on_tokens(sequence, new_tokens)
+        if sequence.finish_reason is not None:
+            stats.finished_at = now
+            sequence.window = sequence.predraft = sequence.predraft_context = None
+            for role in ("draft", "target"):
+                self.control[role].append(Release(sequence.seq_id))

@@ -1,0 +1,61 @@
+"""The draft worker's algorithm: propose tokens for a sequence, process-agnostic."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from workers.model.runner import ModelRunner
+from workers.sampling import SamplingParams, probabilities, sample
+from workers.slots import SequenceSlots
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: Tensor | None  # [len(tokens), V] the distributions they were drawn from; None when greedy
+    cached: int  # positions of the sequence now in the draft's KV cache
+
+
+class DraftCore:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.slots = SequenceSlots(runner, role_salt=1)
+
+    def draft(
+        self,
+        seq_id: int,
+        start: int,
+        feed: list[int],
+        count: int,
+        sampling: SamplingParams,
+        interrupted: Callable[[], bool] | None = None,
+    ) -> Draft:
+        """Rolls the sequence back to `start`, reads `feed`, then proposes up to `count` tokens.
+
+        Each proposed token but the last is read back in, so the cache ends at
+        start + len(feed) + len(tokens) - 1. `interrupted` is polled between tokens; when it says
+        so, drafting stops early with what it has (at least one token).
+        """
+        slot = self.slots.prepare(seq_id, start)
+        logits = self.runner.forward(feed, start, slot)[-1:]
+        generator = None if sampling.greedy else self.slots.generator(seq_id, sampling.seed)
+        tokens: list[int] = []
+        rows: list[Tensor] = []
+        while True:
+            if sampling.greedy:
+                tokens.append(int(logits[-1].argmax()))
+            else:
+                probs = probabilities(logits, sampling)[-1]
+                rows.append(probs)
+                tokens.append(sample(probs, generator))
+            if len(tokens) == count or (interrupted is not None and interrupted()):
+                break
+            logits = self.runner.forward(tokens[-1:], self.runner.lengths[slot], slot)
+        return Draft(tokens, torch.stack(rows) if rows else None, self.runner.lengths[slot])
+
+    def release(self, seq_id: int) -> None:
+        self.slots.release(seq_id)

@@ -1,0 +1,92 @@
+"""Turning logits into the distribution a token is drawn from, and the acceptance rules.
+
+The same `SamplingParams` shape both models' distributions (temperature, then top-k, then top-p),
+so speculative sampling reproduces the target's *filtered* distribution exactly, as vLLM does.
+Temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+
+
+def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
+    """[T, V] logits -> [T, V] float32 probabilities after temperature, top-k and top-p."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: Tensor, generator: torch.Generator) -> int:
+    """One token from a [V] distribution."""
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def greedy_accept(target_logits: Tensor, drafted: list[int]) -> tuple[int, int]:
+    """Longest prefix of `drafted` matching the target's argmax, and the target's next token.
+
+    target_logits: [len(drafted) + 1, V]; row i predicts the token after drafted[:i].
+    """
+    choices = target_logits.argmax(-1).tolist()
+    accepted = 0
+    while accepted < len(drafted) and drafted[accepted] == choices[accepted]:
+        accepted += 1
+    return accepted, choices[accepted]
+
+
+def rejection_accept(
+    target_probs: Tensor, drafted: list[int], draft_probs: Tensor | None, generator: torch.Generator
+) -> tuple[int, int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+    Token i is accepted with probability min(1, p_i(x) / q_i(x)); at the first rejection the
+    replacement is drawn from normalise(max(0, p_i - q_i)); if all are accepted the bonus token is
+    drawn from p_k. The emitted tokens are then distributed exactly as sampling from p.
+
+    target_probs: [k + 1, V]; draft_probs: [k, V] (the distributions the drafted tokens came from;
+    None when nothing was drafted).
+    """
+    uniforms = torch.rand(len(drafted), generator=generator).tolist()
+    for i, token in enumerate(drafted):
+        assert draft_probs is not None
+        p, q = float(target_probs[i, token]), float(draft_probs[i, token])
+        if q > 0 and uniforms[i] * q <= p:  # u <= p/q, without dividing
+            continue
+        residual = (target_probs[i] - draft_probs[i]).clamp_min(0)
+        total = float(residual.sum())
+        # p == q leaves no residual mass; then any rejection had probability 0, so fall back to p
+        return i, sample(residual / total if total > 0 else target_probs[i], generator)
+    return len(drafted), sample(target_probs[len(drafted)], generator)

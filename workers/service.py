@@ -1,0 +1,65 @@
+"""One worker's request handling, shared by the in-process path (tests) and the worker process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from pipeline.protocol import (
+    DraftRequest,
+    DraftResult,
+    ErrorReply,
+    Ping,
+    Pong,
+    Release,
+    Released,
+    VerifyRequest,
+    VerifyResult,
+    bytes_to_tensor,
+    tensor_to_bytes,
+)
+from workers.draft import DraftCore
+from workers.errors import SpecpipeError
+from workers.model.runner import ModelRunner
+from workers.target import TargetCore
+
+ROLES = ("draft", "target")
+
+
+class WorkerService:
+    """Answers protocol requests for one role with one model runner."""
+
+    def __init__(self, role: str, runner: ModelRunner) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; use draft or target")
+        self.role = role
+        self.runner = runner
+        self.core = DraftCore(runner) if role == "draft" else TargetCore(runner)
+
+    def handle(self, message: object, interrupted: Callable[[], bool] | None = None) -> object:
+        """The reply to `message`. Bad requests get a non-fatal ErrorReply; the worker keeps serving."""
+        request_id = getattr(message, "request_id", -1)
+        try:
+            return self._dispatch(message, interrupted)
+        except (ValueError, SpecpipeError) as error:
+            return ErrorReply(request_id, f"{type(error).__name__}: {error}", fatal=False)
+
+    def _dispatch(self, message: object, interrupted: Callable[[], bool] | None) -> object:
+        began = time.perf_counter()
+        if isinstance(message, DraftRequest) and self.role == "draft":
+            draft = self.core.draft(message.seq_id, message.start, message.feed, message.count, message.sampling,
+                                    interrupted)
+            return DraftResult(message.request_id, message.seq_id, draft.tokens, tensor_to_bytes(draft.probs),
+                               draft.cached, time.perf_counter() - began)
+        if isinstance(message, VerifyRequest) and self.role == "target":
+            probs = bytes_to_tensor(message.probs, message.drafted, self.runner.config.vocab_size)
+            verdict = self.core.verify(message.seq_id, message.start, message.feed, message.drafted,
+                                       message.sampling, probs)
+            return VerifyResult(message.request_id, message.seq_id, verdict.accepted, verdict.next_token,
+                                verdict.cached, time.perf_counter() - began)
+        if isinstance(message, Release):
+            self.core.release(message.seq_id)
+            return Released(message.seq_id, self.core.slots.active)
+        if isinstance(message, Ping):
+            return Pong(message.nonce, self.core.slots.active)
+        raise ValueError(f"the {self.role} worker does not take {type(message).__name__} messages")
