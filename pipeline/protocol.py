@@ -30,6 +30,13 @@ class ProtocolError(ValueError):
 
 
 @dataclass(frozen=True)
+class Hello:
+    """Coordinator -> worker, first: answered with Ready once the model is loaded."""
+
+    coordinator_pid: int
+
+
+@dataclass(frozen=True)
 class Ready:
     """Worker -> coordinator once its model is loaded: who it is and what it runs."""
 
@@ -130,7 +137,7 @@ class ErrorReply:
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (Ready, DraftRequest, DraftResult, VerifyRequest, VerifyResult, Release, Released, Ping, Pong,
+    for cls in (Hello, Ready, DraftRequest, DraftResult, VerifyRequest, VerifyResult, Release, Released, Ping, Pong,
                 Shutdown, ErrorReply)
 }
 Message = typing.Union[tuple(MESSAGE_TYPES.values())]  # type: ignore[valid-type]

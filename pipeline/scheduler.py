@@ -326,5 +326,5 @@ class Scheduler:
         if sequence.finish_reason is not None:
             stats.finished_at = now
             sequence.window = sequence.predraft = sequence.predraft_context = None
-            for role in ("draft", "target"):
+            for role in ("target",) if self.config.mode == "target-only" else ("draft", "target"):
                 self.control[role].append(Release(sequence.seq_id))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +31,11 @@ class DraftCore:
         feed: list[int],
         count: int,
         sampling: SamplingParams,
-        interrupted: Callable[[], bool] | None = None,
     ) -> Draft:
         """Rolls the sequence back to `start`, reads `feed`, then proposes up to `count` tokens.
 
         Each proposed token but the last is read back in, so the cache ends at
-        start + len(feed) + len(tokens) - 1. `interrupted` is polled between tokens; when it says
-        so, drafting stops early with what it has (at least one token).
+        start + len(feed) + len(tokens) - 1.
         """
         slot = self.slots.prepare(seq_id, start)
         logits = self.runner.forward(feed, start, slot)[-1:]
@@ -52,7 +49,7 @@ class DraftCore:
                 probs = probabilities(logits, sampling)[-1]
                 rows.append(probs)
                 tokens.append(sample(probs, generator))
-            if len(tokens) == count or (interrupted is not None and interrupted()):
+            if len(tokens) == count:
                 break
             logits = self.runner.forward(tokens[-1:], self.runner.lengths[slot], slot)
         return Draft(tokens, torch.stack(rows) if rows else None, self.runner.lengths[slot])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-
 from pipeline.protocol import (
     DraftRequest,
     DraftResult,
@@ -36,19 +34,18 @@ class WorkerService:
         self.runner = runner
         self.core = DraftCore(runner) if role == "draft" else TargetCore(runner)
 
-    def handle(self, message: object, interrupted: Callable[[], bool] | None = None) -> object:
+    def handle(self, message: object) -> object:
         """The reply to `message`. Bad requests get a non-fatal ErrorReply; the worker keeps serving."""
         request_id = getattr(message, "request_id", -1)
         try:
-            return self._dispatch(message, interrupted)
+            return self._dispatch(message)
         except (ValueError, SpecpipeError) as error:
             return ErrorReply(request_id, f"{type(error).__name__}: {error}", fatal=False)
 
-    def _dispatch(self, message: object, interrupted: Callable[[], bool] | None) -> object:
+    def _dispatch(self, message: object) -> object:
         began = time.perf_counter()
         if isinstance(message, DraftRequest) and self.role == "draft":
-            draft = self.core.draft(message.seq_id, message.start, message.feed, message.count, message.sampling,
-                                    interrupted)
+            draft = self.core.draft(message.seq_id, message.start, message.feed, message.count, message.sampling)
             return DraftResult(message.request_id, message.seq_id, draft.tokens, tensor_to_bytes(draft.probs),
                                draft.cached, time.perf_counter() - began)
         if isinstance(message, VerifyRequest) and self.role == "target":

@@ -1,0 +1,150 @@
+"""The `specpipe` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from workers.models import DRAFT_DIR, TARGET_DIR
+
+DEFAULT_PROMPT = "def fibonacci(n):\n"
+
+
+class UserError(click.ClickException):
+    """One clear line on stderr and exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"specpipe: error: {self.message}", err=True)
+
+
+def read_prompts(prompts: tuple[str, ...], prompts_file: Path | None) -> list[str]:
+    texts = list(prompts)
+    if prompts_file is not None:
+        for number, line in enumerate(prompts_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{prompts_file}:{number} is not a JSON string (--prompts-file wants one per line)")
+            if not isinstance(text, str):
+                raise UserError(f"{prompts_file}:{number} holds a {type(text).__name__}, not a JSON string")
+            texts.append(text)
+    return texts or [DEFAULT_PROMPT]
+
+
+@click.group()
+@click.version_option(package_name="specpipe")
+def main() -> None:
+    """specpipe: speculative decoding with a draft worker and a target worker over ZeroMQ."""
+
+
+@main.command()
+@click.option("--draft", "draft_dir", type=click.Path(path_type=Path), default=DRAFT_DIR, show_default="bundled draft",
+              help="Draft checkpoint directory (Hugging Face layout).")
+@click.option("--target", "target_dir", type=click.Path(path_type=Path), default=TARGET_DIR,
+              show_default="bundled target", help="Target checkpoint directory (Hugging Face layout).")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for several.")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="One JSON string per line.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--k", type=int, default=5, show_default=True, help="Drafted tokens per verification.")
+@click.option("--mode", type=click.Choice(["overlap", "serial", "target-only"]), default="overlap", show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Prompts decoded at once.")
+@click.option("--backend", type=click.Choice(["torch", "ttnn"]), default="torch", show_default=True)
+@click.option("--draft-device", default="cpu", show_default=True)
+@click.option("--target-device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="CPU threads per worker; each worker is pinned to its own cores when the machine has enough.")
+@click.option("--dtype", default="auto", show_default=True, help="auto = float32 on CPU, bfloat16 on CUDA.")
+@click.option("--ready-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the workers to load.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
+def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode, temperature, top_p, top_k, seed,
+           concurrency, backend, draft_device, target_device, threads, dtype, ready_timeout, as_json) -> None:
+    """Start the draft and target workers and generate for the prompts."""
+    from pipeline.engine import WorkerFailed
+    from pipeline.generation import generate
+    from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
+    from pipeline.output import ResultPrinter
+    from pipeline.scheduler import DecodeConfig
+    from workers.errors import SpecpipeError
+    from workers.model.checkpoint import load_tokenizer, read_config
+    from workers.sampling import SamplingParams
+    from workers.spec import WorkerSpec
+
+    texts = read_prompts(prompts, prompts_file)
+    config = DecodeConfig(mode, k, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed))
+    try:
+        config.sampling.validate()
+        if concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+        if any(not text for text in texts):
+            raise ValueError("a prompt is empty; give every --prompt some text")
+        for directory, option in ((target_dir, "--target"), (draft_dir, "--draft")):
+            read_config(directory)  # fail here, with the option's name, before any process starts
+        tokenizer = load_tokenizer(target_dir)
+    except (SpecpipeError, ValueError) as error:
+        raise UserError(str(error))
+
+    use_draft = mode != "target-only"
+    roles = 2 if use_draft else 1
+    cores = default_cores(threads, roles) if "cpu" in (draft_device, target_device) else [()] * roles
+
+    def spec(role: str, directory: Path, device: str, pinned: tuple[int, ...]) -> WorkerSpec:
+        resolved = dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
+        return WorkerSpec(role, str(directory), bind="", backend=backend, device=device, dtype=resolved,
+                          threads=threads, cores=pinned if device == "cpu" else (), slots=max(concurrency, 1))
+
+    cluster_config = ClusterConfig(
+        target=spec("target", target_dir, target_device, cores[-1]),
+        draft=spec("draft", draft_dir, draft_device, cores[0]) if use_draft else None,
+        ready_timeout_s=ready_timeout,
+    )
+    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    printer = ResultPrinter(tokenizer, texts, config, as_json, stream=concurrency == 1 and not as_json)
+    try:
+        with LocalCluster(cluster_config) as cluster:
+            sequences, engine = generate(cluster.transport, prompt_ids, config, cluster.limits(), concurrency,
+                                         on_tokens=printer.on_tokens)
+            printer.finish(sequences)
+    except (SpecpipeError, ValueError, TimeoutError) as error:
+        raise UserError(str(error))
+    except (WorkerFailed, RuntimeError) as error:
+        raise click.ClickException(str(error))
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["draft", "target"]), required=True)
+@click.option("--checkpoint", required=True, help="Checkpoint directory (Hugging Face layout).")
+@click.option("--bind", required=True, help="ZeroMQ address to listen on, e.g. ipc:///tmp/w.sock or tcp://127.0.0.1:5555.")
+@click.option("--backend", type=click.Choice(["torch", "ttnn"]), default="torch", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--cores", default="", help="Comma-separated CPU cores to pin to.")
+@click.option("--slots", type=int, default=8, show_default=True, help="Sequences held at once.")
+@click.option("--max-seq-len", type=int, default=0, show_default=True, help="0 = the model's context.")
+def worker(role, checkpoint, bind, backend, device, dtype, threads, cores, slots, max_seq_len) -> None:
+    """Run one worker process (started by `launch`, or by hand on another host)."""
+    from workers.server import serve
+    from workers.spec import WorkerSpec
+
+    pinned = tuple(int(c) for c in cores.split(",") if c.strip())
+    spec = WorkerSpec(role, checkpoint, bind, backend, device, dtype, threads, pinned, slots, max_seq_len)
+    sys.exit(serve(spec))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

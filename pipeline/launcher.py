@@ -1,0 +1,124 @@
+"""Starting, watching and stopping the worker processes of one pipeline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pipeline.engine import WorkerFailed
+from pipeline.generation import ModelLimits
+from pipeline.protocol import Ready, Shutdown
+from pipeline.transport import ZmqTransport
+from workers.spec import WorkerSpec
+
+
+def log(text: str) -> None:
+    print(f"[coord] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    target: WorkerSpec
+    draft: WorkerSpec | None  # None: target-only, no draft process
+    ready_timeout_s: float = 120.0
+
+
+def default_cores(threads: int, roles: int) -> list[tuple[int, ...]]:
+    """One disjoint block of `threads` cores per worker, when the machine has enough; else no pinning."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < threads * roles:
+        return [()] * roles
+    return [tuple(available[i * threads : (i + 1) * threads]) for i in range(roles)]
+
+
+def ipc_address(directory: str, role: str) -> str:
+    return f"ipc://{directory}/{role}.sock"
+
+
+def check_pair(ready: dict[str, Ready]) -> None:
+    """Refuses a draft/target pair that does not share one vocabulary."""
+    if "draft" not in ready:
+        return
+    draft, target = ready["draft"], ready["target"]
+    if draft.vocab_size != target.vocab_size or draft.tokenizer_hash != target.tokenizer_hash:
+        raise ValueError(
+            f"draft {draft.model!r} and target {target.model!r} do not share a vocabulary "
+            f"(draft: {draft.vocab_size} tokens, tokenizer {draft.tokenizer_hash}; target: {target.vocab_size} "
+            f"tokens, tokenizer {target.tokenizer_hash}); pick a --draft trained with the target's tokenizer"
+        )
+
+
+class LocalCluster:
+    """Spawns the workers as child processes on this host, talks to them over ipc:// sockets.
+
+    Use as a context manager: every exit path stops the workers.
+    """
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.socket_dir = tempfile.mkdtemp(prefix="specpipe-")
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.transport: ZmqTransport | None = None
+        self.ready: dict[str, Ready] = {}
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        specs = {"target": self.config.target}
+        if self.config.draft is not None:
+            specs["draft"] = self.config.draft
+        specs = {role: replace(spec, bind=ipc_address(self.socket_dir, role)) for role, spec in specs.items()}
+        for role, spec in specs.items():
+            env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
+            command = [sys.executable, "-m", "pipeline.cli", "worker", *spec.argv()]
+            self.processes[role] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+        self.transport = ZmqTransport({role: spec.bind for role, spec in specs.items()}, self.check_alive)
+        began = time.perf_counter()
+        self.ready = self.transport.handshake(self.config.ready_timeout_s)
+        check_pair(self.ready)
+        log(f"workers ready in {time.perf_counter() - began:.1f} s: "
+            + ", ".join(f"{role} pid {r.pid} ({r.model}, {r.device})" for role, r in self.ready.items()))
+
+    def limits(self) -> ModelLimits:
+        target = self.ready["target"]
+        max_context = min(r.max_context for r in self.ready.values())
+        return ModelLimits(target.vocab_size, frozenset(target.eos_ids), max_context)
+
+    def check_alive(self) -> None:
+        for role, process in self.processes.items():
+            code = process.poll()
+            if code is not None:
+                raise WorkerFailed(f"[{role}] worker process {process.pid} exited with code {code}")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            for role, process in self.processes.items():
+                if process.poll() is None:
+                    self.transport.submit(role, Shutdown("coordinator exiting"))
+        deadline = time.monotonic() + 2.0
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        for path in Path(self.socket_dir).glob("*"):
+            path.unlink(missing_ok=True)
+        Path(self.socket_dir).rmdir() if Path(self.socket_dir).exists() else None

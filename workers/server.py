@@ -1,0 +1,113 @@
+"""The worker process: load a model, bind a ZeroMQ socket, answer requests until told to stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import zmq
+
+from pipeline.protocol import (
+    MAX_MESSAGE_BYTES,
+    ErrorReply,
+    Hello,
+    ProtocolError,
+    Ready,
+    Shutdown,
+    decode,
+    encode,
+)
+from workers.backends.torch_device import set_cpu_threads
+from workers.errors import SpecpipeError
+from workers.model.checkpoint import tokenizer_fingerprint
+from workers.model.runner import ModelRunner
+from workers.service import WorkerService
+from workers.spec import WorkerSpec
+
+
+def log(role: str, text: str) -> None:
+    print(f"[{role}] {text}", file=sys.stderr, flush=True)
+
+
+def load(spec: WorkerSpec) -> tuple[WorkerService, Ready]:
+    if spec.backend != "torch":
+        raise SpecpipeError(f"backend {spec.backend!r} is not available in this build; use --backend torch")
+    set_cpu_threads(spec.threads, list(spec.cores) or None)
+    runner = ModelRunner.from_checkpoint(
+        spec.checkpoint, device=spec.device, dtype=spec.dtype, n_slots=spec.slots, max_seq_len=spec.max_seq_len or None
+    )
+    ready = Ready(
+        role=spec.role, pid=os.getpid(), model=Path(spec.checkpoint).name, vocab_size=runner.config.vocab_size,
+        tokenizer_hash=tokenizer_fingerprint(spec.checkpoint), max_context=runner.max_seq_len,
+        eos_ids=list(runner.config.eos_token_ids), backend=spec.backend, device=str(runner.device), slots=spec.slots,
+    )
+    return WorkerService(spec.role, runner), ready
+
+
+def serve(spec: WorkerSpec) -> int:
+    """Runs the worker until Shutdown; returns the process exit code."""
+    context = zmq.Context()
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    try:
+        socket.bind(spec.bind)
+    except zmq.ZMQError as error:
+        log(spec.role, f"cannot listen on {spec.bind}: {error}")
+        return 2
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        service, ready = load(spec)
+    except SpecpipeError as error:
+        log(spec.role, f"error: {error}")
+        return _fail_hello(socket, spec.role, str(error))
+    log(spec.role, f"{ready.model} on {ready.device}, {spec.threads} thread(s)"
+                   f"{', cores ' + ','.join(map(str, spec.cores)) if spec.cores else ''}, listening on {spec.bind}")
+    try:
+        while True:
+            identity, payload = _receive(socket)
+            if payload is None:
+                continue
+            try:
+                message = decode(payload)
+            except ProtocolError as error:
+                log(spec.role, f"dropped a bad message: {error}")
+                socket.send_multipart([identity, encode(ErrorReply(-1, f"bad message: {error}", fatal=False))])
+                continue
+            if isinstance(message, Shutdown):
+                return 0
+            try:
+                reply = ready if isinstance(message, Hello) else service.handle(message)
+            except Exception as error:  # the model itself failed: tell the coordinator, then exit
+                text = f"{type(error).__name__}: {error}"
+                log(spec.role, f"fatal: {text}")
+                request_id = getattr(message, "request_id", -1)
+                socket.send_multipart([identity, encode(ErrorReply(request_id, text, fatal=True))])
+                return 1
+            socket.send_multipart([identity, encode(reply)])
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        socket.close(0)
+        context.term()
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _receive(socket: zmq.Socket) -> tuple[bytes, bytes | None]:
+    frames = socket.recv_multipart()
+    if len(frames) != 2:
+        return frames[0], None  # a ROUTER always prefixes the sender; anything else is noise
+    return frames[0], frames[1]
+
+
+def _fail_hello(socket: zmq.Socket, role: str, message: str) -> int:
+    """Answers the coordinator's Hello with the load error, so the user sees it rather than a timeout."""
+    if socket.poll(10_000):
+        identity, _ = _receive(socket)
+        socket.send_multipart([identity, encode(ErrorReply(-1, message, fatal=True))])
+    return 1

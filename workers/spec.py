@@ -1,0 +1,28 @@
+"""What a worker process is asked to be: one frozen dataclass, one field per `specpipe worker` option."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # "draft" | "target"
+    checkpoint: str
+    bind: str  # ZeroMQ address the worker listens on
+    backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 1
+    cores: tuple[int, ...] = ()  # CPU cores to pin to; () = leave affinity alone
+    slots: int = 8  # sequences it can hold at once (KV slots)
+    max_seq_len: int = 0  # 0 = the model's context
+
+    def argv(self) -> list[str]:
+        """The `specpipe worker` arguments that rebuild this spec."""
+        args = ["--role", self.role, "--checkpoint", self.checkpoint, "--bind", self.bind, "--backend", self.backend,
+                "--device", self.device, "--dtype", self.dtype, "--threads", str(self.threads),
+                "--slots", str(self.slots), "--max-seq-len", str(self.max_seq_len)]
+        if self.cores:
+            args += ["--cores", ",".join(map(str, self.cores))]
+        return args
