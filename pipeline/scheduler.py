@@ -171,7 +171,8 @@ class Scheduler:
     def _window_budget(self, sequence: Sequence, context_len: int, emitted_before: int) -> int:
         """How many tokens a window for a context of `context_len` may draft."""
         remaining = sequence.max_new_tokens - emitted_before
-        room = self.max_context - context_len  # the target reads up to position context_len - 1 + k
+        # prompt + output never exceed the context: a verification adds up to k + 1 tokens
+        room = self.max_context - context_len - 1
         return max(0, min(self.config.k, remaining - 1, room))
 
     def _next_verify(self) -> VerifyRequest | None:

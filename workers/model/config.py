@@ -49,8 +49,10 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d
+        qkv_width = hd * (self.num_heads + 2 * self.num_kv_heads)
+        attn = d * qkv_width + hd * self.num_heads * d
+        biases = qkv_width * self.qkv_bias + d * self.o_bias + (2 * f + d) * self.mlp_bias
+        per_layer = attn + 3 * d * f + 2 * d + biases
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + d
 

@@ -1,0 +1,84 @@
+"""The decoding algorithm, all in one process: every mode emits the target's own greedy tokens."""
+
+import json
+
+import pytest
+
+from pipeline.generation import ModelLimits, generate
+from pipeline.local import LocalTransport
+from pipeline.scheduler import DecodeConfig
+from workers.model import ModelRunner
+from workers.model.checkpoint import load_tokenizer
+from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+
+
+@pytest.fixture(scope="module")
+def pair():
+    draft = ModelRunner.from_checkpoint(DRAFT_DIR, n_slots=4, max_seq_len=256)
+    target = ModelRunner.from_checkpoint(TARGET_DIR, n_slots=4, max_seq_len=256)
+    tokenizer = load_tokenizer(TARGET_DIR)
+    texts = [json.loads(line) for line in HELDOUT_PROMPTS.read_text().splitlines()[:6]]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"][:60] for t in texts]
+    limits = ModelLimits(target.config.vocab_size, frozenset(target.config.eos_token_ids), 256)
+    return draft, target, prompts, limits
+
+
+def run(pair, **config):
+    draft, target, prompts, limits = pair
+    concurrency = config.pop("concurrency", 1)
+    sequences, _ = generate(LocalTransport(draft, target), prompts, DecodeConfig(**config), limits, concurrency)
+    assert draft.free_slot_count == draft.n_slots and target.free_slot_count == target.n_slots  # all released
+    return sequences
+
+
+@pytest.fixture(scope="module")
+def baseline(pair):
+    return [s.generated for s in run(pair, mode="target-only", max_new_tokens=40)]
+
+
+@pytest.mark.parametrize("mode", ["serial", "overlap"])
+@pytest.mark.parametrize("k, concurrency", [(1, 1), (3, 4), (8, 2)])
+def test_greedy_tokens_equal_target_only(pair, baseline, mode, k, concurrency):
+    sequences = run(pair, mode=mode, k=k, max_new_tokens=40, concurrency=concurrency)
+    assert [s.generated for s in sequences] == baseline
+    for s in sequences:
+        assert len(s.generated) == 40 and s.finish_reason == "length"
+        assert s.stats.accepted <= s.stats.drafted
+        assert all(n <= w for n, w in zip(s.stats.accepted_lengths, s.stats.window_sizes))
+        assert max(s.stats.window_sizes) <= k
+
+
+def test_overlap_uses_predrafts(pair):
+    sequences = run(pair, mode="overlap", k=3, max_new_tokens=40)
+    assert sum(s.stats.predraft_hits for s in sequences) > 0
+    assert sum(s.stats.predraft_misses for s in sequences) > 0
+
+
+def test_eos_stops_the_sequence(pair, baseline):
+    draft, target, prompts, limits = pair
+    eos_token = baseline[0][7]  # pretend the 8th greedy token of prompt 0 is end-of-sequence
+    eos_limits = ModelLimits(limits.vocab_size, frozenset({eos_token}), limits.max_context)
+    for mode in ("target-only", "serial", "overlap"):
+        sequences, _ = generate(LocalTransport(draft, target), prompts[:1],
+                                DecodeConfig(mode=mode, k=5, max_new_tokens=40), eos_limits)
+        first = baseline[0].index(eos_token)
+        assert sequences[0].generated == baseline[0][: first + 1]
+        assert sequences[0].finish_reason == "eos"
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 6])
+def test_k_larger_than_the_tokens_left(pair, baseline, max_new_tokens):
+    sequences = run(pair, mode="overlap", k=8, max_new_tokens=max_new_tokens)
+    assert [s.generated for s in sequences] == [b[:max_new_tokens] for b in baseline]
+
+
+def test_prompt_that_fills_the_context(pair):
+    draft, target, prompts, limits = pair
+    long_prompt = (prompts[0] * 10)[: limits.max_context - 3]  # room for 3 new tokens only
+    for mode in ("target-only", "overlap"):
+        sequences, _ = generate(LocalTransport(draft, target), [long_prompt],
+                                DecodeConfig(mode=mode, k=5, max_new_tokens=40), limits)
+        assert len(sequences[0].tokens) == limits.max_context
+        assert sequences[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="does not fit the context"):
+        generate(LocalTransport(draft, target), [prompts[0] * 10], DecodeConfig(), limits)

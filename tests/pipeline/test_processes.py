@@ -1,0 +1,92 @@
+"""The real thing: worker processes over ZeroMQ, driven through the Python API and the CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.generation import generate
+from pipeline.launcher import ClusterConfig, LocalCluster
+from pipeline.scheduler import DecodeConfig
+from workers.model.checkpoint import load_tokenizer
+from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+from workers.spec import WorkerSpec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    tokenizer = load_tokenizer(TARGET_DIR)
+    texts = [json.loads(line) for line in HELDOUT_PROMPTS.read_text().splitlines()[:20]]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"][:40] for t in texts]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    config = ClusterConfig(
+        target=WorkerSpec("target", str(TARGET_DIR), "", slots=4, max_seq_len=256),
+        draft=WorkerSpec("draft", str(DRAFT_DIR), "", slots=4, max_seq_len=256),
+    )
+    with LocalCluster(config) as running:
+        yield running
+    for process in running.processes.values():
+        assert process.poll() is not None  # both workers are gone
+
+
+def test_twenty_prompts_identical_across_modes_k_and_concurrency(cluster, prompts):
+    def run(mode, k, concurrency):
+        sequences, _ = generate(cluster.transport, prompts, DecodeConfig(mode, k, max_new_tokens=16), cluster.limits(),
+                                concurrency)
+        return [s.generated for s in sequences]
+
+    baseline = run("target-only", 5, 1)
+    assert all(len(tokens) == 16 for tokens in baseline)
+    for mode in ("serial", "overlap"):
+        for k in (1, 3, 8):
+            assert run(mode, k, 4) == baseline, f"{mode} k={k}"
+
+
+def launch(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "launch", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_launch_json_contract():
+    result = launch("--prompt", "import os\n", "--prompt", "def f(x):\n", "--max-new-tokens", "12", "--k", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == ["import os\n", "def f(x):\n"]
+    for record in records:
+        assert record["mode"] == "overlap" and record["k"] == 3 and record["finish_reason"] in ("length", "eos")
+        assert record["new_tokens"] == len(record["token_ids"]) <= 12
+        assert 0 <= record["accepted"] <= record["drafted"]
+        assert record["tokens_per_s"] == pytest.approx(record["new_tokens"] / record["wall_s"])
+        assert 0 < record["ttft_s"] <= record["wall_s"]
+    assert "[coord]" in result.stderr and "[draft]" in result.stderr and "[target]" in result.stderr
+
+
+def test_launch_streams_text_and_a_stats_line():
+    result = launch("--prompt", "class Stack:\n", "--max-new-tokens", "8", "--mode", "serial")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("class Stack:\n")
+    assert "tokens/s" in result.stdout.splitlines()[-1]
+
+
+def test_pair_with_different_vocabularies_is_refused(checkpoints):
+    result = launch("--target", str(checkpoints["llama-tied"][0]), "--prompt", "x", "--max-new-tokens", "2")
+    # the test checkpoint has no tokenizer: refused before any process starts
+    assert result.returncode == 2 and "tokenizer" in result.stderr
+
+
+def test_vocabulary_mismatch_is_refused_after_ready(tmp_path, checkpoints):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(checkpoints["llama-tied"][0], foreign)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TARGET_DIR / name, foreign / name)
+    result = launch("--draft", str(foreign), "--prompt", "x", "--max-new-tokens", "2")
+    assert result.returncode == 2
+    assert "do not share a vocabulary" in result.stderr and "--draft" in result.stderr
+    assert len(result.stderr.strip().splitlines()[-1]) < 400

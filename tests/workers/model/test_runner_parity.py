@@ -1,0 +1,91 @@
+"""Our runner computes what transformers computes, at every position, in every way of feeding it."""
+
+import pytest
+import torch
+
+from workers.model import ModelRunner
+
+NAMES = ["llama3-gqa", "llama-tied", "qwen2", "mistral"]
+
+
+def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids[None]).logits[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_logits_match_transformers(checkpoints, name):
+    directory, model = checkpoints[name]
+    ids = torch.randint(0, 128, (48,), generator=torch.Generator().manual_seed(1))
+    got = ModelRunner.from_checkpoint(directory).forward(ids, 0)
+    assert torch.allclose(got, reference_logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_decode_and_verify_are_one_call(checkpoints, name):
+    directory, model = checkpoints[name]
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(2))
+    runner = ModelRunner.from_checkpoint(directory)
+    pieces = [runner.forward(ids[:10], 0)]  # prefill
+    pieces += [runner.forward(ids[i : i + 1], i) for i in range(10, 30)]  # one-token decode
+    pieces.append(runner.forward(ids[30:35], 30))  # a 5-token verification window
+    pieces.append(runner.forward(ids[35:], list(range(35, 40))))  # positions given as a list
+    assert torch.allclose(torch.cat(pieces), reference_logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_64_greedy_tokens_equal_transformers_generate(checkpoints, name):
+    directory, model = checkpoints[name]
+    prompt = torch.randint(2, 128, (12,), generator=torch.Generator().manual_seed(3))
+    # eos_token_id=None: generate neither stops at EOS nor (as min_new_tokens would) suppresses it
+    expected = model.generate(prompt[None], attention_mask=torch.ones(1, 12, dtype=torch.long), do_sample=False,
+                              max_new_tokens=64, eos_token_id=None, pad_token_id=1)[0, 12:].tolist()
+    assert len(expected) == 64
+    runner = ModelRunner.from_checkpoint(directory)
+    logits, generated = runner.forward(prompt, 0), []
+    for position in range(12, 12 + 64):
+        generated.append(int(logits[-1].argmax()))
+        logits = runner.forward(generated[-1:], position)
+    assert generated == expected
+
+
+def test_rollback_then_redecode_equals_no_detour(checkpoints):
+    directory, _ = checkpoints["llama3-gqa"]
+    ids = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(4))
+    straight = ModelRunner.from_checkpoint(directory)
+    straight.forward(ids[:20], 0)
+    expected = straight.forward(ids[20:], 20)
+
+    runner = ModelRunner.from_checkpoint(directory)
+    runner.forward(ids[:20], 0)
+    runner.forward(torch.tensor([5, 6, 7, 8, 9, 10, 11]), 20)  # a rejected draft window
+    cache_before = runner.model.k_cache.clone()
+    runner.truncate(0, 20)
+    assert runner.lengths[0] == 20
+    assert torch.equal(runner.model.k_cache, cache_before)  # O(1): nothing copied or cleared
+    assert torch.equal(runner.forward(ids[20:], 20), expected)
+
+
+def test_slots_are_independent(checkpoints):
+    directory, model = checkpoints["llama-tied"]
+    a = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(5))
+    b = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(6))
+    runner = ModelRunner.from_checkpoint(directory, n_slots=2)
+    slot_a, slot_b = runner.allocate_slot(), runner.allocate_slot()
+    outs = {slot_a: [], slot_b: []}
+    for start in range(0, 20, 5):  # interleave the two sequences
+        outs[slot_a].append(runner.forward(a[start : start + 5], start, slot_a))
+        outs[slot_b].append(runner.forward(b[start : start + 5], start, slot_b))
+    assert torch.allclose(torch.cat(outs[slot_a]), reference_logits(model, a), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(torch.cat(outs[slot_b]), reference_logits(model, b), atol=1e-4, rtol=1e-4)
+    runner.free_slot(slot_a)
+    assert runner.free_slot_count == 1 and runner.allocate_slot() == slot_a
+
+
+def test_bfloat16_runs_and_mostly_agrees(checkpoints):
+    directory, model = checkpoints["llama3-gqa"]
+    ids = torch.randint(0, 128, (32,), generator=torch.Generator().manual_seed(7))
+    got = ModelRunner.from_checkpoint(directory, dtype="bfloat16").forward(ids, 0)
+    expected = reference_logits(model, ids)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75

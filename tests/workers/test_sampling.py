@@ -1,0 +1,151 @@
+"""Speculative sampling emits tokens distributed exactly as the target's own sampling."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import workers.target
+from pipeline.generation import ModelLimits, generate
+from pipeline.local import LocalTransport
+from pipeline.scheduler import DecodeConfig
+from workers.model import ModelRunner
+from workers.sampling import SamplingParams, greedy_accept, probabilities, rejection_accept, sample
+
+CHI2_CRITICAL = {5: 20.52}  # chi-square quantile at p = 0.001
+
+
+def chi_square(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    expected = expected_probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was emitted"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def broken_accept(target_probs, drafted, draft_probs, generator):
+    """The classic bug: on rejection resample from p instead of from normalise(max(0, p - q))."""
+    for i, token in enumerate(drafted):
+        if torch.rand(1, generator=generator).item() * draft_probs[i, token] > target_probs[i, token]:
+            return i, sample(target_probs[i], generator)
+    return len(drafted), sample(target_probs[len(drafted)], generator)
+
+
+P = torch.tensor([[0.40, 0.25, 0.15, 0.10, 0.06, 0.04], [0.05, 0.05, 0.10, 0.20, 0.30, 0.30]])
+Q = torch.tensor([[0.10, 0.10, 0.20, 0.20, 0.20, 0.20], [0.30, 0.30, 0.20, 0.10, 0.05, 0.05]])
+
+
+def emitted_first_tokens(rule, n=40_000) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    target_probs = torch.cat([P, P[:1]])  # position 2 (the bonus) is never the first token
+    for _ in range(n):
+        drafted = [sample(Q[0], generator), sample(Q[1], generator)]
+        accepted, next_token = rule(target_probs, drafted, Q, generator)
+        counts[drafted[0] if accepted > 0 else next_token] += 1
+    return counts
+
+
+def test_rejection_rule_reproduces_the_target_distribution():
+    assert chi_square(emitted_first_tokens(rejection_accept), P[0]) < CHI2_CRITICAL[5]
+
+
+def test_the_test_catches_a_broken_rule():
+    assert chi_square(emitted_first_tokens(broken_accept), P[0]) > CHI2_CRITICAL[5]
+
+
+def test_greedy_accept():
+    logits = torch.tensor([[0.0, 5, 1], [9, 0, 0], [0, 0, 3]])
+    assert greedy_accept(logits, [1, 0]) == (2, 2)
+    assert greedy_accept(logits, [1, 2]) == (1, 0)
+    assert greedy_accept(logits, [2, 0]) == (0, 1)
+    assert greedy_accept(logits[:1], []) == (0, 1)
+
+
+def test_top_k_and_top_p_filter_before_sampling():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.allclose(probabilities(logits, SamplingParams(1.0, top_k=2)), torch.tensor([[0.625, 0.375, 0, 0]]))
+    kept = probabilities(logits, SamplingParams(1.0, top_p=0.7))  # 0.5 + 0.3 reaches 0.7
+    assert torch.allclose(kept, torch.tensor([[0.625, 0.375, 0, 0]]))
+    low = probabilities(logits, SamplingParams(0.5))
+    assert low[0, 0] > 0.5 and torch.allclose(low.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("params, message", [(SamplingParams(-1.0), "temperature"), (SamplingParams(1.0, top_p=0), "top-p"),
+                                             (SamplingParams(1.0, top_p=1.5), "top-p"), (SamplingParams(1.0, top_k=-1), "top-k")])
+def test_bad_sampling_settings(params, message):
+    with pytest.raises(ValueError, match=message):
+        params.validate()
+
+
+# --- end to end: two tiny random models on an 8-token vocabulary, through the scheduler -----------
+
+
+def tiny_runner(tmp_path, name, seed):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=64, initializer_range=1.0, eos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / name)
+    return ModelRunner.from_checkpoint(tmp_path / name)
+
+
+PROMPT = [3, 1, 4]
+
+
+def window_token_counts(draft, target, mode, runs=3000):
+    """Counts of (2nd, 3rd) generated token: the 1st comes from the prefill, these two from a k=2 window."""
+    counts = torch.zeros(64)
+    limits = ModelLimits(8, frozenset(), 64)
+    for seed in range(runs):
+        config = DecodeConfig(mode=mode, k=2, max_new_tokens=4, sampling=SamplingParams(1.0, seed=seed))
+        (sequence,), _ = generate(LocalTransport(draft, target, through_wire=False), [PROMPT], config, limits)
+        assert sequence.stats.window_sizes[0] == 2
+        _, second, third, _ = sequence.generated
+        counts[second * 8 + third] += 1
+    return counts
+
+
+def exact_window_token_probs(target):
+    """p(2nd, 3rd) under the target alone, the 1st token summed out."""
+    def next_probs(tokens):
+        target.truncate(0, 0)
+        return torch.softmax(target.forward(tokens, 0)[-1], -1)
+
+    joint = torch.zeros(64)
+    first = next_probs(PROMPT)
+    for a in range(8):
+        second = next_probs(PROMPT + [a])
+        for b in range(8):
+            joint[b * 8 :  b * 8 + 8] += first[a] * second[b] * next_probs(PROMPT + [a, b])
+    return joint
+
+
+def pooled_chi_square(counts, probs, runs):
+    """Chi-square after pooling cells expected fewer than 5 times into one; returns (statistic, dof)."""
+    small = probs * runs < 5
+    counts = torch.cat([counts[~small], counts[small].sum().view(1)])
+    probs = torch.cat([probs[~small], probs[small].sum().view(1)])
+    return chi_square(counts, probs), int((~small).sum())
+
+
+def chi2_critical(dof):
+    # Wilson-Hilferty approximation of the chi-square quantile at p = 0.001 (z = 3.09)
+    return dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    return tiny_runner(tmp, "draft", 1), tiny_runner(tmp, "target", 2)
+
+
+@pytest.mark.parametrize("mode", ["serial", "overlap"])
+def test_pipeline_sampling_matches_the_target(tiny_pair, mode):
+    draft, target = tiny_pair
+    statistic, dof = pooled_chi_square(window_token_counts(draft, target, mode), exact_window_token_probs(target), 3000)
+    assert statistic < chi2_critical(dof)
+
+
+def test_pipeline_with_a_broken_rule_fails(tiny_pair, monkeypatch):
+    draft, target = tiny_pair
+    monkeypatch.setattr(workers.target, "rejection_accept", broken_accept)
+    statistic, dof = pooled_chi_square(window_token_counts(draft, target, "serial"), exact_window_token_probs(target), 3000)
+    assert statistic > chi2_critical(dof)
