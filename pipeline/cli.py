@@ -23,6 +23,15 @@ class UserError(click.ClickException):
         click.echo(f"specpipe: error: {self.message}", err=True)
 
 
+def default_dtype(device: str) -> str:
+    from workers.model.llama import fbgemm_fp16_available
+    from workers.model.runner import FP16_WEIGHTS
+
+    if device != "cpu":
+        return "bfloat16"
+    return FP16_WEIGHTS if fbgemm_fp16_available() else "float32"
+
+
 def read_prompts(prompts: tuple[str, ...], prompts_file: Path | None) -> list[str]:
     texts = list(prompts)
     if prompts_file is not None:
@@ -66,7 +75,9 @@ def main() -> None:
 @click.option("--target-device", default="cpu", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True,
               help="CPU threads per worker; each worker is pinned to its own cores when the machine has enough.")
-@click.option("--dtype", default="auto", show_default=True, help="auto = float32 on CPU, bfloat16 on CUDA.")
+@click.option("--dtype", default="auto", show_default=True,
+              help="float32, bfloat16, or fp16-weights (CPU: fp16 weights, fp32 maths, via fbgemm). "
+                   "auto = fp16-weights on CPU where fbgemm runs (else float32), bfloat16 on CUDA.")
 @click.option("--ready-timeout", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the workers to load.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
@@ -102,7 +113,7 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
     cores = default_cores(threads, roles) if "cpu" in (draft_device, target_device) else [()] * roles
 
     def spec(role: str, directory: Path, device: str, pinned: tuple[int, ...]) -> WorkerSpec:
-        resolved = dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
+        resolved = dtype if dtype != "auto" else default_dtype(device)
         return WorkerSpec(role, str(directory), bind="", backend=backend, device=device, dtype=resolved,
                           threads=threads, cores=pinned if device == "cpu" else (), slots=max(concurrency, 1))
 

@@ -35,6 +35,10 @@ class Engine:
         self.poll_s = poll_s
         self.coordinator_s = 0.0  # time spent scheduling and bookkeeping
         self.releases_pending = 0
+        self.busy_s = {role: 0.0 for role in ROLES}  # time each worker reported computing
+        self.overhead_s = {role: 0.0 for role in ROLES}  # round trip minus compute: IPC, (de)serialization
+        self.requests = {role: 0 for role in ROLES}
+        self._sent_at: dict[int, float] = {}
 
     def run(self) -> None:
         """Runs until every sequence is finished and both workers have freed its slots."""
@@ -55,14 +59,19 @@ class Engine:
                 request = self.scheduler.next_request(role)
                 if request is None:
                     break
+                self._sent_at[getattr(request, "request_id", -1)] = time.perf_counter()
                 self.transport.submit(role, request)
                 if isinstance(request, (DraftRequest, VerifyRequest)):
                     self.busy[role] = True
+                    self.requests[role] += 1
                 else:
                     self.releases_pending += 1
 
     def _take(self, role: str, reply: object) -> None:
         if isinstance(reply, (DraftResult, VerifyResult)):
+            round_trip = time.perf_counter() - self._sent_at.pop(reply.request_id)
+            self.busy_s[role] += reply.busy_s
+            self.overhead_s[role] += max(0.0, round_trip - reply.busy_s)
             self.busy[role] = False
             self.scheduler.on_reply(reply)
         elif isinstance(reply, Released):

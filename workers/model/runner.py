@@ -9,10 +9,13 @@ import torch
 from torch import Tensor
 
 from workers.backends.torch_device import resolve_device, resolve_dtype
-from workers.errors import CacheCapacityError, CheckpointError
+from workers.errors import CacheCapacityError, CheckpointError, DeviceError
 from workers.model.checkpoint import check_weight_names, read_config, read_hf_weights
 from workers.model.config import ModelConfig
-from workers.model.llama import Transformer, prepare_weights
+from workers.model.llama import Transformer, fbgemm_fp16_available, prepare_weights
+
+# Weights held in fp16 and multiplied by fbgemm with fp32 activations (CPU only); see llama.PackedFp16.
+FP16_WEIGHTS = "fp16-weights"
 
 
 class ModelRunner:
@@ -59,7 +62,11 @@ class ModelRunner:
         n_slots: int = 1,
         max_seq_len: int | None = None,
     ) -> "ModelRunner":
-        torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+        torch_device = resolve_device(device)
+        pack_fp16 = dtype == FP16_WEIGHTS
+        if pack_fp16 and (torch_device.type != "cpu" or not fbgemm_fp16_available()):
+            raise DeviceError(f"dtype {FP16_WEIGHTS!r} needs a CPU with fbgemm (AVX2); use --dtype float32")
+        torch_dtype = torch.float32 if pack_fp16 else resolve_dtype(dtype)
         max_seq_len = max_seq_len or config.max_position_embeddings
         if not 1 <= max_seq_len <= config.max_position_embeddings:
             raise CacheCapacityError(
@@ -77,6 +84,8 @@ class ModelRunner:
             raise CheckpointError(f"weights do not match config.json: {str(error).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if pack_fp16:
+            model.pack_fp16_weights()
         model.setup_caches(n_slots, max_seq_len, torch_dtype, torch_device)
         model.requires_grad_(False).eval()
         return cls(config, model, torch_device, torch_dtype)

@@ -89,3 +89,18 @@ def test_bfloat16_runs_and_mostly_agrees(checkpoints):
     expected = reference_logits(model, ids)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+
+
+def test_fp16_weights_agree_with_float32(checkpoints):
+    from workers.model.llama import fbgemm_fp16_available
+
+    if not fbgemm_fp16_available():
+        pytest.skip("fbgemm's fp16 GEMM needs an AVX2 CPU")
+    directory, model = checkpoints["qwen2"]  # biases travel with the packed matrices
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(8))
+    runner = ModelRunner.from_checkpoint(directory, dtype="fp16-weights")
+    got = torch.cat([runner.forward(ids[:30], 0), runner.forward(ids[30:], 30)])
+    expected = reference_logits(model, ids)
+    assert torch.allclose(got, expected, atol=3e-2)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
+
