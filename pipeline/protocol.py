@@ -70,6 +70,7 @@ class DraftResult:
     seq_id: int
     tokens: list[int]
     probs: bytes | None  # float32 [len(tokens), vocab] when sampling; None when greedy
+    runner_up: list[int]  # per token, the draft's next-best choice there (a guess at a correction)
     cached: int
     busy_s: float
 

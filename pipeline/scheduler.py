@@ -10,10 +10,13 @@ For every sequence the scheduler mirrors the token ids whose keys and values eac
 Modes:
   target-only  the target decodes one token per pass (the baseline, through the same worker);
   serial       draft k tokens, then verify them, then draft again;
-  overlap      while the target verifies window i, the draft pre-drafts window i+1 on the guess that
-               window i is fully accepted and that the target's bonus token equals the draft's own
-               next token. On a hit the pre-drafted window goes to the target at once; on a miss it
-               is discarded and both sides roll back to the committed tokens.
+  overlap      while the target verifies window i, the draft speculates on its outcome and drafts
+               window i+1 for the likeliest ones: first "all accepted, and the target's bonus token is
+               the draft's own next token"; then, while the verification is expected to last, "rejected
+               at position j, corrected to the draft's runner-up token there" for j = 0, 1, ...
+               (pre-speculating verification outcomes, as SSD/Saguaro do). When the verification
+               returns, a speculation whose context equals the committed tokens hands its window to
+               the target at once (a hit); otherwise the draft drafts anew (a miss).
 """
 
 from __future__ import annotations
@@ -60,14 +63,57 @@ class SequenceStats:
     drafted: int = 0  # drafted tokens sent for verification
     accepted: int = 0
     verifications: int = 0  # verifications that carried at least one drafted token
-    predraft_hits: int = 0
+    predraft_hits: int = 0  # verifications whose next window was ready (pre-drafted)
     predraft_misses: int = 0
+    alt_hits: int = 0  # of the hits, those served by a rejected-at-j speculation
     accepted_lengths: list[int] = field(default_factory=list)  # per verification with a window
     window_sizes: list[int] = field(default_factory=list)
     started: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
     token_times: list[float] = field(default_factory=list)  # when each generated token was committed
+
+
+@dataclass
+class Drafted:
+    """Drafted tokens with what the target needs to judge them."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None  # the draft's distributions (sampling only)
+    runner_up: list[int]  # the draft's next-best token at each position
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def head(self, count: int) -> "Drafted":
+        return Drafted(self.tokens[:count], None if self.probs is None else self.probs[:count], self.runner_up[:count])
+
+
+EMPTY = Drafted([], None, [])
+
+
+@dataclass
+class Speculation:
+    """A window drafted ahead for one possible outcome of the verification in flight."""
+
+    context: list[int]  # the committed tokens this outcome leads to (without the bonus, if guessed)
+    guesses_bonus: bool  # the first drafted token is a guess of the target's bonus token
+    drafted: Drafted | None = None  # None while the draft is still working on it
+
+    def matches(self, committed: list[int]) -> bool | None:
+        """Whether this speculation continues `committed`; None when only its result can tell."""
+        if not self.guesses_bonus:
+            return committed == self.context
+        if len(committed) != len(self.context) + 1 or committed[:-1] != self.context:
+            return False
+        return None if self.drafted is None else committed[-1] == self.drafted.tokens[0]
+
+    def window(self, count: int) -> Drafted:
+        drafted = self.drafted
+        if self.guesses_bonus:
+            drafted = Drafted(drafted.tokens[1:], None if drafted.probs is None else drafted.probs[1:],
+                              drafted.runner_up[1:])
+        return drafted.head(count)
 
 
 @dataclass
@@ -78,12 +124,12 @@ class Sequence:
     max_new_tokens: int
     target_view: list[int] = field(default_factory=list)
     draft_view: list[int] = field(default_factory=list)
-    window: list[int] | None = None  # drafted tokens for context == tokens, awaiting the target
-    window_probs: torch.Tensor | None = None
-    verifying: list[int] | None = None  # the window in flight at the target
-    drafting: str | None = None  # "window" | "predraft" while a draft request is in flight
-    predraft_context: list[int] | None = None  # what the pre-draft in flight (or done) continues
-    predraft: tuple[list[int], torch.Tensor | None] | None = None  # its tokens (bonus guess first), probs
+    window: Drafted | None = None  # drafted for context == tokens, awaiting the target
+    verifying: Drafted | None = None  # the window in flight at the target
+    verify_sent_at: float = 0.0
+    drafting: Speculation | str | None = None  # "window", or the speculation being drafted
+    speculations: list[Speculation] = field(default_factory=list)  # on the verification in flight
+    awaited: Speculation | None = None  # verification back, its matching speculation still drafting
     finish_reason: str | None = None
     stats: SequenceStats = field(default_factory=SequenceStats)
 
@@ -125,6 +171,9 @@ class Scheduler:
         self.control: dict[str, list[object]] = {"draft": [], "target": []}  # releases to send
         self._next_request_id = 0
         self._in_flight: dict[int, Sequence] = {}
+        # running estimates that decide whether a further speculation still fits inside a verification
+        self.verify_s = 0.010
+        self.draft_token_s = 0.002
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -180,23 +229,22 @@ class Scheduler:
             if sequence.verifying is not None:
                 continue
             if self.config.mode == "target-only" or not sequence.generated:
-                window: list[int] = []  # plain decode step (the first one is the prefill)
-                probs = None
+                window = EMPTY  # plain decode step (the first one is the prefill)
             elif sequence.window is not None:
-                window, probs = sequence.window, sequence.window_probs
+                window = sequence.window
             elif self._window_budget(sequence, len(sequence.tokens), len(sequence.generated)) == 0:
-                window, probs = [], None  # one token left to make: no point drafting
+                window = EMPTY  # one token left to make: no point drafting
             else:
                 continue
-            sequence.window, sequence.window_probs = None, None
-            sequence.verifying = window
+            sequence.window, sequence.verifying = None, window
+            sequence.verify_sent_at = self.clock()
             start = min(common_prefix(sequence.target_view, sequence.tokens), len(sequence.tokens) - 1)
-            feed = sequence.tokens[start:] + window
+            feed = sequence.tokens[start:] + window.tokens
             sequence.target_view = sequence.target_view[:start] + feed  # provisional, trimmed on reply
             return self._issue(
                 sequence,
                 VerifyRequest(
-                    self._new_id(), sequence.seq_id, start, feed, len(window), tensor_to_bytes(probs),
+                    self._new_id(), sequence.seq_id, start, feed, len(window), tensor_to_bytes(window.probs),
                     self.config.sampling,
                 ),
             )
@@ -217,17 +265,39 @@ class Scheduler:
         if self.config.mode != "overlap":
             return None
         for sequence in self.active:
-            if sequence.drafting or sequence.verifying is None or sequence.predraft_context is not None:
+            if sequence.drafting or sequence.verifying is None:
                 continue
-            context = sequence.tokens + sequence.verifying
-            emitted = len(sequence.generated) + len(sequence.verifying) + 1
-            count = self._window_budget(sequence, len(context) + 1, emitted)
-            if count and len(context) + count < self.max_context:
-                sequence.predraft_context = context
-                return self._draft(sequence, context, count + 1, "predraft")  # +1: the bonus guess
+            speculation = self._next_speculation(sequence)
+            if speculation is not None:
+                return speculation
         return None
 
-    def _draft(self, sequence: Sequence, context: list[int], count: int, kind: str) -> DraftRequest:
+    def _next_speculation(self, sequence: Sequence) -> DraftRequest | None:
+        """The next outcome of the running verification worth drafting for, likeliest first."""
+        window = sequence.verifying
+        tried = len(sequence.speculations)
+        generated = len(sequence.generated)
+        if tried == 0:  # all accepted; the first drafted token guesses the bonus
+            context = sequence.tokens + window.tokens
+            count = self._window_budget(sequence, len(context) + 1, generated + len(window) + 1)
+            if count and len(context) + count < self.max_context:
+                return self._speculate(sequence, Speculation(context, guesses_bonus=True), count + 1)
+            return None
+        j = tried - 1  # then: rejected at position j, corrected to the draft's runner-up
+        if j >= len(window):
+            return None
+        context = sequence.tokens + window.tokens[:j] + [window.runner_up[j]]
+        count = self._window_budget(sequence, len(context), generated + j + 1)
+        cost = (count + 1) * self.draft_token_s
+        if count == 0 or self.clock() - sequence.verify_sent_at + cost > self.verify_s:
+            return None  # it would outlast the verification and delay the draft the target then needs
+        return self._speculate(sequence, Speculation(context, guesses_bonus=False), count)
+
+    def _speculate(self, sequence: Sequence, speculation: Speculation, count: int) -> DraftRequest:
+        sequence.speculations.append(speculation)
+        return self._draft(sequence, speculation.context, count, speculation)
+
+    def _draft(self, sequence: Sequence, context: list[int], count: int, kind: Speculation | str) -> DraftRequest:
         start = min(common_prefix(sequence.draft_view, context), len(context) - 1)
         feed = context[start:]
         sequence.drafting = kind
@@ -263,47 +333,53 @@ class Scheduler:
                 f"draft cache of sequence {sequence.seq_id} holds {reply.cached} positions, expected "
                 f"{len(sequence.draft_view)}"
             )
+        self.draft_token_s += 0.2 * (reply.busy_s / len(reply.tokens) - self.draft_token_s)
         if sequence.finish_reason is not None:
             return
-        probs = bytes_to_tensor(reply.probs, len(reply.tokens), self.vocab_size)
+        drafted = Drafted(reply.tokens, bytes_to_tensor(reply.probs, len(reply.tokens), self.vocab_size),
+                          reply.runner_up)
         if kind == "window":
-            sequence.window, sequence.window_probs = reply.tokens, probs
-        else:
-            sequence.predraft = (reply.tokens, probs)
-            if sequence.verifying is None:  # the verification it bet on is already back
-                self._judge_predraft(sequence)
+            sequence.window = drafted
+            return
+        kind.drafted = drafted
+        if kind is sequence.awaited:  # the verification came back and bet on this one
+            sequence.awaited = None
+            self._use_or_miss(sequence, kind if kind.matches(sequence.tokens) else None)
 
     def _on_verified(self, sequence: Sequence, reply: VerifyResult) -> None:
-        window, sequence.verifying = sequence.verifying or [], None
+        window, sequence.verifying = sequence.verifying, None
         sequence.target_view = sequence.target_view[: reply.cached]
         if len(sequence.target_view) != reply.cached:
             raise RuntimeError(f"target cache of sequence {sequence.seq_id} holds {reply.cached} positions")
+        self.verify_s += 0.2 * (reply.busy_s - self.verify_s)
         stats = sequence.stats
-        if window:
+        if window.tokens:
             stats.verifications += 1
             stats.drafted += len(window)
             stats.accepted += reply.accepted
             stats.accepted_lengths.append(reply.accepted)
             stats.window_sizes.append(len(window))
-        self._commit(sequence, window[: reply.accepted] + [reply.next_token])
-        if sequence.finish_reason is not None:
+        self._commit(sequence, window.tokens[: reply.accepted] + [reply.next_token])
+        speculations, sequence.speculations = sequence.speculations, []
+        if sequence.finish_reason is not None or not speculations:
             return
-        if sequence.predraft is not None:
-            self._judge_predraft(sequence)
-        # else: a pre-draft still in flight is judged when it arrives
+        for speculation in speculations:
+            verdict = speculation.matches(sequence.tokens)
+            if verdict and speculation.drafted is not None:
+                return self._use_or_miss(sequence, speculation)
+            if verdict is None or (verdict and speculation.drafted is None):
+                sequence.awaited = speculation  # still drafting: judged when it arrives
+                return
+        self._use_or_miss(sequence, None)
 
-    def _judge_predraft(self, sequence: Sequence) -> None:
-        """A pre-draft is a hit iff the committed tokens are exactly its context plus its bonus guess."""
-        tokens, probs = sequence.predraft
-        context = sequence.predraft_context
-        sequence.predraft = sequence.predraft_context = None
-        if sequence.window is not None or sequence.tokens != context + tokens[:1]:
+    def _use_or_miss(self, sequence: Sequence, speculation: Speculation | None) -> None:
+        if speculation is None:
             sequence.stats.predraft_misses += 1
             return
         sequence.stats.predraft_hits += 1
+        sequence.stats.alt_hits += not speculation.guesses_bonus
         count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
-        sequence.window = tokens[1 : 1 + count]
-        sequence.window_probs = None if probs is None else probs[1 : 1 + count]
+        sequence.window = speculation.window(count)
 
     def _commit(self, sequence: Sequence, new_tokens: list[int]) -> None:
         now = self.clock()
@@ -326,6 +402,7 @@ class Scheduler:
             self.on_tokens(sequence, new_tokens)
         if sequence.finish_reason is not None:
             stats.finished_at = now
-            sequence.window = sequence.predraft = sequence.predraft_context = None
+            sequence.window = sequence.awaited = None
+            sequence.speculations = []
             for role in ("target",) if self.config.mode == "target-only" else ("draft", "target"):
                 self.control[role].append(Release(sequence.seq_id))

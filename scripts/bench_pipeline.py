@@ -56,12 +56,14 @@ def main() -> None:
             accepted = sum(s.stats.accepted for s in sequences)
             verifications = sum(s.stats.verifications for s in sequences)
             hits = sum(s.stats.predraft_hits for s in sequences)
+            alt_hits = sum(s.stats.alt_hits for s in sequences)
             misses = sum(s.stats.predraft_misses for s in sequences)
             rows.append({
                 "mode": mode, "k": k, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "mean_acceptance_length": (accepted + verifications) / verifications if verifications else None,
                 "predraft_hit_rate": hits / (hits + misses) if hits + misses else None,
+                "alt_hit_share": alt_hits / hits if hits else None,
                 "target_busy_share": engine.busy_s["target"] / wall,
                 "draft_busy_share": engine.busy_s["draft"] / wall,
                 "coordinator_share": engine.coordinator_s / wall,
@@ -86,6 +88,9 @@ def main() -> None:
               f"{fmt(row['mean_acceptance_length'], '>9.2f')}{fmt(row['predraft_hit_rate'], '>6.0%')}"
               f"{row['target_busy_share']:>12.0%}{row['draft_busy_share']:>11.0%}{row['coordinator_share']:>7.1%}"
               f"{row['ipc_share']:>6.1%}")
+    for row in rows:
+        if row["alt_hit_share"] is not None:
+            print(f"overlap k={row['k']}: {row['alt_hit_share']:.0%} of hits came from rejected-at-j speculations")
     print(f"greedy outputs identical across all configurations: {identical}")
     if args.json:
         with open(args.json, "w") as out:

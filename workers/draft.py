@@ -16,6 +16,7 @@ from workers.slots import SequenceSlots
 class Draft:
     tokens: list[int]
     probs: Tensor | None  # [len(tokens), V] the distributions they were drawn from; None when greedy
+    runner_up: list[int]  # the next-best token at each position
     cached: int  # positions of the sequence now in the draft's KV cache
 
 
@@ -41,18 +42,21 @@ class DraftCore:
         logits = self.runner.forward(feed, start, slot)[-1:]
         generator = None if sampling.greedy else self.slots.generator(seq_id, sampling.seed)
         tokens: list[int] = []
+        runner_up: list[int] = []
         rows: list[Tensor] = []
         while True:
+            top2 = logits[-1].topk(2).indices.tolist()
             if sampling.greedy:
-                tokens.append(int(logits[-1].argmax()))
+                tokens.append(top2[0])
             else:
                 probs = probabilities(logits, sampling)[-1]
                 rows.append(probs)
                 tokens.append(sample(probs, generator))
+            runner_up.append(top2[1] if tokens[-1] == top2[0] else top2[0])
             if len(tokens) == count:
                 break
             logits = self.runner.forward(tokens[-1:], self.runner.lengths[slot], slot)
-        return Draft(tokens, torch.stack(rows) if rows else None, self.runner.lengths[slot])
+        return Draft(tokens, torch.stack(rows) if rows else None, runner_up, self.runner.lengths[slot])
 
     def release(self, seq_id: int) -> None:
         self.slots.release(seq_id)

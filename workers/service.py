@@ -47,7 +47,7 @@ class WorkerService:
         if isinstance(message, DraftRequest) and self.role == "draft":
             draft = self.core.draft(message.seq_id, message.start, message.feed, message.count, message.sampling)
             return DraftResult(message.request_id, message.seq_id, draft.tokens, tensor_to_bytes(draft.probs),
-                               draft.cached, time.perf_counter() - began)
+                               draft.runner_up, draft.cached, time.perf_counter() - began)
         if isinstance(message, VerifyRequest) and self.role == "target":
             probs = bytes_to_tensor(message.probs, message.drafted, self.runner.config.vocab_size)
             verdict = self.core.verify(message.seq_id, message.start, message.feed, message.drafted,
