@@ -146,13 +146,17 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
 @click.option("--cores", default="", help="Comma-separated CPU cores to pin to.")
 @click.option("--slots", type=int, default=8, show_default=True, help="Sequences held at once.")
 @click.option("--max-seq-len", type=int, default=0, show_default=True, help="0 = the model's context.")
-def worker(role, checkpoint, bind, backend, device, dtype, threads, cores, slots, max_seq_len) -> None:
+@click.option("--spin-ms", type=float, default=0.0, show_default=True,
+              help="Busy-poll this long for the next request before sleeping (only on a core of its own).")
+@click.option("--nice", type=int, default=0, show_default=True, help="Niceness to add (yield the core to others).")
+def worker(role, checkpoint, bind, backend, device, dtype, threads, cores, slots, max_seq_len, spin_ms, nice) -> None:
     """Run one worker process (started by `launch`, or by hand on another host)."""
     from workers.server import serve
     from workers.spec import WorkerSpec
 
     pinned = tuple(int(c) for c in cores.split(",") if c.strip())
-    spec = WorkerSpec(role, checkpoint, bind, backend, device, dtype, threads, pinned, slots, max_seq_len)
+    spec = WorkerSpec(role, checkpoint, bind, backend, device, dtype, threads, pinned, slots, max_seq_len, spin_ms,
+                      nice)
     sys.exit(serve(spec))
 
 

@@ -26,6 +26,9 @@ class ClusterConfig:
     target: WorkerSpec
     draft: WorkerSpec | None  # None: target-only, no draft process
     ready_timeout_s: float = 120.0
+    protect_target_core: bool = True  # see LocalCluster._start
+    target_spin_ms: float = 50.0
+    draft_nice: int = 5
 
 
 def default_cores(threads: int, roles: int) -> list[tuple[int, ...]]:
@@ -65,6 +68,8 @@ class LocalCluster:
         self.processes: dict[str, subprocess.Popen] = {}
         self.transport: ZmqTransport | None = None
         self.ready: dict[str, Ready] = {}
+        self._saved_affinity: set[int] | None = None
+        self.coordinator_spin_s = 0.0
 
     def __enter__(self) -> "LocalCluster":
         try:
@@ -82,11 +87,31 @@ class LocalCluster:
         if self.config.draft is not None:
             specs["draft"] = self.config.draft
         specs = {role: replace(spec, bind=ipc_address(self.socket_dir, role)) for role, spec in specs.items()}
+        # The target is the bottleneck. When it is pinned, it keeps its cores to itself and busy-polls
+        # for its next request; the coordinator runs elsewhere (on the draft's cores, the draft at
+        # lower priority so that the coordinator's wake-ups preempt it at once).
+        target_cores = set(self.config.target.cores)
+        coordinator_cores: set[int] = set()
+        if target_cores and self.config.protect_target_core:
+            coordinator_cores = set(os.sched_getaffinity(0)) - target_cores
+            if coordinator_cores:
+                specs["target"] = replace(specs["target"], spin_ms=self.config.target_spin_ms)
+                if "draft" in specs and set(specs["draft"].cores) & coordinator_cores:
+                    # the draft's spin keeps the shared core awake (a halted vCPU wakes in hundreds of
+                    # microseconds) and, being nicer, yields to the coordinator at once
+                    specs["draft"] = replace(specs["draft"], nice=self.config.draft_nice,
+                                             spin_ms=self.config.target_spin_ms)
+                else:
+                    self.coordinator_spin_s = self.config.target_spin_ms / 1000  # nothing else to keep it awake
         for role, spec in specs.items():
             env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
             command = [sys.executable, "-m", "pipeline.cli", "worker", *spec.argv()]
             self.processes[role] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
-        self.transport = ZmqTransport({role: spec.bind for role, spec in specs.items()}, self.check_alive)
+        if coordinator_cores:  # after spawning: children inherit affinity
+            self._saved_affinity = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, coordinator_cores)
+        self.transport = ZmqTransport({role: spec.bind for role, spec in specs.items()}, self.check_alive,
+                                      spin_s=self.coordinator_spin_s)
         began = time.perf_counter()
         self.ready = self.transport.handshake(self.config.ready_timeout_s)
         check_pair(self.ready)
@@ -119,6 +144,9 @@ class LocalCluster:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+        if self._saved_affinity is not None:
+            os.sched_setaffinity(0, self._saved_affinity)
+            self._saved_affinity = None
         for path in Path(self.socket_dir).glob("*"):
             path.unlink(missing_ok=True)
         Path(self.socket_dir).rmdir() if Path(self.socket_dir).exists() else None

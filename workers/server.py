@@ -36,6 +36,8 @@ def load(spec: WorkerSpec) -> tuple[WorkerService, Ready]:
     if spec.backend != "torch":
         raise SpecpipeError(f"backend {spec.backend!r} is not available in this build; use --backend torch")
     set_cpu_threads(spec.threads, list(spec.cores) or None)
+    if spec.nice:
+        os.nice(spec.nice)
     runner = ModelRunner.from_checkpoint(
         spec.checkpoint, device=spec.device, dtype=spec.dtype, n_slots=spec.slots, max_seq_len=spec.max_seq_len or None
     )
@@ -68,7 +70,7 @@ def serve(spec: WorkerSpec) -> int:
                    f"{', cores ' + ','.join(map(str, spec.cores)) if spec.cores else ''}, listening on {spec.bind}")
     try:
         while True:
-            _await_message(socket, SPIN_S)
+            _await_message(socket, spec.spin_ms / 1000)
             identity, payload = _receive(socket)
             if payload is None:
                 continue
@@ -96,13 +98,9 @@ def serve(spec: WorkerSpec) -> int:
         context.term()
 
 
-# After each reply a worker polls its socket without sleeping for this long before it blocks: the
-# next request usually follows within milliseconds, and waking a sleeping process costs hundreds of
-# microseconds on a VM. The worker owns its core, so the spin takes nothing from anyone else.
-SPIN_S = 0.05
-
-
 def _await_message(socket: zmq.Socket, spin_s: float) -> None:
+    """Polls without sleeping for up to `spin_s` before blocking: the next request usually follows
+    within milliseconds, and waking a sleeping process costs hundreds of microseconds on a VM."""
     deadline = time.perf_counter() + spin_s
     while not socket.poll(0):
         if time.perf_counter() > deadline:

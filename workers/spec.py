@@ -17,12 +17,15 @@ class WorkerSpec:
     cores: tuple[int, ...] = ()  # CPU cores to pin to; () = leave affinity alone
     slots: int = 8  # sequences it can hold at once (KV slots)
     max_seq_len: int = 0  # 0 = the model's context
+    spin_ms: float = 0.0  # busy-poll this long for the next request before sleeping (for a worker that owns its core)
+    nice: int = 0  # added niceness: a worker that shares its core with the coordinator yields to it
 
     def argv(self) -> list[str]:
         """The `specpipe worker` arguments that rebuild this spec."""
         args = ["--role", self.role, "--checkpoint", self.checkpoint, "--bind", self.bind, "--backend", self.backend,
                 "--device", self.device, "--dtype", self.dtype, "--threads", str(self.threads),
-                "--slots", str(self.slots), "--max-seq-len", str(self.max_seq_len)]
+                "--slots", str(self.slots), "--max-seq-len", str(self.max_seq_len), "--spin-ms", str(self.spin_ms),
+                "--nice", str(self.nice)]
         if self.cores:
             args += ["--cores", ",".join(map(str, self.cores))]
         return args

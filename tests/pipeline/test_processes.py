@@ -1,6 +1,7 @@
 """The real thing: worker processes over ZeroMQ, driven through the Python API and the CLI."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from pipeline.generation import generate
-from pipeline.launcher import ClusterConfig, LocalCluster
+from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
 from pipeline.scheduler import DecodeConfig
 from workers.model.checkpoint import load_tokenizer
 from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
@@ -26,14 +27,17 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def cluster():
+    affinity = os.sched_getaffinity(0)
+    draft_cores, target_cores = default_cores(1, 2)
     config = ClusterConfig(
-        target=WorkerSpec("target", str(TARGET_DIR), "", slots=4, max_seq_len=256),
-        draft=WorkerSpec("draft", str(DRAFT_DIR), "", slots=4, max_seq_len=256),
+        target=WorkerSpec("target", str(TARGET_DIR), "", slots=4, max_seq_len=256, cores=target_cores),
+        draft=WorkerSpec("draft", str(DRAFT_DIR), "", slots=4, max_seq_len=256, cores=draft_cores),
     )
     with LocalCluster(config) as running:
         yield running
     for process in running.processes.values():
         assert process.poll() is not None  # both workers are gone
+    assert os.sched_getaffinity(0) == affinity  # the coordinator's pinning is undone
 
 
 def test_twenty_prompts_identical_across_modes_k_and_concurrency(cluster, prompts):
@@ -42,6 +46,8 @@ def test_twenty_prompts_identical_across_modes_k_and_concurrency(cluster, prompt
                                 concurrency)
         return [s.generated for s in sequences]
 
+    if cluster.config.target.cores:  # pinned: the coordinator keeps off the target's core
+        assert not os.sched_getaffinity(0) & set(cluster.config.target.cores)
     baseline = run("target-only", 5, 1)
     assert all(len(tokens) == 16 for tokens in baseline)
     for mode in ("serial", "overlap"):
