@@ -178,7 +178,7 @@ class DecoderLayer(nn.Module):
             mask = mask.repeat(self.group, 1)  # [group*T, end]: row g*T + t is query t
         attn = F.scaled_dot_product_attention(q, k_cache[None, :, :end], v_cache[None, :, :end], attn_mask=mask)
         if T == 1:
-            attn = attn.view(1, self.q_width)
+            attn = attn.reshape(1, self.q_width)  # a view on CPU; CUDA kernels may return another layout
         else:
             attn = attn.view(n_kv, self.group, T, hd).permute(2, 0, 1, 3).reshape(T, self.q_width)
         x = x + project(attn, self.wo, self.bo)

@@ -67,6 +67,10 @@ class ModelRunner:
         if pack_fp16 and (torch_device.type != "cpu" or not fbgemm_fp16_available()):
             raise DeviceError(f"dtype {FP16_WEIGHTS!r} needs a CPU with fbgemm (AVX2); use --dtype float32")
         torch_dtype = torch.float32 if pack_fp16 else resolve_dtype(dtype)
+        if torch_device.type == "cuda":
+            # cuDNN's attention plans a graph per key length, i.e. anew at every decode step (9 ms of
+            # CPU each on an H100); flash and memory-efficient attention have no such cost.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         max_seq_len = max_seq_len or config.max_position_embeddings
         if not 1 <= max_seq_len <= config.max_position_embeddings:
             raise CacheCapacityError(

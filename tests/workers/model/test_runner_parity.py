@@ -6,6 +6,7 @@ import torch
 from workers.model import ModelRunner
 
 NAMES = ["llama3-gqa", "llama-tied", "qwen2", "mistral"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CUDA runs where a GPU is present
 
 
 def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -13,11 +14,12 @@ def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids[None]).logits[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_prefill_logits_match_transformers(checkpoints, name):
+def test_prefill_logits_match_transformers(checkpoints, name, device):
     directory, model = checkpoints[name]
     ids = torch.randint(0, 128, (48,), generator=torch.Generator().manual_seed(1))
-    got = ModelRunner.from_checkpoint(directory).forward(ids, 0)
+    got = ModelRunner.from_checkpoint(directory, device=device).forward(ids, 0).cpu()
     assert torch.allclose(got, reference_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
@@ -33,15 +35,16 @@ def test_prefill_decode_and_verify_are_one_call(checkpoints, name):
     assert torch.allclose(torch.cat(pieces), reference_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_64_greedy_tokens_equal_transformers_generate(checkpoints, name):
+def test_64_greedy_tokens_equal_transformers_generate(checkpoints, name, device):
     directory, model = checkpoints[name]
     prompt = torch.randint(2, 128, (12,), generator=torch.Generator().manual_seed(3))
     # eos_token_id=None: generate neither stops at EOS nor (as min_new_tokens would) suppresses it
     expected = model.generate(prompt[None], attention_mask=torch.ones(1, 12, dtype=torch.long), do_sample=False,
                               max_new_tokens=64, eos_token_id=None, pad_token_id=1)[0, 12:].tolist()
     assert len(expected) == 64
-    runner = ModelRunner.from_checkpoint(directory)
+    runner = ModelRunner.from_checkpoint(directory, device=device)
     logits, generated = runner.forward(prompt, 0), []
     for position in range(12, 12 + 64):
         generated.append(int(logits[-1].argmax()))
@@ -82,10 +85,11 @@ def test_slots_are_independent(checkpoints):
     assert runner.free_slot_count == 1 and runner.allocate_slot() == slot_a
 
 
-def test_bfloat16_runs_and_mostly_agrees(checkpoints):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_runs_and_mostly_agrees(checkpoints, device):
     directory, model = checkpoints["llama3-gqa"]
     ids = torch.randint(0, 128, (32,), generator=torch.Generator().manual_seed(7))
-    got = ModelRunner.from_checkpoint(directory, dtype="bfloat16").forward(ids, 0)
+    got = ModelRunner.from_checkpoint(directory, dtype="bfloat16", device=device).forward(ids, 0).cpu()
     expected = reference_logits(model, ids)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
