@@ -82,3 +82,16 @@ def test_prompt_that_fills_the_context(pair):
         assert sequences[0].finish_reason == "length"
     with pytest.raises(ValueError, match="does not fit the context"):
         generate(LocalTransport(draft, target), [prompts[0] * 10], DecodeConfig(), limits)
+
+
+def test_common_prefix_agrees_with_the_definition():
+    import random
+
+    from pipeline.scheduler import common_prefix
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = [rng.randint(0, 2) for _ in range(rng.randint(0, 40))]
+        b = a[: rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 5))]
+        expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == common_prefix(b, a) == expected
