@@ -59,7 +59,8 @@ class Engine:
                 request = self.scheduler.next_request(role)
                 if request is None:
                     break
-                self._sent_at[getattr(request, "request_id", -1)] = time.perf_counter()
+                if isinstance(request, (DraftRequest, VerifyRequest)):
+                    self._sent_at[request.request_id] = time.perf_counter()
                 self.transport.submit(role, request)
                 if isinstance(request, (DraftRequest, VerifyRequest)):
                     self.busy[role] = True

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from pipeline.engine import WorkerFailed
 from pipeline.generation import ModelLimits
@@ -147,6 +147,4 @@ class LocalCluster:
         if self._saved_affinity is not None:
             os.sched_setaffinity(0, self._saved_affinity)
             self._saved_affinity = None
-        for path in Path(self.socket_dir).glob("*"):
-            path.unlink(missing_ok=True)
-        Path(self.socket_dir).rmdir() if Path(self.socket_dir).exists() else None
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
