@@ -65,6 +65,7 @@ def main() -> None:
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--k", type=int, default=5, show_default=True, help="Drafted tokens per verification.")
 @click.option("--mode", type=click.Choice(["overlap", "serial", "target-only"]), default="overlap", show_default=True)
+@click.option("--adaptive-k", is_flag=True, help="Adapt each sequence's window between 1 and --k as it goes.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
@@ -81,8 +82,8 @@ def main() -> None:
 @click.option("--ready-timeout", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the workers to load.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
-def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode, temperature, top_p, top_k, seed,
-           concurrency, backend, draft_device, target_device, threads, dtype, ready_timeout, as_json) -> None:
+def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode, adaptive_k, temperature, top_p, top_k,
+           seed, concurrency, backend, draft_device, target_device, threads, dtype, ready_timeout, as_json) -> None:
     """Start the draft and target workers and generate for the prompts."""
     from pipeline.engine import WorkerFailed
     from pipeline.generation import generate
@@ -95,7 +96,7 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
     from workers.spec import WorkerSpec
 
     texts = read_prompts(prompts, prompts_file)
-    config = DecodeConfig(mode, k, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed))
+    config = DecodeConfig(mode, k, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), adaptive_k)
     try:
         config.sampling.validate()
         if concurrency < 1:

@@ -47,6 +47,10 @@ class DecodeConfig:
     k: int = 5
     max_new_tokens: int = 128
     sampling: SamplingParams = SamplingParams()
+    # Adapt each sequence's window between 1 and k: one longer after a fully accepted window, down
+    # to accepted + 1 after a rejection (the schedule of transformers' assisted generation, PEARL's
+    # adaptive draft length in spirit).
+    adaptive_k: bool = False
 
     def validate(self, max_context: int) -> None:
         if self.mode not in MODES:
@@ -132,6 +136,7 @@ class Sequence:
     awaited: Speculation | None = None  # verification back, its matching speculation still drafting
     finish_reason: str | None = None
     stats: SequenceStats = field(default_factory=SequenceStats)
+    k: int = 0  # this sequence's current window size (the configured k unless adapting)
 
     @property
     def generated(self) -> list[int]:
@@ -192,7 +197,7 @@ class Scheduler:
                 f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context} tokens "
                 "(leave room for at least one new token)"
             )
-        sequence = Sequence(seq_id, list(prompt), list(prompt), self.config.max_new_tokens)
+        sequence = Sequence(seq_id, list(prompt), list(prompt), self.config.max_new_tokens, k=self.config.k)
         self.waiting.append(sequence)
         return sequence
 
@@ -229,7 +234,7 @@ class Scheduler:
         remaining = sequence.max_new_tokens - emitted_before
         # prompt + output never exceed the context: a verification adds up to k + 1 tokens
         room = self.max_context - context_len - 1
-        return max(0, min(self.config.k, remaining - 1, room))
+        return max(0, min(sequence.k, remaining - 1, room))
 
     def _next_verify(self) -> VerifyRequest | None:
         for sequence in self.active:
@@ -360,6 +365,9 @@ class Scheduler:
             raise RuntimeError(f"target cache of sequence {sequence.seq_id} holds {reply.cached} positions")
         self.verify_s += 0.2 * (reply.busy_s - self.verify_s)
         stats = sequence.stats
+        if window.tokens and self.config.adaptive_k:
+            full = reply.accepted == len(window)
+            sequence.k = min(self.config.k, sequence.k + 1) if full else max(1, reply.accepted + 1)
         if window.tokens:
             stats.verifications += 1
             stats.drafted += len(window)

@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--k", default="3,5")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--adaptive-k", default="3,5,8", help="also run overlap with an adaptive window up to these k")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
 
@@ -42,9 +43,11 @@ def main() -> None:
     config = ClusterConfig(target=WorkerSpec("target", str(TARGET_DIR), "", dtype=dtype, cores=target_cores, slots=1),
                            draft=WorkerSpec("draft", str(DRAFT_DIR), "", dtype=dtype, cores=draft_cores, slots=1))
     runs = [("target-only", 0)] + [(mode, int(k)) for k in args.k.split(",") for mode in ("serial", "overlap")]
+    runs += [("overlap-adaptive", int(k)) for k in args.adaptive_k.split(",") if k]
     # Interleaved: each prompt goes through every configuration before the next prompt, so the
     # machine's slow and fast spells fall on all configurations alike.
-    decodes = {(mode, k): DecodeConfig(mode, max(k, 1), args.new_tokens) for mode, k in runs}
+    decodes = {(mode, k): DecodeConfig(mode.removesuffix("-adaptive"), max(k, 1), args.new_tokens,
+                                       adaptive_k=mode.endswith("-adaptive")) for mode, k in runs}
     sequences = {run: [] for run in runs}
     walls = {run: 0.0 for run in runs}
     engines = {run: [] for run in runs}
@@ -98,6 +101,8 @@ def main() -> None:
     for row in rows:
         name = row["mode"] if row["mode"] == "target-only" else f"{row['mode']} k={row['k']}"
         vs_serial = row["tokens_per_s"] / serial[row["k"]] if row["mode"] == "overlap" else None
+        if row["mode"] == "overlap-adaptive":
+            name = f"overlap k<={row['k']}"
 
         def fmt(value, spec):
             return format(value, spec) if value is not None else "-"
@@ -109,7 +114,8 @@ def main() -> None:
               f"{row['target_ipc_share']:>6.1%}/{row['draft_ipc_share']:.1%}")
     for row in rows:
         if row["alt_hit_share"] is not None:
-            print(f"overlap k={row['k']}: {row['alt_hit_share']:.0%} of hits came from rejected-at-j speculations")
+            window = f"k<={row['k']}" if row["mode"] == "overlap-adaptive" else f"k={row['k']}"
+            print(f"overlap {window}: {row['alt_hit_share']:.0%} of hits came from rejected-at-j speculations")
     print(f"greedy outputs identical across all configurations: {identical}")
     if args.json:
         with open(args.json, "w") as out:

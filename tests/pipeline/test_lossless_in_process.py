@@ -48,6 +48,14 @@ def test_greedy_tokens_equal_target_only(pair, baseline, mode, k, concurrency):
         assert max(s.stats.window_sizes) <= k
 
 
+@pytest.mark.parametrize("mode", ["serial", "overlap"])
+def test_adaptive_window_stays_lossless_and_adapts(pair, baseline, mode):
+    sequences = run(pair, mode=mode, k=8, max_new_tokens=40, adaptive_k=True, concurrency=2)
+    assert [s.generated for s in sequences] == baseline
+    sizes = {size for s in sequences for size in s.stats.window_sizes}
+    assert max(sizes) <= 8 and len(sizes) > 2  # it really moved
+
+
 def test_overlap_uses_predrafts(pair):
     sequences = run(pair, mode="overlap", k=3, max_new_tokens=40)
     assert sum(s.stats.predraft_hits for s in sequences) > 0
