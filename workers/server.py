@@ -33,14 +33,21 @@ def log(role: str, text: str) -> None:
 
 
 def load(spec: WorkerSpec) -> tuple[WorkerService, Ready]:
-    if spec.backend != "torch":
+    if spec.backend not in ("torch", "ttnn"):
         raise SpecpipeError(f"backend {spec.backend!r} is not available in this build; use --backend torch")
     set_cpu_threads(spec.threads, list(spec.cores) or None)
     if spec.nice:
         os.nice(spec.nice)
-    runner = ModelRunner.from_checkpoint(
-        spec.checkpoint, device=spec.device, dtype=spec.dtype, n_slots=spec.slots, max_seq_len=spec.max_seq_len or None
-    )
+    runner = None
+    if spec.backend == "ttnn":  # None: this worker stays on torch (a draft left on the CPU)
+        from workers.model.ttnn_runner import open_runner
+
+        runner = open_runner(spec, lambda text: log(spec.role, text))
+    if runner is None:
+        runner = ModelRunner.from_checkpoint(
+            spec.checkpoint, device=spec.device, dtype=spec.dtype, n_slots=spec.slots,
+            max_seq_len=spec.max_seq_len or None,
+        )
     ready = Ready(
         role=spec.role, pid=os.getpid(), model=Path(spec.checkpoint).name, vocab_size=runner.config.vocab_size,
         tokenizer_hash=tokenizer_fingerprint(spec.checkpoint), max_context=runner.max_seq_len,

@@ -1,0 +1,187 @@
+"""The ttnn runner's logic end to end, on a torch-backed stand-in for the ttnn calls it makes (no ttnn needed).
+
+The same decoding checks as the torch runner: logits against the torch ModelRunner at every position
+and in every way of feeding it, greedy tokens, rollback, slots; plus what is ttnn's own: decode replayed
+from a trace equals eager, a 2-chip mesh equals one chip, and speculative decoding with a ttnn target
+is token-identical to target-only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from pipeline.generation import ModelLimits, generate
+from pipeline.local import LocalTransport
+from pipeline.scheduler import DecodeConfig
+from tests.workers.model.ttnn_standin import Device, Standin
+from workers.errors import CacheCapacityError, UnsupportedModelError
+from workers.model import ModelRunner
+from workers.model.checkpoint import load_tokenizer, read_config, read_hf_weights
+from workers.model.ttnn_runner import TtnnRunner
+from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+
+# head_dim 32 and vocab in whole tiles, as the device wants (the conftest models have head_dim 16)
+COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+              max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1,
+              pad_token_id=1, torch_dtype="bfloat16")
+MODELS = {
+    "llama-gqa": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2-bias": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def assert_close_as_bf16(got: torch.Tensor, expected: torch.Tensor, bf16: torch.Tensor) -> None:
+    """`got` (bf16 on the device) is as close to the float32 torch runner as the torch runner in bfloat16 is."""
+    bf16_error = (bf16 - expected).abs().max()
+    assert (got - expected).abs().max() <= 2 * bf16_error + 1e-3, (float((got - expected).abs().max()), float(bf16_error))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for seed, (name, make) in enumerate(MODELS.items()):
+        torch.manual_seed(seed)
+        directory = tmp_path_factory.mktemp(name)
+        make().to(torch.bfloat16).save_pretrained(directory)
+        out[name] = directory
+    return out
+
+
+def ttnn_runner(directory: Path, *, chips: int = 1, **kwargs) -> TtnnRunner:
+    config, hf = read_config(directory), read_hf_weights(directory)
+    return TtnnRunner.from_hf_weights(config, hf, ttnn=Standin(chips), device=Device(chips), n_devices=chips, **kwargs)
+
+
+def ids(count: int, seed: int, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(2, vocab, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prefill_decode_and_verify_match_the_torch_runner(models, name):
+    tokens = ids(100, 1)
+    expected = ModelRunner.from_checkpoint(models[name]).forward(tokens, 0)
+    bf16 = ModelRunner.from_checkpoint(models[name], dtype="bfloat16").forward(tokens, 0)
+    runner = ttnn_runner(models[name])
+    pieces = [runner.forward(tokens[:40], 0)]  # prefill: an eager 64-position window
+    pieces += [runner.forward(tokens[i : i + 1], i) for i in range(40, 70)]  # decode, across a tile boundary at 64
+    pieces.append(runner.forward(tokens[70:76], 70))  # a 6-token verification inside one tile: replayed
+    pieces.append(runner.forward(tokens[76:100], list(range(76, 100))))  # one that spans two tiles: eager
+    got = torch.cat(pieces)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert_close_as_bf16(got, expected, bf16)
+    # position 40 warms up (eager), 41 captures the window at 32, 64 recaptures; 76..99 spans two tiles
+    assert (len(runner.timings.replays), len(runner.timings.captures), len(runner.timings.eager)) == (30, 2, 2)
+    assert runner.timings.warmup_s > 0
+
+
+def test_bfloat8_weights_stay_close(models):
+    tokens = ids(40, 2)
+    expected = ModelRunner.from_checkpoint(models["llama-gqa"]).forward(tokens, 0)
+    got = ttnn_runner(models["llama-gqa"], dtype="bfloat8_b").forward(tokens, 0)
+    assert 0 < (got - expected).abs().max() < 0.25
+
+
+def test_trace_replay_equals_eager(models):
+    tokens = ids(80, 3)
+    eager, traced = (ttnn_runner(models["llama-gqa"], use_trace=use) for use in (False, True))
+    for runner in (eager, traced):
+        runner.forward(tokens[:10], 0)
+    for i in range(10, 80):
+        assert torch.equal(traced.forward(tokens[i : i + 1], i), eager.forward(tokens[i : i + 1], i))
+    assert traced.ttnn.calls["execute_trace"] == len(traced.timings.replays) > 60
+    assert "execute_trace" not in eager.ttnn.calls
+
+
+def test_64_greedy_tokens_equal_the_torch_runner():
+    prompt = load_tokenizer(TARGET_DIR)("def fibonacci(n):\n", add_special_tokens=False)["input_ids"]
+    outputs = []
+    for runner in (ModelRunner.from_checkpoint(TARGET_DIR, max_seq_len=128),
+                   TtnnRunner.from_hf_weights(read_config(TARGET_DIR), read_hf_weights(TARGET_DIR), ttnn=Standin(),
+                                              device=Device(), max_seq_len=128)):
+        logits, generated = runner.forward(prompt, 0), []
+        for position in range(len(prompt), len(prompt) + 64):
+            generated.append(int(logits[-1].argmax()))
+            logits = runner.forward(generated[-1:], position)
+        outputs.append(generated)
+    assert outputs[0] == outputs[1]
+
+
+def test_rollback_then_redecode_equals_no_detour(models):
+    tokens = ids(30, 4)
+    straight = ttnn_runner(models["llama-gqa"])
+    straight.forward(tokens[:20], 0)
+    expected = straight.forward(tokens[20:], 20)
+
+    runner = ttnn_runner(models["llama-gqa"])
+    runner.forward(tokens[:20], 0)
+    runner.forward(torch.tensor([5, 6, 7, 8, 9, 10, 11]), 20)  # a rejected draft window
+    cache = runner.model.k_cache[0][0]
+    before = [shard.clone() for shard in cache.shards]
+    runner.truncate(0, 20)
+    assert runner.lengths[0] == 20
+    assert all(torch.equal(a, b) for a, b in zip(cache.shards, before))  # O(1): nothing on the device touched
+    assert torch.equal(runner.forward(tokens[20:], 20), expected)
+
+
+def test_slots_are_independent(models):
+    a, b = ids(40, 5), ids(40, 6)
+    runner = ttnn_runner(models["qwen2-bias"], n_slots=2)
+    slot_a, slot_b = runner.allocate_slot(), runner.allocate_slot()
+    outs = {slot_a: [], slot_b: []}
+    for start in range(0, 40, 5):  # interleaved, each slot with its own trace
+        outs[slot_a].append(runner.forward(a[start : start + 5], start, slot_a))
+        outs[slot_b].append(runner.forward(b[start : start + 5], start, slot_b))
+    for slot, tokens in ((slot_a, a), (slot_b, b)):
+        alone = ttnn_runner(models["qwen2-bias"]).forward(tokens, 0)
+        assert (torch.cat(outs[slot]) - alone).abs().max() < 1e-2
+
+
+def test_two_chip_mesh_is_as_close_as_one_chip(models):
+    tokens = ids(50, 7)
+    expected = ModelRunner.from_checkpoint(models["llama-gqa"]).forward(tokens, 0)[33:]
+    bf16 = ModelRunner.from_checkpoint(models["llama-gqa"], dtype="bfloat16").forward(tokens, 0)[33:]
+    for chips in (1, 2):
+        runner = ttnn_runner(models["llama-gqa"], chips=chips)
+        runner.forward(tokens[:33], 0)
+        got = torch.cat([runner.forward(tokens[i : i + 1], i) for i in range(33, 50)])
+        assert_close_as_bf16(got, expected, bf16)  # tensor-parallel: the same sums in another order
+    assert runner.ttnn.calls["all_reduce"] > 0 and len(runner.model.k_cache[0][0].shards) == 2
+    assert runner.model.k_cache[0][0].shards[0].shape[1] == 1  # each chip holds one of the two KV heads
+
+
+def test_errors_say_what_to_change(models, checkpoints):
+    runner = ttnn_runner(models["llama-gqa"], max_seq_len=64)
+    runner.forward(ids(10, 8), 0)
+    with pytest.raises(CacheCapacityError, match="gap"):
+        runner.forward([3], 12)
+    with pytest.raises(CacheCapacityError, match="beyond the KV cache"):
+        runner.forward(ids(60, 9), 10)
+    with pytest.raises(UnsupportedModelError, match="head_dim"):
+        ttnn_runner(checkpoints["llama-tied"][0])  # head_dim 16: not a whole tile
+    with pytest.raises(UnsupportedModelError, match="mesh"):
+        ttnn_runner(models["llama-gqa"], chips=4)  # 2 KV heads over 4 chips
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,k", [("serial", 3), ("overlap", 3), ("overlap", 5)])
+def test_speculative_greedy_with_a_ttnn_target_equals_target_only(mode, k):
+    tokenizer = load_tokenizer(TARGET_DIR)
+    prompts = [json.loads(line) for line in Path(HELDOUT_PROMPTS).read_text().splitlines()[:2]]
+    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"][-48:] for text in prompts]
+
+    def run(mode: str, k: int) -> list[list[int]]:
+        target = TtnnRunner.from_hf_weights(read_config(TARGET_DIR), read_hf_weights(TARGET_DIR), ttnn=Standin(),
+                                            device=Device(), max_seq_len=160, n_slots=2)
+        draft = ModelRunner.from_checkpoint(DRAFT_DIR, max_seq_len=160, n_slots=2)
+        limits = ModelLimits(target.config.vocab_size, frozenset(target.config.eos_token_ids), 160)
+        config = DecodeConfig(mode, k, 40)
+        sequences, _ = generate(LocalTransport(None if mode == "target-only" else draft, target), prompt_ids, config,
+                                limits, concurrency=2)
+        return [sequence.generated for sequence in sequences]
+
+    assert run(mode, k) == run("target-only", 1)
