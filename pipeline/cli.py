@@ -81,9 +81,14 @@ def main() -> None:
                    "auto = fp16-weights on CPU where fbgemm runs (else float32), bfloat16 on CUDA.")
 @click.option("--ready-timeout", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the workers to load.")
+@click.option("--heartbeat-interval", type=float, default=0.5, show_default=True,
+              help="Seconds between heartbeats to each worker (answered by ZeroMQ itself, even mid-forward-pass).")
+@click.option("--heartbeat-timeout", type=float, default=2.0, show_default=True,
+              help="Seconds of silence after which a worker counts as hung and the launch fails.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
 def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode, adaptive_k, temperature, top_p, top_k,
-           seed, concurrency, backend, draft_device, target_device, threads, dtype, ready_timeout, as_json) -> None:
+           seed, concurrency, backend, draft_device, target_device, threads, dtype, ready_timeout, heartbeat_interval,
+           heartbeat_timeout, as_json) -> None:
     """Start the draft and target workers and generate for the prompts."""
     from pipeline.engine import WorkerFailed
     from pipeline.generation import generate
@@ -122,6 +127,8 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
         target=spec("target", target_dir, target_device, cores[-1]),
         draft=spec("draft", draft_dir, draft_device, cores[0]) if use_draft else None,
         ready_timeout_s=ready_timeout,
+        heartbeat_interval_s=heartbeat_interval,
+        heartbeat_timeout_s=heartbeat_timeout,
     )
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     printer = ResultPrinter(tokenizer, texts, config, as_json, stream=concurrency == 1 and not as_json)
@@ -150,14 +157,17 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
 @click.option("--spin-ms", type=float, default=0.0, show_default=True,
               help="Busy-poll this long for the next request before sleeping (only on a core of its own).")
 @click.option("--nice", type=int, default=0, show_default=True, help="Niceness to add (yield the core to others).")
-def worker(role, checkpoint, bind, backend, device, dtype, threads, cores, slots, max_seq_len, spin_ms, nice) -> None:
+@click.option("--parent-pid", type=int, default=0, show_default=True,
+              help="Exit when this process is gone (set by launch for the workers it spawns); 0 = never.")
+def worker(role, checkpoint, bind, backend, device, dtype, threads, cores, slots, max_seq_len, spin_ms, nice,
+           parent_pid) -> None:
     """Run one worker process (started by `launch`, or by hand on another host)."""
     from workers.server import serve
     from workers.spec import WorkerSpec
 
     pinned = tuple(int(c) for c in cores.split(",") if c.strip())
     spec = WorkerSpec(role, checkpoint, bind, backend, device, dtype, threads, pinned, slots, max_seq_len, spin_ms,
-                      nice)
+                      nice, parent_pid)
     sys.exit(serve(spec))
 
 

@@ -12,6 +12,13 @@ from dataclasses import dataclass, replace
 
 from pipeline.engine import WorkerFailed
 from pipeline.generation import ModelLimits
+from pipeline.liveness import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_HEARTBEAT_TIMEOUT_S,
+    Heartbeats,
+    exit_description,
+    process_sentinel,
+)
 from pipeline.protocol import Ready, Shutdown
 from pipeline.transport import ZmqTransport
 from workers.spec import WorkerSpec
@@ -29,6 +36,12 @@ class ClusterConfig:
     protect_target_core: bool = True  # see LocalCluster._start
     target_spin_ms: float = 50.0
     draft_nice: int = 5
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S  # libzmq pings each worker this often
+    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S  # and declares it hung after this much silence
+
+    @property
+    def heartbeats(self) -> Heartbeats:
+        return Heartbeats(self.heartbeat_interval_s, self.heartbeat_timeout_s)
 
 
 def default_cores(threads: int, roles: int) -> list[tuple[int, ...]]:
@@ -66,6 +79,7 @@ class LocalCluster:
         self.config = config
         self.socket_dir = tempfile.mkdtemp(prefix="specpipe-")
         self.processes: dict[str, subprocess.Popen] = {}
+        self.sentinels: dict[str, int] = {}  # role -> pidfd of its process
         self.transport: ZmqTransport | None = None
         self.ready: dict[str, Ready] = {}
         self._saved_affinity: set[int] | None = None
@@ -103,15 +117,22 @@ class LocalCluster:
                                              spin_ms=self.config.target_spin_ms)
                 else:
                     self.coordinator_spin_s = self.config.target_spin_ms / 1000  # nothing else to keep it awake
+        self.config.heartbeats.validate()
         for role, spec in specs.items():
             env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
-            command = [sys.executable, "-m", "pipeline.cli", "worker", *spec.argv()]
-            self.processes[role] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+            command = [sys.executable, "-m", "pipeline.cli", "worker", *replace(spec, parent_pid=os.getpid()).argv()]
+            # A session of its own: a Ctrl-C at the terminal reaches the coordinator alone, which then
+            # winds the workers down in order (and the worker exits by itself if we die: --parent-pid).
+            self.processes[role] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+            sentinel = process_sentinel(self.processes[role].pid)
+            if sentinel is not None:
+                self.sentinels[role] = sentinel
         if coordinator_cores:  # after spawning: children inherit affinity
             self._saved_affinity = os.sched_getaffinity(0)
             os.sched_setaffinity(0, coordinator_cores)
         self.transport = ZmqTransport({role: spec.bind for role, spec in specs.items()}, self.check_alive,
-                                      spin_s=self.coordinator_spin_s)
+                                      spin_s=self.coordinator_spin_s, heartbeats=self.config.heartbeats,
+                                      sentinels=self.sentinels)
         began = time.perf_counter()
         self.ready = self.transport.handshake(self.config.ready_timeout_s)
         check_pair(self.ready)
@@ -127,13 +148,24 @@ class LocalCluster:
         for role, process in self.processes.items():
             code = process.poll()
             if code is not None:
-                raise WorkerFailed(f"[{role}] worker process {process.pid} exited with code {code}")
+                doing = self.transport.activity(role) if self.transport is not None else ""
+                raise WorkerFailed(f"[{role}] the {role} worker (pid {process.pid}, {self.config_of(role).checkpoint}) "
+                                   f"{exit_description(code)} {doing}".rstrip())
+
+    def config_of(self, role: str) -> WorkerSpec:
+        return self.config.target if role == "target" else self.config.draft
 
     def close(self) -> None:
-        if self.transport is not None:
-            for role, process in self.processes.items():
-                if process.poll() is None:
-                    self.transport.submit(role, Shutdown("coordinator exiting"))
+        lost = self.transport.lost if self.transport is not None else set()
+        for role, process in self.processes.items():
+            if process.poll() is not None:
+                continue
+            if role in lost:
+                process.kill()  # hung (or stopped): it would not read a Shutdown
+            elif self.transport is not None:
+                self.transport.submit(role, Shutdown("coordinator exiting"))
+            else:
+                process.terminate()
         deadline = time.monotonic() + 2.0
         for process in self.processes.values():
             try:
@@ -144,6 +176,9 @@ class LocalCluster:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+        for sentinel in self.sentinels.values():
+            os.close(sentinel)
+        self.sentinels.clear()
         if self._saved_affinity is not None:
             os.sched_setaffinity(0, self._saved_affinity)
             self._saved_affinity = None

@@ -193,11 +193,19 @@ def decode(data: bytes) -> object:
     if not isinstance(envelope, dict) or set(envelope) != {"v", "type", "body"}:
         raise ProtocolError("message must be a map with exactly the keys v, type and body")
     if envelope["v"] != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {envelope['v']!r} is not {PROTOCOL_VERSION} (mixed specpipe versions?)")
+        raise ProtocolError(
+            f"protocol version {_clip(envelope['v'])} is not {PROTOCOL_VERSION} (mixed specpipe versions?)"
+        )
     cls = MESSAGE_TYPES.get(envelope["type"]) if isinstance(envelope["type"], str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {envelope['type']!r}")
+        raise ProtocolError(f"unknown message type {_clip(envelope['type'])}")
     return _build(cls, envelope["body"], envelope["type"])
+
+
+def _clip(value: object, limit: int = 80) -> str:
+    """repr of a value from the wire, cut short: an error message must not echo megabytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _refuse_extension(code: int, data: bytes) -> object:
@@ -220,7 +228,7 @@ def _compile(cls: type):
         if not isinstance(body, dict):
             raise ProtocolError(f"{where}: expected a map, got {type(body).__name__}")
         if not body.keys() <= names:
-            raise ProtocolError(f"{where}: unknown field(s) {sorted(map(str, body.keys() - names))}")
+            raise ProtocolError(f"{where}: unknown field(s) {_clip(sorted(map(str, body.keys() - names)))}")
         values = {}
         for name, check, required in fields:
             if name in body:

@@ -24,6 +24,7 @@ from workers.backends.torch_device import set_cpu_threads
 from workers.errors import SpecpipeError
 from workers.model.checkpoint import tokenizer_fingerprint
 from workers.model.runner import ModelRunner
+from workers.parent import exit_with_parent
 from workers.service import WorkerService
 from workers.spec import WorkerSpec
 
@@ -69,10 +70,14 @@ def serve(spec: WorkerSpec) -> int:
         return 2
     signal.signal(signal.SIGTERM, _stop)
     try:
+        if spec.parent_pid:
+            exit_with_parent(spec.parent_pid)
         service, ready = load(spec)
     except SpecpipeError as error:
         log(spec.role, f"error: {error}")
         return _fail_hello(socket, spec.role, str(error))
+    except KeyboardInterrupt:  # SIGTERM while loading
+        return 0
     log(spec.role, f"{ready.model} on {ready.device}, {spec.threads} thread(s)"
                    f"{', cores ' + ','.join(map(str, spec.cores)) if spec.cores else ''}, listening on {spec.bind}")
     try:
@@ -89,6 +94,8 @@ def serve(spec: WorkerSpec) -> int:
                 continue
             if isinstance(message, Shutdown):
                 return 0
+            if isinstance(message, Hello):
+                service.reset()  # a new coordinator: nothing of the previous one's sequences is wanted
             try:
                 reply = ready if isinstance(message, Hello) else service.handle(message)
             except Exception as error:  # the model itself failed: tell the coordinator, then exit

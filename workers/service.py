@@ -19,6 +19,7 @@ from pipeline.protocol import (
 from workers.draft import DraftCore
 from workers.errors import SpecpipeError
 from workers.model.runner import ModelRunner
+from workers.request_checks import check_request
 from workers.target import TargetCore
 
 ROLES = ("draft", "target")
@@ -38,9 +39,15 @@ class WorkerService:
         """The reply to `message`. Bad requests get a non-fatal ErrorReply; the worker keeps serving."""
         request_id = getattr(message, "request_id", -1)
         try:
+            check_request(message, self.runner.config.vocab_size, self.runner.max_seq_len)
             return self._dispatch(message)
         except (ValueError, SpecpipeError) as error:
             return ErrorReply(request_id, f"{type(error).__name__}: {error}", fatal=False)
+
+    def reset(self) -> None:
+        """Frees every sequence: a new coordinator (Hello) starts with an empty cache."""
+        for seq_id in self.core.slots.held:
+            self.core.release(seq_id)
 
     def _dispatch(self, message: object) -> object:
         began = time.perf_counter()

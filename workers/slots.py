@@ -43,5 +43,10 @@ class SequenceSlots:
             self.runner.free_slot(slot)
 
     @property
+    def held(self) -> list[int]:
+        """The sequence ids that hold a slot."""
+        return list(self._slots)
+
+    @property
     def active(self) -> int:
         return len(self._slots)

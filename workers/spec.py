@@ -19,6 +19,7 @@ class WorkerSpec:
     max_seq_len: int = 0  # 0 = the model's context
     spin_ms: float = 0.0  # busy-poll this long for the next request before sleeping (for a worker that owns its core)
     nice: int = 0  # added niceness: a worker that shares its core with the coordinator yields to it
+    parent_pid: int = 0  # exit when this process (the coordinator that spawned us) is gone; 0 = never
 
     def argv(self) -> list[str]:
         """The `specpipe worker` arguments that rebuild this spec."""
@@ -28,4 +29,6 @@ class WorkerSpec:
                 "--nice", str(self.nice)]
         if self.cores:
             args += ["--cores", ",".join(map(str, self.cores))]
+        if self.parent_pid:
+            args += ["--parent-pid", str(self.parent_pid)]
         return args
