@@ -93,28 +93,31 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
     from pipeline.engine import WorkerFailed
     from pipeline.generation import generate
     from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
+    from pipeline.liveness import Heartbeats
+    from pipeline.preflight import check_checkpoints, check_device, check_dtype, check_prompts, check_settings
     from pipeline.output import ResultPrinter
     from pipeline.scheduler import DecodeConfig
     from workers.errors import SpecpipeError
-    from workers.model.checkpoint import load_tokenizer, read_config
+    from workers.model.checkpoint import load_tokenizer
     from workers.sampling import SamplingParams
     from workers.spec import WorkerSpec
 
     texts = read_prompts(prompts, prompts_file)
     config = DecodeConfig(mode, k, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), adaptive_k)
-    try:
-        config.sampling.validate()
-        if concurrency < 1:
-            raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
-        if any(not text for text in texts):
-            raise ValueError("a prompt is empty; give every --prompt some text")
-        for directory, option in ((target_dir, "--target"), (draft_dir, "--draft")):
-            read_config(directory)  # fail here, with the option's name, before any process starts
+    use_draft = mode != "target-only"
+    heartbeats = Heartbeats(heartbeat_interval, heartbeat_timeout)
+    try:  # everything that can be checked here is, before any process starts
+        check_dtype(dtype)
+        context = check_checkpoints({"--target": target_dir, **({"--draft": draft_dir} if use_draft else {})})
+        check_settings(config, context, concurrency, threads, heartbeats)
+        for device, option in ((target_device, "--target-device"), (draft_device, "--draft-device")):
+            check_device(backend, device, option)
         tokenizer = load_tokenizer(target_dir)
+        prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        check_prompts(texts, prompt_ids, context)
     except (SpecpipeError, ValueError) as error:
         raise UserError(str(error))
 
-    use_draft = mode != "target-only"
     roles = 2 if use_draft else 1
     cores = default_cores(threads, roles) if "cpu" in (draft_device, target_device) else [()] * roles
 
@@ -130,7 +133,6 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
         heartbeat_interval_s=heartbeat_interval,
         heartbeat_timeout_s=heartbeat_timeout,
     )
-    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     printer = ResultPrinter(tokenizer, texts, config, as_json, stream=concurrency == 1 and not as_json)
     try:
         with LocalCluster(cluster_config) as cluster:
