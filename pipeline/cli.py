@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
            seed, concurrency, backend, draft_device, target_device, threads, dtype, ready_timeout, heartbeat_interval,
            heartbeat_timeout, as_json) -> None:
     """Start the draft and target workers and generate for the prompts."""
+    from pipeline.cancellation import CancelOnSignal, interrupt_on_sigterm
     from pipeline.engine import WorkerFailed
     from pipeline.generation import generate
     from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
@@ -134,15 +136,24 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
         heartbeat_timeout_s=heartbeat_timeout,
     )
     printer = ResultPrinter(tokenizer, texts, config, as_json, stream=concurrency == 1 and not as_json)
+    interrupt_on_sigterm()  # while starting: stop the workers on the way out, like Ctrl-C
     try:
         with LocalCluster(cluster_config) as cluster:
-            sequences, engine = generate(cluster.transport, prompt_ids, config, cluster.limits(), concurrency,
-                                         on_tokens=printer.on_tokens)
+            with CancelOnSignal() as cancel:
+                sequences, engine = generate(cluster.transport, prompt_ids, config, cluster.limits(), concurrency,
+                                             on_tokens=printer.on_tokens, stop=cancel.requested)
             printer.finish(sequences)
     except (SpecpipeError, ValueError, TimeoutError) as error:
         raise UserError(str(error))
     except (WorkerFailed, RuntimeError) as error:
         raise click.ClickException(str(error))
+    except KeyboardInterrupt:
+        click.echo("specpipe: interrupted; workers stopped", err=True)
+        raise click.exceptions.Exit(130)
+    if cancel.signum is not None:
+        name = signal.Signals(cancel.signum).name
+        click.echo(f"[coord] cancelled by {name}: kept what was generated, freed the workers' KV slots", err=True)
+        raise click.exceptions.Exit(128 + cancel.signum)
 
 
 @main.command()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
-from pipeline.protocol import DraftRequest, DraftResult, ErrorReply, Released, VerifyRequest, VerifyResult
+from pipeline.protocol import DraftRequest, DraftResult, ErrorReply, Release, Released, VerifyRequest, VerifyResult
 from pipeline.scheduler import Scheduler
 
 ROLES = ("target", "draft")  # the target is the bottleneck: it gets its next request first
@@ -28,8 +29,11 @@ class Transport(Protocol):
 class Engine:
     """Keeps each worker busy with at most one request, as the scheduler directs."""
 
-    def __init__(self, scheduler: Scheduler, transport: Transport, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, scheduler: Scheduler, transport: Transport, poll_s: float = 0.5, stop: Callable[[], bool] | None = None
+    ) -> None:
         self.scheduler = scheduler
+        self.stop = stop  # checked between replies: True cancels the generation (see cancel)
         self.transport = transport
         self.busy = {role: False for role in ROLES}
         self.poll_s = poll_s
@@ -43,6 +47,8 @@ class Engine:
     def run(self) -> None:
         """Runs until every sequence is finished and both workers have freed its slots."""
         while not self.scheduler.done or self.releases_pending:
+            if self.stop is not None and self.stop():
+                return self.cancel()
             began = time.perf_counter()
             self._dispatch()
             self.coordinator_s += time.perf_counter() - began
@@ -52,6 +58,33 @@ class Engine:
                 began = time.perf_counter()
                 self._take(role, reply)
                 self.coordinator_s += time.perf_counter() - began
+
+    def cancel(self, timeout_s: float = 1.0) -> None:
+        """Marks every unfinished sequence "cancelled" and frees all KV slots in every worker.
+
+        Requests in flight are answered before the releases sent after them (a worker serves in
+        order); their results are dropped. Returns once every worker confirmed, or after timeout_s.
+        """
+        now = time.perf_counter()
+        scheduler = self.scheduler
+        for sequence in [*scheduler.sequences.values(), *scheduler.waiting]:
+            if sequence.finish_reason is None:
+                sequence.finish_reason = "cancelled"
+                sequence.stats.finished_at = now
+        scheduler.waiting.clear()
+        roles = ("target",) if scheduler.config.mode == "target-only" else ROLES
+        for role in roles:
+            scheduler.control[role].clear()  # queued releases: all are re-sent below
+            for seq_id in scheduler.sequences:
+                self.transport.submit(role, Release(seq_id))
+                self.releases_pending += 1
+        deadline = time.monotonic() + timeout_s
+        while (self.releases_pending or any(self.busy.values())) and time.monotonic() < deadline:
+            for role, reply in self.transport.wait(max(0.0, deadline - time.monotonic())):
+                if isinstance(reply, (DraftResult, VerifyResult)):
+                    self.busy[role] = False
+                else:
+                    self._take(role, reply)
 
     def _dispatch(self) -> None:
         for role in ROLES:

@@ -25,11 +25,15 @@ def generate(
     limits: ModelLimits,
     concurrency: int = 1,
     on_tokens: Callable[[Sequence, list[int]], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[list[Sequence], Engine]:
-    """Generates for every prompt; returns the sequences in prompt order and the engine (for its timings)."""
+    """Generates for every prompt; returns the sequences in prompt order and the engine (for its timings).
+
+    When `stop()` turns True the generation is cancelled: unfinished sequences end with finish_reason
+    "cancelled", holding what was generated so far, and both workers have freed their slots."""
     config.validate(limits.max_context)
     scheduler = Scheduler(config, limits.vocab_size, set(limits.eos_ids), limits.max_context, concurrency, on_tokens)
     sequences = [scheduler.add(seq_id, prompt) for seq_id, prompt in enumerate(prompts)]
-    engine = Engine(scheduler, transport)
+    engine = Engine(scheduler, transport, stop=stop)
     engine.run()
     return sequences, engine
