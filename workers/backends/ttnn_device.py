@@ -204,8 +204,7 @@ def open_device(ttnn: Any, device: TtDevice, *, trace_region_size: int, l1_small
                                            trace_region_size=trace_region_size)
             n_devices = device.n_chips
     except RuntimeError as error:
-        raise DeviceError(f"cannot open Tenstorrent device {device}: {_first_line(error)} "
-                          f"(another process may hold the chip: see tt-smi); {TORCH_HINT}") from None
+        raise DeviceError(f"cannot open Tenstorrent device {device}: {_first_line(error)}; {TORCH_HINT}") from None
     opened = OpenDevice(ttnn, handle, device, n_devices, time.perf_counter() - began)
     atexit.register(opened.close)
     return opened

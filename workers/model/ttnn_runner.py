@@ -92,6 +92,7 @@ class TtnnRunner(ModelRunner):
         self._warm = False
         self._traces: dict[int, _Trace] = {}
         self._trace_inputs: dict[str, Any] | None = None  # persistent device inputs every trace reads
+        self.opened: OpenDevice | None = None  # the device context, where this runner's loader opened it
 
     @classmethod
     def from_hf_weights(cls, config: ModelConfig, hf_weights: dict[str, Tensor], *, ttnn: Any, device: Any,
@@ -221,7 +222,7 @@ def open_runner(spec: WorkerSpec, log: Callable[[str], None]) -> TtnnRunner | No
     except BaseException:
         opened.close()
         raise
-    runner.timings.open_s = opened.open_s
+    runner.opened, runner.timings.open_s = opened, opened.open_s
     opened.on_close.append(runner.release)
     opened.on_close.append(lambda: log(f"ttnn timings: {runner.timings.summary()}"))
     log(f"{Path(spec.checkpoint).name} on {device} ({opened.n_devices} chip(s), {dtype} weights): "

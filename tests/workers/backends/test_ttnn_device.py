@@ -124,7 +124,7 @@ def test_open_failure_is_one_line_naming_the_device():
         def _busy(self, **kwargs: object) -> None:
             raise RuntimeError("TT_FATAL @ device.cpp:1: open\ninfo:\nDevice 0 is in use\nbacktrace:\n --- x")
 
-    with pytest.raises(DeviceError, match=r"^cannot open Tenstorrent device tt:0: Device 0 is in use .*--backend torch"):
+    with pytest.raises(DeviceError, match=r"^cannot open Tenstorrent device tt:0: Device 0 is in use; use --backend torch"):
         open_device(Busy(), TtDevice(), trace_region_size=0)
 
 

@@ -22,6 +22,7 @@ from tests.workers.model.ttnn_standin import Device, Standin
 from workers.errors import CacheCapacityError, UnsupportedModelError
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer, read_config, read_hf_weights
+from workers.model.ttnn_llama import host_weights
 from workers.model.ttnn_runner import TtnnRunner
 from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 
@@ -152,6 +153,15 @@ def test_two_chip_mesh_is_as_close_as_one_chip(models):
         assert_close_as_bf16(got, expected, bf16)  # tensor-parallel: the same sums in another order
     assert runner.ttnn.calls["all_reduce"] > 0 and len(runner.model.k_cache[0][0].shards) == 2
     assert runner.model.k_cache[0][0].shards[0].shape[1] == 1  # each chip holds one of the two KV heads
+
+
+def test_fused_qkv_puts_whole_heads_on_each_chip(models):
+    config, hf = read_config(models["llama-gqa"]), read_hf_weights(models["llama-gqa"])
+    qkv = host_weights(config, hf, 2)["layers.0.wqkv"].tensor[0, 0]  # [in, 2 chips x (2 q + 1 k + 1 v heads) x 32]
+    q, k, v = (hf[f"model.layers.0.self_attn.{p}_proj.weight"].t() for p in "qkv")
+    chip1 = qkv[:, 128:]
+    assert torch.equal(chip1[:, :64], q[:, 64:]) and torch.equal(chip1[:, 64:96], k[:, 32:])
+    assert torch.equal(chip1[:, 96:], v[:, 32:])
 
 
 def test_errors_say_what_to_change(models, checkpoints):
