@@ -189,6 +189,7 @@ class OpenDevice:
             self.ttnn.close_device(self.handle)
         else:
             self.ttnn.close_mesh_device(self.handle)
+            self.ttnn.set_fabric_config(self.ttnn.FabricConfig.DISABLED)
 
 
 def open_device(ttnn: Any, device: TtDevice, *, trace_region_size: int, l1_small_size: int = 0) -> OpenDevice:
@@ -200,6 +201,7 @@ def open_device(ttnn: Any, device: TtDevice, *, trace_region_size: int, l1_small
             handle = ttnn.open_device(device_id=0, l1_small_size=l1_small_size, trace_region_size=trace_region_size)
             n_devices = 1
         else:
+            ttnn.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)  # the ethernet links all_reduce runs over
             handle = ttnn.open_mesh_device(ttnn.MeshShape(*device.mesh_shape), l1_small_size=l1_small_size,
                                            trace_region_size=trace_region_size)
             n_devices = device.n_chips

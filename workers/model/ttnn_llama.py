@@ -38,9 +38,10 @@ def round_up(n: int, multiple: int = TILE) -> int:
 def check_supported(config: ModelConfig, n_devices: int) -> None:
     if config.o_bias or config.mlp_bias:
         raise UnsupportedModelError("the ttnn runner has no o_proj/mlp biases; use --backend torch for this model")
-    if config.head_dim % TILE or config.hidden_size % TILE:
+    if config.head_dim % (2 * TILE) or config.hidden_size % TILE:
+        # rotary_embedding rotates half a head against the other half: each half whole tiles
         raise UnsupportedModelError(
-            f"the ttnn runner needs head_dim and hidden_size in whole {TILE}-wide tiles "
+            f"the ttnn runner needs head_dim in whole {2 * TILE}s and hidden_size in whole {TILE}s "
             f"(got {config.head_dim} and {config.hidden_size}); use --backend torch for this model")
     if config.num_kv_heads % n_devices or config.intermediate_size % (TILE * n_devices):
         raise UnsupportedModelError(
@@ -169,9 +170,10 @@ class TtModel:
         replicate = self.mapper(None)
         return {
             "ids": ttnn.from_torch(host["ids"], dtype=ttnn.uint32, layout=ttnn.ROW_MAJOR_LAYOUT, device=self.device,
-                                   mesh_mapper=replicate),
+                                   memory_config=ttnn.DRAM_MEMORY_CONFIG, mesh_mapper=replicate),
             **{name: ttnn.from_torch(host[name], dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=self.device,
-                                     mesh_mapper=replicate) for name in ("cos", "sin", "mask")},
+                                     memory_config=ttnn.DRAM_MEMORY_CONFIG, mesh_mapper=replicate)
+               for name in ("cos", "sin", "mask")},  # SDPA wants its mask in DRAM
         }
 
     def copy_inputs(self, host: dict[str, Tensor], into: dict[str, Any]) -> None:

@@ -107,12 +107,13 @@ def test_topology_rules_and_closing():
     with pytest.raises(DeviceError, match="mesh 1x4 needs 4 chips .* reach 2"):  # one n300 card
         open_device(Standin(chips=2), TtDevice((0,), (1, 4)), trace_region_size=0)
     order: list[str] = []
-    opened = open_device(Standin(chips=2), TtDevice((0,), (1, 2)), trace_region_size=1 << 20)
+    n300 = Standin(chips=2)
+    opened = open_device(n300, TtDevice((0,), (1, 2)), trace_region_size=1 << 20)
     opened.on_close += [lambda: order.append("buffers"), lambda: order.append("traces")]
-    assert opened.n_devices == 2 and opened.handle.n_devices == 2
+    assert opened.n_devices == 2 and opened.handle.n_devices == 2 and n300.fabric == "FABRIC_1D"
     opened.close()
     opened.close()  # at exit too: closing twice is a no-op
-    assert opened.handle.closed and order == ["traces", "buffers"]
+    assert opened.handle.closed and order == ["traces", "buffers"] and n300.fabric == "DISABLED"
 
 
 def test_open_failure_is_one_line_naming_the_device():

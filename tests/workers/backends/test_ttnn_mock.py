@@ -97,7 +97,7 @@ def simulated_n150():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=2, vocab_size=200, max_position_embeddings=64, tie_word_embeddings=False)
     directory = tmp_path_factory.mktemp("llama")
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
@@ -109,6 +109,7 @@ def test_weights_convert_to_tiles_and_back(simulated_n150, checkpoint, n_devices
     config, hf = read_config(checkpoint), read_hf_weights(checkpoint)
     weights = host_weights(config, hf, n_devices)
     assert weights["lm_head"].tensor.shape == (1, 1, 128, 256 if n_devices == 2 else 224)  # vocab 200 in tiles
+    assert weights["layers.0.wqkv"].tensor.shape == (1, 1, 128, 384)  # 2 q + 2 k + 2 v heads of 64
     for name, weight in weights.items():
         source = weight.tensor.to(torch.bfloat16)
         layout = ttnn.TILE_LAYOUT if weight.matrix else ttnn.ROW_MAJOR_LAYOUT

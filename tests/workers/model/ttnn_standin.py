@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 API: dict[str, Callable[..., Any]] = {}  # ttnn name -> stand-in function (first parameter: the stand-in)
 CONSTANTS = ["bfloat16", "bfloat8_b", "uint32", "TILE_LAYOUT", "ROW_MAJOR_LAYOUT", "DRAM_MEMORY_CONFIG",
-             "MathFidelity.HiFi4"]
+             "MathFidelity.HiFi4", "FabricConfig.FABRIC_1D", "FabricConfig.DISABLED"]
 METHODS = {"MeshDevice": ["compute_with_storage_grid_size"]}  # methods we call on ttnn objects
 TILE = 32
 
@@ -91,9 +91,11 @@ class Standin:
     TILE_LAYOUT, ROW_MAJOR_LAYOUT = "TILE", "ROW_MAJOR"
     DRAM_MEMORY_CONFIG = "DRAM"
     MathFidelity = SimpleNamespace(HiFi4="HiFi4")
+    FabricConfig = SimpleNamespace(FABRIC_1D="FABRIC_1D", DISABLED="DISABLED")
 
     def __init__(self, chips: int = 1, pcie_chips: int = 1) -> None:
         self.chips, self.pcie_chips = chips, pcie_chips
+        self.fabric = "DISABLED"
         self.recording: list[tuple[Callable[..., Any], tuple, dict, Any]] | None = None
         self.replaying = False
         self.next_trace_id = 0
@@ -153,8 +155,15 @@ def open_device(t: Standin, *, device_id: int, l1_small_size: int, trace_region_
     return Device(1)
 
 
+@api("set_fabric_config")
+def set_fabric_config(t: Standin, config: str) -> None:
+    t.fabric = config
+
+
 @api("open_mesh_device")
 def open_mesh_device(t: Standin, mesh_shape: tuple[int, int], *, l1_small_size: int, trace_region_size: int) -> Device:
+    if mesh_shape[0] * mesh_shape[1] > 1 and t.fabric == "DISABLED":
+        raise RuntimeError("TT_FATAL\ninfo:\nCCL ops need a fabric: call set_fabric_config before open_mesh_device")
     return Device(mesh_shape[0] * mesh_shape[1])
 
 
@@ -291,7 +300,9 @@ def linear(t: Standin, input_tensor_a: Tensor, input_tensor_b: Tensor, *, bias: 
 def nlp_create_qkv_heads(t: Standin, input: Tensor, *, num_heads: int, num_kv_heads: int,
                          transpose_k_heads: bool) -> tuple[Tensor, Tensor, Tensor]:
     (x,) = t._on_device(input)  # [B, 1, S, (heads + 2 kv_heads) * hd]
-    batch, _, seq, width = x[0].shape
+    batch, one, seq, width = x[0].shape
+    if one != 1 or seq % TILE:
+        raise RuntimeError(f"nlp_create_qkv_heads: input must be [B, 1, S, W] with S in whole tiles, got {x[0].shape}")
     hd = width // (num_heads + 2 * num_kv_heads)
 
     def heads(a: torch.Tensor, first: int, count: int) -> torch.Tensor:
@@ -308,6 +319,9 @@ def nlp_create_qkv_heads(t: Standin, input: Tensor, *, num_heads: int, num_kv_he
 @api("experimental.rotary_embedding")
 def rotary_embedding(t: Standin, input_tensor: Tensor, cos_cache: Tensor, sin_cache: Tensor) -> Tensor:
     x, cos, sin = t._on_device(input_tensor, cos_cache, sin_cache)
+    width = x[0].shape[-1]
+    if width % (2 * TILE) or cos[0].shape[:2] != (1, 1) or cos[0].shape[-1] != width or cos[0].shape != sin[0].shape:
+        raise RuntimeError("rotary_embedding: head_dim must be a multiple of 64 and cos/sin [1, 1, S, head_dim]")
 
     def rotate(a: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         seq, half = a.shape[-2], a.shape[-1] // 2
