@@ -17,10 +17,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.workers.model.ttnn_standin import round_bfp8
+from tests.workers.model.ttnn_standin import Device, Standin, round_bfp8
 from workers.backends.ttnn_device import MOCK_ENV
 from workers.model.checkpoint import read_config, read_hf_weights
-from workers.model.ttnn_llama import host_weights
+from workers.model.ttnn_llama import TtModel, host_weights
 
 ttnn = pytest.importorskip("ttnn", reason="needs ttnn (Python 3.10/3.12; scripts/setup_ttnn_env.sh)")
 pytestmark = pytest.mark.ttnn
@@ -123,3 +123,18 @@ def test_weights_convert_to_tiles_and_back(simulated_n150, checkpoint, n_devices
             error = (block.reshape(-1, 16) - groups).abs().amax(1) / groups.abs().amax(1).clamp(min=1e-30)
             assert error.max() <= 1 / 64, name  # 7-bit mantissas under a shared exponent
 
+
+
+def test_the_runners_inputs_and_logits_convert_with_the_real_ttnn(simulated_n150, checkpoint):
+    # the model is built on the stand-in, then its host-side conversions run through ttnn itself (no device)
+    model = TtModel(Standin(), Device(), 1, read_config(checkpoint), read_hf_weights(checkpoint), "bfloat16", 1, 64)
+    model.ttnn, model.device = ttnn, None
+    host = model.host_inputs(torch.arange(100, 132, dtype=torch.int32), 32)
+    converted = model.device_inputs(host)
+    assert torch.equal(ttnn.to_torch(converted["ids"]).long(), host["ids"].long())
+    for name in ("cos", "sin", "mask"):
+        assert converted[name].layout == ttnn.TILE_LAYOUT
+        assert torch.equal(ttnn.to_torch(converted[name]).float(), host[name].to(torch.bfloat16).float()), name
+    logits = torch.randn(1, 1, 32, model.vocab_padded).to(torch.bfloat16)
+    got = model.logits_to_host(ttnn.from_torch(logits, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT), slice(3, 5))
+    assert torch.equal(got, logits[0, 0, 3:5, :200].float())
