@@ -203,3 +203,35 @@ def target_only() -> list[list[int]]:
 @pytest.mark.parametrize("mode,k", [("serial", 3), ("overlap", 3), ("overlap", 5)])
 def test_speculative_greedy_with_a_ttnn_target_equals_target_only(target_only, mode, k):
     assert speculate(mode, k) == target_only
+
+
+def test_a_worker_loads_the_ttnn_runner_and_reports_its_timings_apart(monkeypatch):
+    """`specpipe worker --backend ttnn` as far as it goes without a chip: server.load on the stand-in."""
+    from workers import server
+    from workers.model import ttnn_runner
+    from workers.spec import WorkerSpec
+
+    chip = Standin(chips=1)
+    monkeypatch.setattr(ttnn_runner, "check_chips_present", lambda device: None)
+    monkeypatch.setattr(ttnn_runner, "import_ttnn", lambda: chip)
+    monkeypatch.setattr(ttnn_runner, "isolate_process", lambda device, role: None)
+    lines: list[str] = []
+    monkeypatch.setattr(server, "log", lambda role, text: lines.append(f"[{role}] {text}"))
+    spec = WorkerSpec("target", str(TARGET_DIR), bind="", backend="ttnn", device="cpu", dtype="fp16-weights",
+                      slots=2, max_seq_len=128)
+    service, ready = server.load(spec)
+    runner = service.runner
+    assert isinstance(runner, TtnnRunner) and ready.device == "tt:0" and runner.dtype == "bfloat16"
+    runner.forward(list(range(5, 45)), 0)  # prefill positions 0..39
+    for position in range(40, 45):  # 40 warms up, 41 captures, 41..44 replay
+        runner.forward([7], position)
+    runner.opened.close()
+    assert runner.opened.handle.closed and not chip.traces  # traces released before the device closed
+    log = "\n".join(lines)
+    assert "[target] target on tt:0 (1 chip(s), bfloat16 weights)" in log
+    assert "warm-up: first 32-position window" in log and "decode trace captured in" in log
+    assert "steady state: 4 replayed window(s)" in log
+
+    draft = WorkerSpec("draft", str(DRAFT_DIR), bind="", backend="ttnn", device="cpu", dtype="float32", slots=1)
+    assert isinstance(server.load(draft)[0].runner, ModelRunner)  # a draft left on the CPU stays on torch
+    assert not isinstance(server.load(draft)[0].runner, TtnnRunner)
