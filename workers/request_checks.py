@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from pipeline.protocol import DraftRequest, VerifyRequest
 from workers.sampling import SamplingParams
 
@@ -40,3 +42,9 @@ def _check_sampling(sampling: SamplingParams, vocab_size: int) -> None:
     sampling.validate()
     if sampling.top_k > vocab_size or not 0 <= sampling.seed < 2**63:
         raise ValueError(f"top-k must be at most {vocab_size} and the seed in [0, 2**63)")
+
+
+def check_distributions(probs: torch.Tensor | None) -> None:
+    """The draft's distributions sent along with a window: finite probabilities."""
+    if probs is not None and not bool(((probs >= 0) & (probs <= 1)).all()):
+        raise ValueError("the draft's distributions must hold probabilities in [0, 1]")

@@ -13,6 +13,9 @@ import torch
 from torch import Tensor
 
 
+MIN_TEMPERATURE = 1e-6
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -27,6 +30,8 @@ class SamplingParams:
     def validate(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / temperature would overflow to inf, then NaN
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -44,6 +49,7 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop[..., 0] = False  # the likeliest token always stays (a top_p below float32's range rounds to 0)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)

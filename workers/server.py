@@ -21,6 +21,7 @@ from pipeline.protocol import (
     encode,
 )
 from workers.backends.torch_device import set_cpu_threads
+from workers.connection_log import log_connection_events
 from workers.errors import SpecpipeError
 from workers.model.checkpoint import tokenizer_fingerprint
 from workers.model.runner import ModelRunner
@@ -69,6 +70,7 @@ def serve(spec: WorkerSpec) -> int:
         log(spec.role, f"cannot listen on {spec.bind}: {error}")
         return 2
     signal.signal(signal.SIGTERM, _stop)
+    log_connection_events(socket, lambda text: log(spec.role, text))
     try:
         if spec.parent_pid:
             exit_with_parent(spec.parent_pid)
@@ -108,6 +110,7 @@ def serve(spec: WorkerSpec) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        socket.disable_monitor()
         socket.close(0)
         context.term()
 

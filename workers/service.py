@@ -19,7 +19,7 @@ from pipeline.protocol import (
 from workers.draft import DraftCore
 from workers.errors import SpecpipeError
 from workers.model.runner import ModelRunner
-from workers.request_checks import check_request
+from workers.request_checks import check_distributions, check_request
 from workers.target import TargetCore
 
 ROLES = ("draft", "target")
@@ -57,6 +57,7 @@ class WorkerService:
                                draft.runner_up, draft.cached, time.perf_counter() - began)
         if isinstance(message, VerifyRequest) and self.role == "target":
             probs = bytes_to_tensor(message.probs, message.drafted, self.runner.config.vocab_size)
+            check_distributions(probs)
             verdict = self.core.verify(message.seq_id, message.start, message.feed, message.drafted,
                                        message.sampling, probs)
             return VerifyResult(message.request_id, message.seq_id, verdict.accepted, verdict.next_token,
