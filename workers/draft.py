@@ -39,7 +39,7 @@ class DraftCore:
         start + len(feed) + len(tokens) - 1.
         """
         slot = self.slots.prepare(seq_id, start)
-        logits = self.runner.forward(feed, start, slot)[-1:]
+        logits = self.runner.forward(feed, start, slot, last=1)
         generator = None if sampling.greedy else self.slots.generator(seq_id, sampling.seed)
         tokens: list[int] = []
         runner_up: list[int] = []

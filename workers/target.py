@@ -40,7 +40,7 @@ class TargetCore:
         if not 0 <= drafted < len(feed):
             raise ValueError(f"a window of {len(feed)} tokens cannot carry {drafted} drafted ones")
         slot = self.slots.prepare(seq_id, start)
-        logits = self.runner.forward(feed, start, slot)[-(drafted + 1) :]
+        logits = self.runner.forward(feed, start, slot, last=drafted + 1)
         proposal = feed[len(feed) - drafted :]
         if sampling.greedy:
             accepted, next_token = greedy_accept(logits, proposal)

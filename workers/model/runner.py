@@ -123,11 +123,18 @@ class ModelRunner:
     # --- compute -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, tokens: Sequence[int] | Tensor, positions: Sequence[int] | Tensor | int, slot: int = 0) -> Tensor:
+    def forward(
+        self,
+        tokens: Sequence[int] | Tensor,
+        positions: Sequence[int] | Tensor | int,
+        slot: int = 0,
+        last: int | None = None,
+    ) -> Tensor:
         """Logits [T, vocab] (float32) for T tokens at consecutive positions of `slot`.
 
         `positions` is the positions of the tokens, or just the first one. It may start before
-        the slot's length (overwriting, i.e. an implicit truncate) but never after it.
+        the slot's length (overwriting, i.e. an implicit truncate) but never after it. With `last`,
+        only the final `last` positions get logits ([last, vocab]); the cache takes all T.
         """
         self._check_slot(slot)
         tokens = torch.as_tensor(tokens, dtype=torch.long)
@@ -146,7 +153,9 @@ class ModelRunner:
             )
         if int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        logits = self.model(tokens.to(self.device, non_blocking=True), start, slot)
+        if last is not None and not 1 <= last <= count:
+            raise ValueError(f"last must be between 1 and the {count} tokens read, got {last}")
+        logits = self.model(tokens.to(self.device, non_blocking=True), start, slot, last)
         self.lengths[slot] = start + count
         return logits.float()
 

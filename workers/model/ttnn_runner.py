@@ -114,8 +114,15 @@ class TtnnRunner(ModelRunner):
     # --- compute -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, tokens: Sequence[int] | Tensor, positions: Sequence[int] | Tensor | int, slot: int = 0) -> Tensor:
-        """Logits [T, vocab] (float32) for T tokens at consecutive positions of `slot`; as ModelRunner.forward."""
+    def forward(
+        self,
+        tokens: Sequence[int] | Tensor,
+        positions: Sequence[int] | Tensor | int,
+        slot: int = 0,
+        last: int | None = None,
+    ) -> Tensor:
+        """Logits [T, vocab] (float32) for T tokens at consecutive positions of `slot`, or for the final
+        `last` of them; as ModelRunner.forward."""
         self._check_slot(slot)
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         if tokens.ndim != 1 or tokens.numel() == 0:
@@ -136,7 +143,9 @@ class TtnnRunner(ModelRunner):
         width = round_up(start + count - base)
         # positions past start+count in the window are padding: stale ids, written past the length
         host = self.model.host_inputs(self.tokens[slot, base : base + width], base)
-        rows = slice(start - base, start - base + count)
+        if last is not None and not 1 <= last <= count:
+            raise ValueError(f"last must be between 1 and the {count} tokens read, got {last}")
+        rows = slice(start - base + count - (last or count), start - base + count)
         began = time.perf_counter()
         if width == TILE and self.use_trace and self._warm:
             logits = self._replay(slot, base, host, rows)

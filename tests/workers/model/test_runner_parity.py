@@ -108,3 +108,23 @@ def test_fp16_weights_agree_with_float32(checkpoints):
     assert torch.allclose(got, expected, atol=3e-2)
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
 
+
+
+@pytest.mark.parametrize("dtype", ["float32", "fp16-weights"])
+def test_logits_for_the_last_positions_only(checkpoints, dtype):
+    from workers.model.llama import fbgemm_fp16_available
+
+    if dtype == "fp16-weights" and not fbgemm_fp16_available():
+        pytest.skip("fbgemm's fp16 GEMM needs an AVX2 CPU")
+    directory, _ = checkpoints["llama3-gqa"]
+    ids = torch.randint(0, 128, (46,), generator=torch.Generator().manual_seed(9))
+    full = ModelRunner.from_checkpoint(directory, dtype=dtype)
+    tail = ModelRunner.from_checkpoint(directory, dtype=dtype)
+    expected = torch.cat([full.forward(ids[:40], 0), full.forward(ids[40:], 40)])
+    got = torch.cat([tail.forward(ids[:40], 0, last=1), tail.forward(ids[40:], 40, last=4)])
+    assert got.shape == (5, expected.shape[-1]) and tail.lengths[0] == 46  # the cache took every token
+    # fp16-weights: a 1-row LM head runs fbgemm on fp16, a 40-row one MKL on fp32 (PackedFp16)
+    atol = 1e-5 if dtype == "float32" else 1e-2  # these test weights are fp32, not exact in fp16
+    assert torch.allclose(got, torch.cat([expected[39:40], expected[42:]]), atol=atol)
+    with pytest.raises(ValueError, match="last must be between 1 and the 6 tokens"):
+        tail.forward(ids[40:], 40, last=7)
