@@ -21,7 +21,7 @@ class Transport(Protocol):
 
     def submit(self, role: str, message: object) -> None: ...
 
-    def wait(self, timeout_s: float) -> list[tuple[str, object]]:
+    def wait(self, timeout_s: float, busy: frozenset[str] = frozenset()) -> list[tuple[str, object]]:
         """Replies that arrived, as (role, reply); empty if none came within timeout_s."""
         ...
 
@@ -43,6 +43,8 @@ class Engine:
         self.overhead_s = {role: 0.0 for role in ROLES}  # round trip minus compute: IPC, (de)serialization
         self.requests = {role: 0 for role in ROLES}
         self._sent_at: dict[int, float] = {}
+        # workers that may hold the CPU during this run: a draft spins between its requests
+        self.in_use = frozenset(ROLES if scheduler.config.mode != "target-only" else ("target",))
 
     def run(self) -> None:
         """Runs until every sequence is finished and both workers have freed its slots."""
@@ -54,7 +56,7 @@ class Engine:
             self.coordinator_s += time.perf_counter() - began
             if not any(self.busy.values()) and not self.releases_pending:
                 raise RuntimeError("coordinator stalled: no worker is busy and the scheduler has nothing to send")
-            for role, reply in self.transport.wait(self.poll_s):
+            for role, reply in self.transport.wait(self.poll_s, self.in_use):
                 began = time.perf_counter()
                 self._take(role, reply)
                 self.coordinator_s += time.perf_counter() - began

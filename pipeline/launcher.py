@@ -35,7 +35,7 @@ class ClusterConfig:
     ready_timeout_s: float = 120.0
     protect_target_core: bool = True  # see LocalCluster._start
     target_spin_ms: float = 50.0
-    draft_nice: int = 5
+    draft_nice: int = 19
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S  # libzmq pings each worker this often
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S  # and declares it hung after this much silence
 
@@ -84,6 +84,7 @@ class LocalCluster:
         self.ready: dict[str, Ready] = {}
         self._saved_affinity: set[int] | None = None
         self.coordinator_spin_s = 0.0
+        self.coordinator_shares_core_with: frozenset[str] = frozenset()
 
     def __enter__(self) -> "LocalCluster":
         try:
@@ -110,13 +111,16 @@ class LocalCluster:
             coordinator_cores = set(os.sched_getaffinity(0)) - target_cores
             if coordinator_cores:
                 specs["target"] = replace(specs["target"], spin_ms=self.config.target_spin_ms)
+                # Someone must keep the coordinator's core awake (a halted vCPU wakes in hundreds of
+                # microseconds). A draft sharing the core busy-polls between its requests and, being
+                # nicer, yields the core to the coordinator the moment a reply wakes it; the coordinator
+                # itself busy-polls only while that draft is out of use (target-only), since two
+                # spinners on one core take turns in slices of milliseconds.
+                self.coordinator_spin_s = self.config.target_spin_ms / 1000
                 if "draft" in specs and set(specs["draft"].cores) & coordinator_cores:
-                    # the draft's spin keeps the shared core awake (a halted vCPU wakes in hundreds of
-                    # microseconds) and, being nicer, yields to the coordinator at once
                     specs["draft"] = replace(specs["draft"], nice=self.config.draft_nice,
                                              spin_ms=self.config.target_spin_ms)
-                else:
-                    self.coordinator_spin_s = self.config.target_spin_ms / 1000  # nothing else to keep it awake
+                    self.coordinator_shares_core_with = frozenset({"draft"})
         self.config.heartbeats.validate()
         for role, spec in specs.items():
             env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
@@ -132,6 +136,7 @@ class LocalCluster:
             os.sched_setaffinity(0, coordinator_cores)
         self.transport = ZmqTransport({role: spec.bind for role, spec in specs.items()}, self.check_alive,
                                       spin_s=self.coordinator_spin_s, heartbeats=self.config.heartbeats,
+                                      shares_core_with=self.coordinator_shares_core_with,
                                       sentinels=self.sentinels)
         began = time.perf_counter()
         self.ready = self.transport.handshake(self.config.ready_timeout_s)

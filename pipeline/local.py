@@ -25,7 +25,7 @@ class LocalTransport:
     def submit(self, role: str, message: object) -> None:
         self._queued.append((role, decode(encode(message)) if self.through_wire else message))
 
-    def wait(self, timeout_s: float) -> list[tuple[str, object]]:
+    def wait(self, timeout_s: float, busy: frozenset[str] = frozenset()) -> list[tuple[str, object]]:
         replies = []
         queued, self._queued = self._queued, []
         for role, message in queued:

@@ -22,6 +22,7 @@ class ZmqTransport:
         health_check: Callable[[], None] | None = None,
         spin_s: float = 0.0,
         heartbeats: Heartbeats = Heartbeats(),
+        shares_core_with: frozenset[str] = frozenset(),
         sentinels: dict[str, int] | None = None,
     ) -> None:
         """`health_check` raises WorkerFailed for a worker process that is gone; `sentinels` are fds
@@ -30,7 +31,8 @@ class ZmqTransport:
         self.sockets: dict[str, zmq.Socket] = {}
         self.poller = zmq.Poller()
         self.health_check = health_check
-        self.spin_s = spin_s  # busy-poll this long before blocking (only where the core is ours alone)
+        self.spin_s = spin_s  # busy-poll this long before blocking
+        self.shares_core_with = shares_core_with  # workers on our core: no spinning while they are in use
         self.bytes_sent = self.bytes_received = 0
         self.wire_s = 0.0  # time spent encoding, decoding, sending and receiving
         self.addresses = dict(addresses)
@@ -66,9 +68,10 @@ class ZmqTransport:
         self.bytes_sent += len(payload)
         self.wire_s += time.perf_counter() - began
 
-    def wait(self, timeout_s: float) -> list[tuple[str, object]]:
+    def wait(self, timeout_s: float, busy: frozenset[str] = frozenset()) -> list[tuple[str, object]]:
+        """Replies that arrived within `timeout_s`; `busy` names the workers in use (they may be on the CPU)."""
         events = {}
-        if self.spin_s:
+        if self.spin_s and not busy & self.shares_core_with:
             deadline = time.perf_counter() + min(self.spin_s, timeout_s)
             while not events and time.perf_counter() < deadline:
                 events = dict(self.poller.poll(0))
