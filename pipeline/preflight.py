@@ -63,12 +63,18 @@ def check_settings(config: DecodeConfig, context: int, concurrency: int, threads
 
 
 def check_device(backend: str, device: str, option: str) -> None:
-    """For the torch backend, refuses a device this machine lacks (other backends check in the worker)."""
-    if backend != "torch":
-        return
-    from workers.backends.torch_device import resolve_device
-
+    """Refuses a device this machine lacks: a torch device, or Tenstorrent chips absent from the host
+    (checked from the driver's device files, without importing ttnn)."""
     try:
+        if backend == "ttnn":
+            from workers.backends.ttnn_device import check_chips_present, parse_device
+
+            chips = parse_device(device, "target" if option == "--target-device" else "draft")
+            if chips is not None:
+                check_chips_present(chips)
+            return
+        from workers.backends.torch_device import resolve_device
+
         resolve_device(device)
     except SpecpipeError as error:
         raise ValueError(f"{option}: {error}") from None
