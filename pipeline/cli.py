@@ -86,10 +86,22 @@ def main() -> None:
               help="Seconds between heartbeats to each worker (answered by ZeroMQ itself, even mid-forward-pass).")
 @click.option("--heartbeat-timeout", type=float, default=2.0, show_default=True,
               help="Seconds of silence after which a worker counts as hung and the launch fails.")
+@click.option("--target-addr", default="", metavar="ADDR",
+              help="Use the `specpipe worker --role target` already listening at ADDR (tcp://HOST:PORT) instead of "
+                   "spawning one; --target then only provides the tokenizer.")
+@click.option("--draft-addr", default="", metavar="ADDR", help="Likewise for the draft worker.")
+@click.option("--curve-secret-key", default="", metavar="FILE",
+              help="This coordinator's CURVE key pair (NAME.key_secret from `specpipe keygen`), for workers given "
+                   "by address; needed for any address off this host.")
+@click.option("--target-server-key", default="", metavar="FILE",
+              help="The public key (NAME.key) of the worker at --target-addr.")
+@click.option("--draft-server-key", default="", metavar="FILE",
+              help="The public key (NAME.key) of the worker at --draft-addr.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
 def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode, adaptive_k, temperature, top_p, top_k,
            seed, concurrency, backend, draft_device, target_device, threads, dtype, ready_timeout, heartbeat_interval,
-           heartbeat_timeout, as_json) -> None:
+           heartbeat_timeout, target_addr, draft_addr, curve_secret_key, target_server_key, draft_server_key,
+           as_json) -> None:
     """Start the draft and target workers and generate for the prompts."""
     from pipeline.cancellation import CancelOnSignal, interrupt_on_sigterm
     from pipeline.engine import WorkerFailed
@@ -98,6 +110,7 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
     from pipeline.liveness import Heartbeats
     from pipeline.preflight import check_checkpoints, check_device, check_dtype, check_prompts, check_settings
     from pipeline.output import ResultPrinter
+    from pipeline.remote import check_remote_workers
     from pipeline.scheduler import DecodeConfig
     from workers.errors import SpecpipeError
     from workers.model.checkpoint import load_tokenizer
@@ -134,11 +147,17 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
         ready_timeout_s=ready_timeout,
         heartbeat_interval_s=heartbeat_interval,
         heartbeat_timeout_s=heartbeat_timeout,
+        target_addr=target_addr,
+        draft_addr=draft_addr,
+        curve_secret_key=curve_secret_key,
+        target_server_key=target_server_key,
+        draft_server_key=draft_server_key,
     )
     printer = ResultPrinter(tokenizer, texts, config, as_json, stream=concurrency == 1 and not as_json)
     interrupt_on_sigterm()  # while starting: stop the workers on the way out, like Ctrl-C
     try:
         with LocalCluster(cluster_config) as cluster:
+            check_remote_workers(cluster.ready, cluster.remote, str(target_dir), concurrency)
             with CancelOnSignal() as cancel:
                 sequences, engine = generate(cluster.transport, prompt_ids, config, cluster.limits(), concurrency,
                                              on_tokens=printer.on_tokens, stop=cancel.requested)
@@ -172,16 +191,41 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
 @click.option("--nice", type=int, default=0, show_default=True, help="Niceness to add (yield the core to others).")
 @click.option("--parent-pid", type=int, default=0, show_default=True,
               help="Exit when this process is gone (set by launch for the workers it spawns); 0 = never.")
+@click.option("--curve-secret-key", default="", metavar="FILE",
+              help="This worker's CURVE key pair (NAME.key_secret from `specpipe keygen`): encrypt and authenticate "
+                   "every connection. Without it the worker binds only loopback or ipc://.")
+@click.option("--curve-clients", multiple=True, metavar="PATH",
+              help="Public key file (NAME.key) of a coordinator allowed to connect, or a directory of them; repeat "
+                   "for several. Every other client is refused.")
 def worker(role, checkpoint, bind, backend, device, dtype, threads, cores, slots, max_seq_len, spin_ms, nice,
-           parent_pid) -> None:
+           parent_pid, curve_secret_key, curve_clients) -> None:
     """Run one worker process (started by `launch`, or by hand on another host)."""
     from workers.server import serve
     from workers.spec import WorkerSpec
 
     pinned = tuple(int(c) for c in cores.split(",") if c.strip())
     spec = WorkerSpec(role, checkpoint, bind, backend, device, dtype, threads, pinned, slots, max_seq_len, spin_ms,
-                      nice, parent_pid)
+                      nice, parent_pid, curve_secret_key, tuple(curve_clients))
     sys.exit(serve(spec))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Base name: writes DIRECTORY/NAME.key (public) and NAME.key_secret.")
+def keygen(directory, name) -> None:
+    """Write a CURVE key pair for a worker or a coordinator.
+
+    Give NAME.key (the public key) to the other side: a worker's to `launch --target-server-key` or
+    `--draft-server-key`, a coordinator's to `worker --curve-clients`. Keep NAME.key_secret to yourself.
+    """
+    from pipeline.curve import keygen as write_key_pair
+    from workers.errors import SpecpipeError
+
+    try:
+        public, secret = write_key_pair(directory, name)
+    except SpecpipeError as error:
+        raise UserError(str(error))
+    click.echo(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it on this host)")
 
 
 if __name__ == "__main__":

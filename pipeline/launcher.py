@@ -10,6 +10,8 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 
+import zmq
+
 from pipeline.engine import WorkerFailed
 from pipeline.generation import ModelLimits
 from pipeline.liveness import (
@@ -19,7 +21,8 @@ from pipeline.liveness import (
     exit_description,
     process_sentinel,
 )
-from pipeline.protocol import Ready, Shutdown
+from pipeline.protocol import Hello, Ready, Shutdown
+from pipeline.remote import ADDRESS_OPTIONS, client_keys
 from pipeline.transport import ZmqTransport
 from workers.spec import WorkerSpec
 
@@ -38,6 +41,17 @@ class ClusterConfig:
     draft_nice: int = 19
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S  # libzmq pings each worker this often
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S  # and declares it hung after this much silence
+    target_addr: str = ""  # --target-addr: a running `specpipe worker` to use instead of spawning one
+    draft_addr: str = ""  # --draft-addr: likewise for the draft
+    curve_secret_key: str = ""  # --curve-secret-key: the coordinator's CURVE key pair, for remote workers
+    target_server_key: str = ""  # --target-server-key: the remote target's public key
+    draft_server_key: str = ""  # --draft-server-key: the remote draft's public key
+
+    @property
+    def remote(self) -> dict[str, str]:
+        """role -> address of the workers that are already running (not spawned here)."""
+        return {role: address for role, address in (("target", self.target_addr), ("draft", self.draft_addr))
+                if address}
 
     @property
     def heartbeats(self) -> Heartbeats:
@@ -84,6 +98,7 @@ class LocalCluster:
         self.ready: dict[str, Ready] = {}
         self._saved_affinity: set[int] | None = None
         self.coordinator_spin_s = 0.0
+        self.remote = config.remote  # role -> address of a worker that runs already: not ours to stop
         self.coordinator_shares_core_with: frozenset[str] = frozenset()
 
     def __enter__(self) -> "LocalCluster":
@@ -101,11 +116,16 @@ class LocalCluster:
         specs = {"target": self.config.target}
         if self.config.draft is not None:
             specs["draft"] = self.config.draft
-        specs = {role: replace(spec, bind=ipc_address(self.socket_dir, role)) for role, spec in specs.items()}
+        if self.config.draft is None and self.config.draft_addr:
+            raise ValueError("--draft-addr is unused with --mode target-only; drop it or pick another --mode")
+        keys = client_keys(self.remote, self.config.curve_secret_key,
+                           {"target": self.config.target_server_key, "draft": self.config.draft_server_key})
+        specs = {role: replace(spec, bind=self.remote[role], cores=()) if role in self.remote
+                 else replace(spec, bind=ipc_address(self.socket_dir, role)) for role, spec in specs.items()}
         # The target is the bottleneck. When it is pinned, it keeps its cores to itself and busy-polls
         # for its next request; the coordinator runs elsewhere (on the draft's cores, the draft at
         # lower priority so that the coordinator's wake-ups preempt it at once).
-        target_cores = set(self.config.target.cores)
+        target_cores = set(specs["target"].cores)
         coordinator_cores: set[int] = set()
         if target_cores and self.config.protect_target_core:
             coordinator_cores = set(os.sched_getaffinity(0)) - target_cores
@@ -123,6 +143,8 @@ class LocalCluster:
                     self.coordinator_shares_core_with = frozenset({"draft"})
         self.config.heartbeats.validate()
         for role, spec in specs.items():
+            if role in self.remote:
+                continue  # running already: nothing to spawn, no process to watch (heartbeats only)
             env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
             command = [sys.executable, "-m", "pipeline.cli", "worker", *replace(spec, parent_pid=os.getpid()).argv()]
             # A session of its own: a Ctrl-C at the terminal reaches the coordinator alone, which then
@@ -137,9 +159,16 @@ class LocalCluster:
         self.transport = ZmqTransport({role: spec.bind for role, spec in specs.items()}, self.check_alive,
                                       spin_s=self.coordinator_spin_s, heartbeats=self.config.heartbeats,
                                       shares_core_with=self.coordinator_shares_core_with,
-                                      sentinels=self.sentinels)
+                                      sentinels=self.sentinels, curve=keys)
         began = time.perf_counter()
-        self.ready = self.transport.handshake(self.config.ready_timeout_s)
+        try:
+            self.ready = self.transport.handshake(self.config.ready_timeout_s)
+        except TimeoutError as error:
+            if not self.remote:
+                raise
+            raise TimeoutError(f"{error}; is `specpipe worker` listening at "
+                               + " and ".join(f"{ADDRESS_OPTIONS[r]} {a}" for r, a in self.remote.items())
+                               + " (and does it list this coordinator's key in --curve-clients)?") from None
         check_pair(self.ready)
         log(f"workers ready in {time.perf_counter() - began:.1f} s: "
             + ", ".join(f"{role} pid {r.pid} ({r.model}, {r.device})" for role, r in self.ready.items()))
@@ -157,10 +186,37 @@ class LocalCluster:
                 raise WorkerFailed(f"[{role}] the {role} worker (pid {process.pid}, {self.config_of(role).checkpoint}) "
                                    f"{exit_description(code)} {doing}".rstrip())
 
+    def _leave_remote_workers(self, timeout_s: float = 1.0) -> None:
+        """Remote workers keep running for the next launch; a Hello makes each free every KV slot
+        (whatever this launch left behind) and its Ready confirms it before the socket closes."""
+        if self.transport is None:
+            return
+        roles = set()
+        for role in self.remote:
+            try:
+                if role not in self.transport.lost:
+                    self.transport.submit(role, Hello(os.getpid()), block=False)
+                    roles.add(role)
+            except zmq.Again:  # not connected (refused, or gone): nothing of ours is held there
+                pass
+        unconfirmed = set(roles)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while unconfirmed and time.monotonic() < deadline:
+                for role, reply in self.transport.wait(0.05):
+                    if isinstance(reply, Ready):
+                        unconfirmed.discard(role)
+        except (WorkerFailed, ValueError):
+            pass
+        for role in roles:
+            state = "it did not confirm freeing its KV slots" if role in unconfirmed else "its KV slots freed"
+            log(f"left the {role} worker at {self.remote[role]} running ({state})")
+
     def config_of(self, role: str) -> WorkerSpec:
         return self.config.target if role == "target" else self.config.draft
 
     def close(self) -> None:
+        self._leave_remote_workers()
         lost = self.transport.lost if self.transport is not None else set()
         for role, process in self.processes.items():
             if process.poll() is not None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import zmq
 
+from pipeline.curve import ClientKeys
 from pipeline.engine import WorkerFailed
 from pipeline.liveness import ConnectionWatch, Heartbeats, describe_activity
 from pipeline.protocol import MAX_MESSAGE_BYTES, ErrorReply, Hello, ProtocolError, Ready, Shutdown, decode, encode
@@ -24,9 +25,11 @@ class ZmqTransport:
         heartbeats: Heartbeats = Heartbeats(),
         shares_core_with: frozenset[str] = frozenset(),
         sentinels: dict[str, int] | None = None,
+        curve: dict[str, ClientKeys] | None = None,
     ) -> None:
         """`health_check` raises WorkerFailed for a worker process that is gone; `sentinels` are fds
-        (pidfds) readable once a worker process has exited, which wake `wait` at once."""
+        (pidfds) readable once a worker process has exited, which wake `wait` at once; `curve` holds
+        the keys for the workers reached over CURVE."""
         self.context = zmq.Context()
         self.sockets: dict[str, zmq.Socket] = {}
         self.poller = zmq.Poller()
@@ -47,6 +50,8 @@ class ZmqTransport:
             socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             heartbeats.arm(socket)
             self.watches[role] = ConnectionWatch(socket)  # before connecting, so that no event is missed
+            if curve and role in curve:
+                curve[role].apply(socket)
             socket.connect(address)
             self.sockets[role] = socket
             self.poller.register(socket, zmq.POLLIN)
@@ -59,10 +64,11 @@ class ZmqTransport:
         for alarm in self._alarms:
             self.poller.register(alarm, zmq.POLLIN)
 
-    def submit(self, role: str, message: object) -> None:
+    def submit(self, role: str, message: object, block: bool = True) -> None:
+        """Sends `message`; with block=False raises zmq.Again at once when the worker is not connected."""
         began = time.perf_counter()
         payload = encode(message)
-        self.sockets[role].send(payload)
+        self.sockets[role].send(payload, 0 if block else zmq.NOBLOCK)
         if not isinstance(message, Shutdown):
             self._outstanding[role].append(message)
         self.bytes_sent += len(payload)

@@ -20,6 +20,7 @@ from pipeline.protocol import (
     decode,
     encode,
 )
+from workers.auth import secure
 from workers.backends.torch_device import set_cpu_threads
 from workers.connection_log import log_connection_events
 from workers.errors import SpecpipeError
@@ -65,10 +66,15 @@ def serve(spec: WorkerSpec) -> int:
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     try:
+        authenticator = secure(context, socket, spec)  # CURVE, or loopback only
+    except SpecpipeError as error:
+        log(spec.role, f"error: {error}")
+        return _close(context, socket, None, 2)
+    try:
         socket.bind(spec.bind)
     except zmq.ZMQError as error:
         log(spec.role, f"cannot listen on {spec.bind}: {error}")
-        return 2
+        return _close(context, socket, authenticator, 2)
     signal.signal(signal.SIGTERM, _stop)
     log_connection_events(socket, lambda text: log(spec.role, text))
     try:
@@ -81,7 +87,8 @@ def serve(spec: WorkerSpec) -> int:
     except KeyboardInterrupt:  # SIGTERM while loading
         return 0
     log(spec.role, f"{ready.model} on {ready.device}, {spec.threads} thread(s)"
-                   f"{', cores ' + ','.join(map(str, spec.cores)) if spec.cores else ''}, listening on {spec.bind}")
+                   f"{', cores ' + ','.join(map(str, spec.cores)) if spec.cores else ''}, listening on {spec.bind}"
+                   f"{' (CURVE)' if authenticator else ''}")
     try:
         while True:
             _await_message(socket, spec.spin_ms / 1000)
@@ -111,8 +118,15 @@ def serve(spec: WorkerSpec) -> int:
         return 0
     finally:
         socket.disable_monitor()
-        socket.close(0)
-        context.term()
+        _close(context, socket, authenticator, 0)
+
+
+def _close(context: zmq.Context, socket: zmq.Socket, authenticator, code: int) -> int:
+    if authenticator is not None:
+        authenticator.stop()
+    socket.close(0)
+    context.term()
+    return code
 
 
 def _await_message(socket: zmq.Socket, spin_s: float) -> None:

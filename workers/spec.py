@@ -20,6 +20,8 @@ class WorkerSpec:
     spin_ms: float = 0.0  # busy-poll this long for the next request before sleeping (for a worker that owns its core)
     nice: int = 0  # added niceness: a worker that shares its core with the coordinator yields to it
     parent_pid: int = 0  # exit when this process (the coordinator that spawned us) is gone; 0 = never
+    curve_secret_key: str = ""  # this worker's CURVE key pair (NAME.key_secret); "" = loopback only
+    curve_clients: tuple[str, ...] = ()  # public key files or directories of them: the clients let in
 
     def argv(self) -> list[str]:
         """The `specpipe worker` arguments that rebuild this spec."""
@@ -31,4 +33,8 @@ class WorkerSpec:
             args += ["--cores", ",".join(map(str, self.cores))]
         if self.parent_pid:
             args += ["--parent-pid", str(self.parent_pid)]
+        if self.curve_secret_key:
+            args += ["--curve-secret-key", self.curve_secret_key]
+        for clients in self.curve_clients:
+            args += ["--curve-clients", clients]
         return args
