@@ -82,7 +82,8 @@ def load_public_keys(paths: tuple[str, ...], option: str) -> frozenset[bytes]:
         if Path(path).is_dir():
             files = sorted(Path(path).glob("*.key"))
             if not files:
-                raise KeyFileError(f"{option}: directory {path} holds no *.key files (public keys from `specpipe keygen`)")
+                raise KeyFileError(f"{option}: directory {path} holds no *.key files "
+                                   "(public keys from `specpipe keygen`)")
             keys.update(load_public_key(file, option) for file in files)
         else:
             keys.add(load_public_key(path, option))

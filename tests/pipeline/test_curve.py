@@ -86,7 +86,8 @@ def test_launch_with_running_workers_matches_a_normal_launch(cluster):
 def test_launch_with_an_unlisted_key_fails_fast_naming_the_worker(cluster):
     keys, addresses, _, workers = cluster
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "launch", *PROMPT, "--mode", "target-only",
-                           "--target-addr", addresses["target"], "--curve-secret-key", str(keys / "intruder.key_secret"),
+                           "--target-addr", addresses["target"],
+                           "--curve-secret-key", str(keys / "intruder.key_secret"),
                            "--target-server-key", str(keys / "target.key")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "[target]" in done.stderr and "refused our key" in done.stderr, done.stderr
