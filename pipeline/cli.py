@@ -228,6 +228,75 @@ def keygen(directory, name) -> None:
     click.echo(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it on this host)")
 
 
+def _window_sizes(context, parameter, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of window sizes, e.g. 2,4,8")
+
+
+@main.command()
+@click.option("--draft", "draft_dir", type=click.Path(path_type=Path), default=DRAFT_DIR, show_default="bundled draft")
+@click.option("--target", "target_dir", type=click.Path(path_type=Path), default=TARGET_DIR,
+              show_default="bundled target")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="One JSON string per line.  [default: the bundled held-out code prompts]")
+@click.option("--prompts", type=int, default=8, show_default=True, help="How many prompts of the file to measure.")
+@click.option("--k", "ks", default="2,3,5", show_default=True, callback=_window_sizes,
+              help="Window sizes for serial and overlap, comma-separated.")
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--repetitions", type=int, default=1, show_default=True, help="Passes over the prompts.")
+@click.option("--warmup", type=int, default=1, show_default=True,
+              help="Prompts run first in every configuration and reported apart.")
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="Also run transformers generate and assisted generation on the same models.")
+@click.option("--dtype", default="auto", show_default=True, help="Our workers' --dtype (float32 = transformers' math).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure here.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write a Markdown report with PNG plots into this directory.")
+def bench(draft_dir, target_dir, prompts_file, prompts, ks, new_tokens, repetitions, warmup, peers, dtype, json_path,
+          report_dir) -> None:
+    """Measure target-only, serial and overlap against transformers, on the same models and machine.
+
+    Wall-clock tokens/s per configuration, one prompt at a time, configurations interleaved prompt by
+    prompt; speedups next to what theory predicts from the measured acceptance and step costs; a check
+    that every greedy output is token-identical.
+    """
+    from pipeline.bench.config import BenchConfig
+    from pipeline.bench.report import describe, text_table, write_json, write_report
+    from pipeline.bench.run import run_bench
+    from pipeline.preflight import check_checkpoints, check_dtype
+    from workers.errors import SpecpipeError
+    from workers.models import HELDOUT_PROMPTS
+
+    config = BenchConfig(draft_dir, target_dir, prompts_file or HELDOUT_PROMPTS, prompts, ks, new_tokens, repetitions,
+                         warmup, peers, dtype, json_path, report_dir)
+    try:
+        config.validate()
+        check_dtype(dtype)
+        check_checkpoints({"--target": target_dir, "--draft": draft_dir})
+    except (SpecpipeError, ValueError) as error:
+        raise UserError(str(error))
+    resolved = default_dtype("cpu") if dtype == "auto" else dtype
+    command = "specpipe bench " + " ".join(sys.argv[2:])
+    try:
+        result = run_bench(config, resolved, command)
+    except (SpecpipeError, ValueError) as error:
+        raise UserError(str(error))
+    click.echo(text_table(result))
+    for line in describe(result):
+        click.echo(line)
+    if json_path is not None:
+        write_json(result, json_path)
+        click.echo(f"figures: {json_path}")
+    if report_dir is not None:
+        try:
+            written = write_report(result, report_dir)
+        except ValueError as error:
+            raise UserError(str(error))
+        click.echo(f"report: {written[0]} (+{len(written) - 1} plots)")
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

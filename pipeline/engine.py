@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from pipeline.protocol import DraftRequest, DraftResult, ErrorReply, Release, Released, VerifyRequest, VerifyResult
 from pipeline.scheduler import Scheduler
 
 ROLES = ("target", "draft")  # the target is the bottleneck: it gets its next request first
+
+
+@dataclass(frozen=True)
+class Trip:
+    """One request's way to a worker and back, as the coordinator saw it."""
+
+    role: str
+    kind: str  # "prefill", "decode" (a verification without drafted tokens), "verify" or "draft"
+    size: int  # drafted tokens verified, or tokens asked of the draft
+    busy_s: float  # the worker's compute, as it reported
+    round_trip_s: float  # send to reply: compute plus IPC, (de)serialization and queueing
+
+
+def _trip_kind(request: DraftRequest | VerifyRequest) -> tuple[str, int]:
+    if isinstance(request, DraftRequest):
+        return "draft", request.count
+    if request.drafted:
+        return "verify", request.drafted
+    return ("decode" if len(request.feed) == 1 else "prefill"), 0
 
 
 class WorkerFailed(RuntimeError):
@@ -43,6 +63,8 @@ class Engine:
         self.overhead_s = {role: 0.0 for role in ROLES}  # round trip minus compute: IPC, (de)serialization
         self.requests = {role: 0 for role in ROLES}
         self._sent_at: dict[int, float] = {}
+        self._kinds: dict[int, tuple[str, int]] = {}
+        self.trips: list[Trip] = []  # every draft and verify request, in the order answered
         # workers that may hold the CPU during this run: a draft spins between its requests
         self.in_use = frozenset(ROLES if scheduler.config.mode != "target-only" else ("target",))
 
@@ -95,6 +117,7 @@ class Engine:
                 if request is None:
                     break
                 if isinstance(request, (DraftRequest, VerifyRequest)):
+                    self._kinds[request.request_id] = _trip_kind(request)
                     self._sent_at[request.request_id] = time.perf_counter()
                 self.transport.submit(role, request)
                 if isinstance(request, (DraftRequest, VerifyRequest)):
@@ -106,6 +129,7 @@ class Engine:
     def _take(self, role: str, reply: object) -> None:
         if isinstance(reply, (DraftResult, VerifyResult)):
             round_trip = time.perf_counter() - self._sent_at.pop(reply.request_id)
+            self.trips.append(Trip(role, *self._kinds.pop(reply.request_id), reply.busy_s, round_trip))
             self.busy_s[role] += reply.busy_s
             self.overhead_s[role] += max(0.0, round_trip - reply.busy_s)
             self.busy[role] = False

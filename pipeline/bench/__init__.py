@@ -1,0 +1,11 @@
+"""`specpipe bench`: our three modes and two transformers peers on the same prompts, models and machine.
+
+config.py   what to run (one frozen dataclass, one field per CLI option)
+records.py  what one generation left behind (tokens, commit times, acceptance, time split)
+ours.py     target-only / serial / overlap through one running pipeline, interleaved prompt by prompt
+peers.py    transformers `generate`, target alone and with `assistant_model=` (assisted generation)
+figures.py  per-configuration figures: rates, latency percentiles, acceptance, time split
+theory.py   the speedup that measured acceptance and measured step costs predict
+report.py   the table, the JSON file, the Markdown report and its plots
+run.py      all of the above, in order
+"""

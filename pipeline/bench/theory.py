@@ -1,0 +1,58 @@
+"""What speculative decoding should gain, from measured acceptance and measured step costs.
+
+Per generated token, target-only pays one decode step T_t. A verification yields E[tau] tokens on
+average (the mean acceptance length, bonus token included). Step costs are medians of the round trips
+the coordinator saw (compute + IPC), taken from the same run:
+
+    serial    one cycle = k draft steps + one verification:   T_cycle = T_d(k) + T_v(k)
+    overlap   the draft works during the verification; a miss (no pre-drafted window fits the outcome)
+              leaves the target waiting for a fresh draft:    T_cycle = max(T_v(k), T_d(k)) + m * T_d(k)
+
+with T_d(k) the round trip of a k-token draft request and m the measured pre-draft miss rate. The
+prompt's prefill P (target-only TTFT) is the same in every mode, so over N tokens per sequence
+
+    predicted speedup = (P + (N - 1) * T_t) / (P + (N - 1) * T_cycle / E[tau]).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from pipeline.bench.figures import Figures
+from pipeline.bench.records import Generation
+
+
+def median_round_trip(runs: list[Generation], role: str, kind: str, size: int | None = None) -> float | None:
+    trips = [t.round_trip_s for g in runs for t in g.trips
+             if t.role == role and t.kind == kind and (size is None or t.size == size)]
+    return statistics.median(trips) if trips else None
+
+
+def predict(result: Figures, baseline: Figures, decode_step_s: float | None,
+            serial_runs: list[Generation] | None) -> None:
+    """Fills result.predicted_speedup and result.theory for a serial or overlap configuration."""
+    if result.mode not in ("serial", "overlap") or not result.mean_acceptance_length or not serial_runs:
+        return
+    k = result.k
+    draft_s = median_round_trip(serial_runs, "draft", "draft", k)
+    verify_s = median_round_trip(serial_runs, "target", "verify", k)
+    if decode_step_s is None or draft_s is None or verify_s is None:
+        return
+    if result.mode == "serial":
+        cycle = draft_s + verify_s
+        miss_rate = None
+    else:
+        miss_rate = 1.0 - (result.predraft_hit_rate or 0.0)
+        cycle = max(verify_s, draft_s) + miss_rate * draft_s
+    prefill = baseline.ttft_s
+    per_sequence = result.tokens / result.sequences
+    predicted_wall = prefill + (per_sequence - 1) * cycle / result.mean_acceptance_length
+    baseline_wall = prefill + (per_sequence - 1) * decode_step_s
+    result.predicted_speedup = baseline_wall / predicted_wall
+    if result.speedup_vs_target_only is not None:
+        result.measured_over_predicted = result.speedup_vs_target_only / result.predicted_speedup
+    result.theory = {"decode_step_ms": decode_step_s * 1e3, "draft_k_ms": draft_s * 1e3,
+                     "verify_k_ms": verify_s * 1e3, "cycle_ms": cycle * 1e3, "prefill_ms": prefill * 1e3,
+                     "mean_acceptance_length": result.mean_acceptance_length}
+    if miss_rate is not None:
+        result.theory["miss_rate"] = miss_rate
