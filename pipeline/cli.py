@@ -297,6 +297,53 @@ def bench(draft_dir, target_dir, prompts_file, prompts, ks, new_tokens, repetiti
         click.echo(f"report: {written[0]} (+{len(written) - 1} plots)")
 
 
+@main.command()
+@click.option("--draft", "draft_dir", type=click.Path(path_type=Path), default=DRAFT_DIR, show_default="bundled draft")
+@click.option("--target", "target_dir", type=click.Path(path_type=Path), default=TARGET_DIR,
+              show_default="bundled target")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for several.")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="One JSON string per line.  [default: the first --prompts of the bundled held-out code prompts]")
+@click.option("--prompts", "prompt_count", type=int, default=4, show_default=True,
+              help="How many prompts of the bundled set to run when neither --prompt nor --prompts-file is given.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--k", type=int, default=3, show_default=True, help="Drafted tokens per verification.")
+@click.option("--mode", type=click.Choice(["overlap", "serial", "target-only"]), default="overlap", show_default=True)
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Prompts decoded at once.")
+@click.option("--dtype", default="auto", show_default=True, help="As for launch.")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("specpipe-trace.json"),
+              show_default=True, help="Where to write the Chrome / Perfetto trace (trace-event JSON).")
+@click.option("--max-spans", type=int, default=400_000, show_default=True, help="Spans kept per process.")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="Run a short untraced generation first (reported apart).")
+def profile(draft_dir, target_dir, prompts, prompts_file, prompt_count, max_new_tokens, k, mode, concurrency, dtype,
+            trace_path, max_spans, warmup) -> None:
+    """Trace one prompt set through the pipeline: a span for every draft, verification, send, receive and
+    wait in every process, on one clock; writes --trace and prints where the time went."""
+    from pipeline.engine import WorkerFailed
+    from pipeline.preflight import check_checkpoints, check_dtype
+    from pipeline.profile import ProfileConfig, run_profile, summary_lines
+    from pipeline.scheduler import DecodeConfig
+    from workers.errors import SpecpipeError
+    from workers.models import HELDOUT_PROMPTS
+
+    texts = list(prompts) or (read_prompts((), prompts_file) if prompts_file else
+                              [json.loads(line) for line in HELDOUT_PROMPTS.read_text().splitlines()[:prompt_count]])
+    config = ProfileConfig(draft_dir, target_dir, tuple(texts), DecodeConfig(mode, k, max_new_tokens), trace_path,
+                           default_dtype("cpu") if dtype == "auto" else dtype, concurrency, max_spans, warmup)
+    try:
+        check_dtype(dtype)
+        check_checkpoints({"--target": target_dir, **({"--draft": draft_dir} if mode != "target-only" else {})})
+        config.validate()
+        result = run_profile(config)
+    except (SpecpipeError, ValueError, TimeoutError) as error:
+        raise UserError(str(error))
+    except (WorkerFailed, RuntimeError) as error:
+        raise click.ClickException(str(error))
+    for line in summary_lines(result, trace_path):
+        click.echo(line)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -7,8 +7,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.protocol import DraftRequest, DraftResult, ErrorReply, Release, Released, VerifyRequest, VerifyResult
+from pipeline.protocol import (
+    DraftRequest,
+    DraftResult,
+    ErrorReply,
+    Release,
+    Released,
+    VerifyRequest,
+    VerifyResult,
+    request_kind,
+)
 from pipeline.scheduler import Scheduler
+from workers.spans import SpanRecorder
 
 ROLES = ("target", "draft")  # the target is the bottleneck: it gets its next request first
 
@@ -19,17 +29,9 @@ class Trip:
 
     role: str
     kind: str  # "prefill", "decode" (a verification without drafted tokens), "verify" or "draft"
-    size: int  # drafted tokens verified, or tokens asked of the draft
+    size: int  # drafted tokens verified, tokens asked of the draft, or prompt tokens read
     busy_s: float  # the worker's compute, as it reported
     round_trip_s: float  # send to reply: compute plus IPC, (de)serialization and queueing
-
-
-def _trip_kind(request: DraftRequest | VerifyRequest) -> tuple[str, int]:
-    if isinstance(request, DraftRequest):
-        return "draft", request.count
-    if request.drafted:
-        return "verify", request.drafted
-    return ("decode" if len(request.feed) == 1 else "prefill"), 0
 
 
 class WorkerFailed(RuntimeError):
@@ -50,9 +52,11 @@ class Engine:
     """Keeps each worker busy with at most one request, as the scheduler directs."""
 
     def __init__(
-        self, scheduler: Scheduler, transport: Transport, poll_s: float = 0.5, stop: Callable[[], bool] | None = None
+        self, scheduler: Scheduler, transport: Transport, poll_s: float = 0.5, stop: Callable[[], bool] | None = None,
+        spans: SpanRecorder | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.spans = spans or SpanRecorder()  # `specpipe profile` starts it; idle otherwise
         self.stop = stop  # checked between replies: True cancels the generation (see cancel)
         self.transport = transport
         self.busy = {role: False for role in ROLES}
@@ -75,13 +79,17 @@ class Engine:
                 return self.cancel()
             began = time.perf_counter()
             self._dispatch()
-            self.coordinator_s += time.perf_counter() - began
+            ended = time.perf_counter()
+            self.coordinator_s += ended - began
+            self.spans.add("schedule", began, ended)
             if not any(self.busy.values()) and not self.releases_pending:
                 raise RuntimeError("coordinator stalled: no worker is busy and the scheduler has nothing to send")
             for role, reply in self.transport.wait(self.poll_s, self.in_use):
                 began = time.perf_counter()
                 self._take(role, reply)
-                self.coordinator_s += time.perf_counter() - began
+                ended = time.perf_counter()
+                self.coordinator_s += ended - began
+                self.spans.add("take", began, ended, getattr(reply, "seq_id", -1))
 
     def cancel(self, timeout_s: float = 1.0) -> None:
         """Marks every unfinished sequence "cancelled" and frees all KV slots in every worker.
@@ -117,7 +125,7 @@ class Engine:
                 if request is None:
                     break
                 if isinstance(request, (DraftRequest, VerifyRequest)):
-                    self._kinds[request.request_id] = _trip_kind(request)
+                    self._kinds[request.request_id] = request_kind(request)
                     self._sent_at[request.request_id] = time.perf_counter()
                 self.transport.submit(role, request)
                 if isinstance(request, (DraftRequest, VerifyRequest)):
@@ -128,8 +136,12 @@ class Engine:
 
     def _take(self, role: str, reply: object) -> None:
         if isinstance(reply, (DraftResult, VerifyResult)):
-            round_trip = time.perf_counter() - self._sent_at.pop(reply.request_id)
-            self.trips.append(Trip(role, *self._kinds.pop(reply.request_id), reply.busy_s, round_trip))
+            now = time.perf_counter()
+            sent_at = self._sent_at.pop(reply.request_id)
+            round_trip = now - sent_at
+            kind, size = self._kinds.pop(reply.request_id)
+            self.trips.append(Trip(role, kind, size, reply.busy_s, round_trip))
+            self.spans.add(kind, sent_at, now, reply.seq_id, size, lane=f"{role} requests")
             self.busy_s[role] += reply.busy_s
             self.overhead_s[role] += max(0.0, round_trip - reply.busy_s)
             self.busy[role] = False

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pipeline.engine import Engine, Transport
 from pipeline.scheduler import DecodeConfig, Scheduler, Sequence
+from workers.spans import SpanRecorder
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,16 @@ def generate(
     concurrency: int = 1,
     on_tokens: Callable[[Sequence, list[int]], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    spans: SpanRecorder | None = None,
 ) -> tuple[list[Sequence], Engine]:
     """Generates for every prompt; returns the sequences in prompt order and the engine (for its timings).
 
     When `stop()` turns True the generation is cancelled: unfinished sequences end with finish_reason
-    "cancelled", holding what was generated so far, and both workers have freed their slots."""
+    "cancelled", holding what was generated so far, and both workers have freed their slots.
+    `spans`, when started, records the coordinator's side of the run (see `specpipe profile`)."""
     config.validate(limits.max_context)
     scheduler = Scheduler(config, limits.vocab_size, set(limits.eos_ids), limits.max_context, concurrency, on_tokens)
     sequences = [scheduler.add(seq_id, prompt) for seq_id, prompt in enumerate(prompts)]
-    engine = Engine(scheduler, transport, stop=stop)
+    engine = Engine(scheduler, transport, stop=stop, spans=spans)
     engine.run()
     return sequences, engine

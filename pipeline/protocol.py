@@ -128,6 +128,54 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class ClockProbe:
+    """Coordinator -> worker: read your clock (see pipeline.tracing for how offsets are estimated)."""
+
+    nonce: int
+
+
+@dataclass(frozen=True)
+class ClockReading:
+    nonce: int
+    clock_s: float  # the worker's time.perf_counter() when it answered
+
+
+@dataclass(frozen=True)
+class TraceStart:
+    """Coordinator -> worker: forget earlier spans and record up to `capacity` from now on."""
+
+    capacity: int
+
+
+@dataclass(frozen=True)
+class TraceStarted:
+    capacity: int
+
+
+@dataclass(frozen=True)
+class Span:
+    """One timed piece of a process's work, on that process's perf_counter clock (not a message)."""
+
+    name: str  # "idle", "recv", "unpack", "draft", "verify", "decode", "pack", "send", ...
+    lane: str  # the track within the process: "" for a worker's one loop
+    start_s: float
+    duration_s: float
+    seq_id: int  # -1 when not about one sequence
+    size: int  # tokens drafted, verified or read; 0 when none
+
+
+@dataclass(frozen=True)
+class TraceCollect:
+    """Coordinator -> worker: stop recording and send the spans."""
+
+
+@dataclass(frozen=True)
+class TraceSpans:
+    spans: list[Span]
+    dropped: int  # spans not recorded because `capacity` was reached
+
+
+@dataclass(frozen=True)
 class ErrorReply:
     """A request failed (request_id -1 when the request itself was unreadable)."""
 
@@ -139,9 +187,23 @@ class ErrorReply:
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Hello, Ready, DraftRequest, DraftResult, VerifyRequest, VerifyResult, Release, Released, Ping, Pong,
-                Shutdown, ErrorReply)
+                ClockProbe, ClockReading, TraceStart, TraceStarted, TraceCollect, TraceSpans, Shutdown, ErrorReply)
 }
 Message = typing.Union[tuple(MESSAGE_TYPES.values())]  # type: ignore[valid-type]
+MAX_TRACE_SPANS = 400_000  # a TraceSpans message of this many stays well inside MAX_MESSAGE_BYTES
+
+
+def request_kind(request: object) -> tuple[str, int]:
+    """What a request asks of a worker, as (kind, size): ("draft", tokens asked), ("verify", tokens
+    drafted), ("decode", 0) for one token without a proposal, ("prefill", tokens read), or the
+    message's own name and 0."""
+    if isinstance(request, DraftRequest):
+        return "draft", request.count
+    if isinstance(request, VerifyRequest):
+        if request.drafted:
+            return "verify", request.drafted
+        return ("decode", 0) if len(request.feed) == 1 else ("prefill", len(request.feed))
+    return type(request).__name__.lower(), 0
 
 
 # --- tensors as bytes ---------------------------------------------------------------------------
@@ -165,6 +227,8 @@ def bytes_to_tensor(data: bytes | None, rows: int, columns: int) -> torch.Tensor
 def _to_wire(value: object) -> object:
     if dataclasses.is_dataclass(value):
         return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        return [_to_wire(item) for item in value]
     return value
 
 
@@ -277,4 +341,4 @@ def _checker(expected: object):
     return check_scalar
 
 
-_VALIDATORS = {cls: _compile(cls) for cls in (*MESSAGE_TYPES.values(), Sampling)}
+_VALIDATORS = {cls: _compile(cls) for cls in (*MESSAGE_TYPES.values(), Sampling, Span)}

@@ -12,6 +12,7 @@ from pipeline.curve import ClientKeys
 from pipeline.engine import WorkerFailed
 from pipeline.liveness import ConnectionWatch, Heartbeats, describe_activity
 from pipeline.protocol import MAX_MESSAGE_BYTES, ErrorReply, Hello, ProtocolError, Ready, Shutdown, decode, encode
+from workers.spans import SpanRecorder
 
 LAST_WORDS_S = 0.1  # after a worker exits or drops its connection: time for its last messages to arrive
 
@@ -38,6 +39,7 @@ class ZmqTransport:
         self.shares_core_with = shares_core_with  # workers on our core: no spinning while they are in use
         self.bytes_sent = self.bytes_received = 0
         self.wire_s = 0.0  # time spent encoding, decoding, sending and receiving
+        self.spans = SpanRecorder()  # `specpipe profile` starts it
         self.addresses = dict(addresses)
         self.heartbeats = heartbeats
         self.ready: dict[str, Ready] = {}
@@ -72,11 +74,14 @@ class ZmqTransport:
         if not isinstance(message, Shutdown):
             self._outstanding[role].append(message)
         self.bytes_sent += len(payload)
-        self.wire_s += time.perf_counter() - began
+        ended = time.perf_counter()
+        self.wire_s += ended - began
+        self.spans.add(f"send {role}", began, ended, getattr(message, "seq_id", -1))
 
     def wait(self, timeout_s: float, busy: frozenset[str] = frozenset()) -> list[tuple[str, object]]:
         """Replies that arrived within `timeout_s`; `busy` names the workers in use (they may be on the CPU)."""
         events = {}
+        waited_from = time.perf_counter()
         if self.spin_s and not busy & self.shares_core_with:
             deadline = time.perf_counter() + min(self.spin_s, timeout_s)
             while not events and time.perf_counter() < deadline:
@@ -86,6 +91,7 @@ class ZmqTransport:
         if not events and self.health_check is not None:
             self.health_check()
         began = time.perf_counter()
+        self.spans.add("wait", waited_from, began)
         replies = self._receive(socket for socket in events if socket in self._role_of)
         self.wire_s += time.perf_counter() - began
         if not replies and any(alarm in events for alarm in self._alarms):
@@ -97,6 +103,7 @@ class ZmqTransport:
         for socket in sockets:
             role = self._role_of[socket]
             while True:
+                began = time.perf_counter()
                 try:
                     payload = socket.recv(zmq.NOBLOCK)
                 except zmq.Again:
@@ -110,6 +117,7 @@ class ZmqTransport:
                 if self._outstanding[role]:
                     self._outstanding[role].pop(0)
                 replies.append((role, reply))
+                self.spans.add(f"recv {role}", began, time.perf_counter(), getattr(reply, "seq_id", -1))
         return replies
 
     def _on_alarm(self, exited: bool) -> list[tuple[str, object]]:

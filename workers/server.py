@@ -12,13 +12,20 @@ import zmq
 
 from pipeline.protocol import (
     MAX_MESSAGE_BYTES,
+    ClockProbe,
+    ClockReading,
     ErrorReply,
     Hello,
     ProtocolError,
     Ready,
     Shutdown,
+    TraceCollect,
+    TraceSpans,
+    TraceStart,
+    TraceStarted,
     decode,
     encode,
+    request_kind,
 )
 from workers.auth import secure
 from workers.backends.torch_device import set_cpu_threads
@@ -28,6 +35,7 @@ from workers.model.checkpoint import tokenizer_fingerprint
 from workers.model.runner import ModelRunner
 from workers.parent import exit_with_parent
 from workers.service import WorkerService
+from workers.spans import SpanRecorder
 from workers.spec import WorkerSpec
 
 
@@ -89,20 +97,28 @@ def serve(spec: WorkerSpec) -> int:
     log(spec.role, f"{ready.model} on {ready.device}, {spec.threads} thread(s)"
                    f"{', cores ' + ','.join(map(str, spec.cores)) if spec.cores else ''}, listening on {spec.bind}"
                    f"{' (CURVE)' if authenticator else ''}")
+    spans = SpanRecorder()  # started and collected by `specpipe profile`
     try:
         while True:
+            idle_from = time.perf_counter()
             _await_message(socket, spec.spin_ms / 1000)
+            arrived = time.perf_counter()
             identity, payload = _receive(socket)
             if payload is None:
                 continue
+            received = time.perf_counter()
             try:
                 message = decode(payload)
             except ProtocolError as error:
                 log(spec.role, f"dropped a bad message: {error}")
                 socket.send_multipart([identity, encode(ErrorReply(-1, f"bad message: {error}", fatal=False))])
                 continue
+            decoded = time.perf_counter()
             if isinstance(message, Shutdown):
                 return 0
+            if isinstance(message, (ClockProbe, TraceStart, TraceCollect)):
+                socket.send_multipart([identity, encode(_trace_control(message, spans))])
+                continue
             if isinstance(message, Hello):
                 service.reset()  # a new coordinator: nothing of the previous one's sequences is wanted
             try:
@@ -113,7 +129,20 @@ def serve(spec: WorkerSpec) -> int:
                 request_id = getattr(message, "request_id", -1)
                 socket.send_multipart([identity, encode(ErrorReply(request_id, text, fatal=True))])
                 return 1
-            socket.send_multipart([identity, encode(reply)])
+            computed = time.perf_counter()
+            data = encode(reply)
+            encoded = time.perf_counter()
+            socket.send_multipart([identity, data])
+            if spans.active:
+                sent = time.perf_counter()
+                seq_id = getattr(message, "seq_id", -1)
+                kind, size = request_kind(message)
+                spans.add("idle", idle_from, arrived)
+                spans.add("recv", arrived, received, seq_id)
+                spans.add("unpack", received, decoded, seq_id)
+                spans.add(kind, decoded, computed, seq_id, size)
+                spans.add("pack", computed, encoded, seq_id)
+                spans.add("send", encoded, sent, seq_id)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -137,6 +166,20 @@ def _await_message(socket: zmq.Socket, spin_s: float) -> None:
         if time.perf_counter() > deadline:
             socket.poll(-1)
             return
+
+
+def _trace_control(message: ClockProbe | TraceStart | TraceCollect, spans: SpanRecorder) -> object:
+    """The worker's side of `specpipe profile`: its clock, and the spans it recorded."""
+    if isinstance(message, ClockProbe):
+        return ClockReading(message.nonce, time.perf_counter())
+    if isinstance(message, TraceStart):
+        try:
+            spans.start(message.capacity)
+        except ValueError as error:
+            return ErrorReply(-1, str(error), fatal=False)
+        return TraceStarted(message.capacity)
+    recorded, dropped = spans.collect()
+    return TraceSpans(recorded, dropped)
 
 
 def _stop(signum: int, frame: object) -> None:

@@ -1,0 +1,237 @@
+"""`specpipe profile`: one prompt set through the pipeline with every process recording its spans.
+
+The trace shows each process on its own track (the coordinator's loop and its requests in flight,
+each worker's receive, decode, compute, encode, send and idle time) on one clock, so that the
+overlap of drafting with verification can be seen. The summary says where the wall time went and
+compares the measured time per token with what the measured step costs predict.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.generation import generate
+from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
+from pipeline.protocol import MAX_TRACE_SPANS, Span
+from pipeline.scheduler import DecodeConfig, Sequence
+from pipeline.tracing import ProcessSpans, chrome_trace, collect_spans, measure_offset, start_tracing, write_trace
+from workers.model.checkpoint import load_tokenizer
+from workers.spans import SpanRecorder
+from workers.spec import WorkerSpec
+
+VERIFICATION = ("decode", "verify")  # the target's steps during which a draft can work ahead
+WARMUP_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    draft_dir: Path
+    target_dir: Path
+    prompts: tuple[str, ...]
+    decode: DecodeConfig
+    trace_path: Path
+    dtype: str
+    concurrency: int = 1
+    capacity: int = MAX_TRACE_SPANS  # spans kept per process
+    warmup: bool = True  # one short untraced generation first: first calls allocate and fill caches
+
+    def validate(self) -> None:
+        if not self.prompts:
+            raise ValueError("no prompts to profile (--prompt or --prompts-file)")
+        if self.concurrency < 1:
+            raise ValueError(f"--concurrency {self.concurrency} must be at least 1")
+        if not 1 <= self.capacity <= MAX_TRACE_SPANS:
+            raise ValueError(f"--max-spans {self.capacity} must be between 1 and {MAX_TRACE_SPANS}")
+
+
+@dataclass
+class Profile:
+    processes: list[ProcessSpans]
+    sequences: list[Sequence]
+    origin_s: float  # coordinator clock when the traced generation began
+    wall_s: float
+    warmup_s: float | None
+    mode: str
+    k: int
+
+
+def start_cluster(config: ProfileConfig) -> LocalCluster:
+    """The workers as `specpipe launch` starts them on a CPU: one core each."""
+    use_draft = config.decode.mode != "target-only"
+    cores = default_cores(1, 2 if use_draft else 1)
+    slots = config.concurrency
+    return LocalCluster(ClusterConfig(
+        target=WorkerSpec("target", str(config.target_dir), "", dtype=config.dtype, cores=cores[-1], slots=slots),
+        draft=WorkerSpec("draft", str(config.draft_dir), "", dtype=config.dtype, cores=cores[0], slots=slots)
+        if use_draft else None,
+    ))
+
+
+def run_profile(config: ProfileConfig) -> Profile:
+    config.validate()
+    tokenizer = load_tokenizer(config.target_dir)
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in config.prompts]
+    with start_cluster(config) as cluster:
+        transport, limits = cluster.transport, cluster.limits()
+        roles = list(cluster.ready)
+        warmup_s = None
+        if config.warmup:
+            began = time.perf_counter()
+            short = DecodeConfig(config.decode.mode, config.decode.k, WARMUP_TOKENS, config.decode.sampling,
+                                 config.decode.adaptive_k)
+            generate(transport, prompts[:1], short, limits)
+            warmup_s = time.perf_counter() - began
+        clocks = {role: measure_offset(transport, role) for role in roles}
+        recorder = SpanRecorder()
+        transport.spans = recorder
+        start_tracing(transport, roles, config.capacity)
+        recorder.start(config.capacity)
+        origin = time.perf_counter()
+        sequences, _ = generate(transport, prompts, config.decode, limits, config.concurrency, spans=recorder)
+        wall = time.perf_counter() - origin
+        coordinator_spans, coordinator_dropped = recorder.collect()
+        processes = [ProcessSpans("coord", os.getpid(), coordinator_spans, dropped=coordinator_dropped)]
+        for role in ("draft", "target"):
+            if role in roles:
+                spans, dropped = collect_spans(transport, role)
+                processes.append(ProcessSpans(role, cluster.ready[role].pid, spans, clocks[role], dropped))
+    profile = Profile(processes, sequences, origin, wall, warmup_s, config.decode.mode, config.decode.k)
+    write_trace(config.trace_path, chrome_trace(processes, origin, {
+        "mode": profile.mode, "k": profile.k, "prompts": len(prompts), "wall_s": wall,
+        "tokens": sum(len(s.generated) for s in sequences)}))
+    return profile
+
+
+# --- the summary -----------------------------------------------------------------------------------
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def overlap_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Time covered by both interval sets (each set's intervals may not overlap among themselves)."""
+    return union_length(a) + union_length(b) - union_length(a + b)
+
+
+def intervals(spans: list[Span], names: tuple[str, ...]) -> list[tuple[float, float]]:
+    return [(s.start_s, s.start_s + s.duration_s) for s in spans if s.name in names]
+
+
+def self_times(spans: list[Span]) -> list[float]:
+    """Each span's duration less that of the spans nested in it (one lane: spans nest or follow)."""
+    order = sorted(range(len(spans)), key=lambda i: (spans[i].start_s, -spans[i].duration_s))
+    own = [span.duration_s for span in spans]
+    open_spans: list[int] = []  # indices of the spans enclosing the current one, innermost last
+    for i in order:
+        start = spans[i].start_s
+        while open_spans and spans[open_spans[-1]].start_s + spans[open_spans[-1]].duration_s <= start:
+            open_spans.pop()
+        if open_spans:
+            own[open_spans[-1]] -= spans[i].duration_s
+        open_spans.append(i)
+    return own
+
+
+@dataclass(frozen=True)
+class SpanTotal:
+    process: str
+    name: str
+    count: int
+    self_s: float  # nested spans taken out: a coordinator's "schedule" holds its "send"s
+    median_s: float
+
+
+def span_totals(profile: Profile) -> list[SpanTotal]:
+    """Per process and span name, from its main loop (the coordinator's request lanes overlap it)."""
+    rows = []
+    for process in profile.processes:
+        loop = [span for span in process.spans if not span.lane]
+        by_name: dict[str, tuple[list[float], list[float]]] = {}
+        for span, own in zip(loop, self_times(loop)):
+            durations, owns = by_name.setdefault(span.name, ([], []))
+            durations.append(span.duration_s)
+            owns.append(own)
+        for name, (durations, owns) in sorted(by_name.items(), key=lambda item: -sum(item[1][1])):
+            rows.append(SpanTotal(process.name, name, len(durations), sum(owns), statistics.median(durations)))
+    return rows
+
+
+def round_trip_medians(profile: Profile) -> dict[tuple[str, int], float]:
+    """(kind, size) -> median round trip the coordinator saw, from its request lanes."""
+    trips: dict[tuple[str, int], list[float]] = {}
+    for span in profile.processes[0].spans:
+        if span.lane:
+            trips.setdefault((span.name, span.size), []).append(span.duration_s)
+    return {key: statistics.median(values) for key, values in trips.items()}
+
+
+def predicted_ms_per_token(profile: Profile) -> float | None:
+    """Theory from this run's step costs: target-only T_t; serial (T_d + T_v) / E[tau]; overlap
+    (max(T_v, T_d) + m * T_d) / E[tau], m the pre-draft miss rate (see pipeline.bench.theory)."""
+    medians = round_trip_medians(profile)
+    if profile.mode == "target-only":
+        decode = medians.get(("decode", 0))
+        return None if decode is None else decode * 1e3
+    draft, verify = medians.get(("draft", profile.k)), medians.get(("verify", profile.k))
+    stats = [s.stats for s in profile.sequences]
+    verifications = sum(s.verifications for s in stats)
+    if draft is None or verify is None or not verifications:
+        return None
+    mean_length = (sum(s.accepted for s in stats) + verifications) / verifications
+    if profile.mode == "serial":
+        cycle = draft + verify
+    else:
+        hits, misses = sum(s.predraft_hits for s in stats), sum(s.predraft_misses for s in stats)
+        cycle = max(verify, draft) + (misses / max(hits + misses, 1)) * draft
+    return cycle / mean_length * 1e3
+
+
+def measured_ms_per_token(profile: Profile) -> float | None:
+    """After the first token (prefill apart): decode time over the tokens it made, all sequences."""
+    decode_s = tokens = 0
+    for sequence in profile.sequences:
+        times = sequence.stats.token_times
+        if len(times) > 1:
+            decode_s += times[-1] - times[0]
+            tokens += len(times) - 1
+    return decode_s / tokens * 1e3 if tokens else None
+
+
+def summary_lines(profile: Profile, trace_path: Path) -> list[str]:
+    wall = profile.wall_s
+    tokens = sum(len(s.generated) for s in profile.sequences)
+    lines = [f"[coord] profile: {profile.mode}" + (f" k={profile.k}" if profile.mode != "target-only" else "")
+             + f", {len(profile.sequences)} prompt(s), {tokens} tokens in {wall:.3f} s ({tokens / wall:.1f} tokens/s)"
+             + (f"; warm-up {profile.warmup_s:.2f} s, not traced" if profile.warmup_s is not None else "")]
+    lines.append(f"{'process':<8} {'span':<14} {'count':>6} {'self ms':>10} {'median ms':>10} {'% of wall':>9}")
+    for row in span_totals(profile):
+        lines.append(f"{row.process:<8} {row.name:<14} {row.count:>6} {row.self_s * 1e3:>10.1f} "
+                     f"{row.median_s * 1e3:>10.3f} {100 * row.self_s / wall:>8.1f}%")
+    aligned = {p.name: p.aligned() for p in profile.processes}
+    if "draft" in aligned:
+        verifying = intervals(aligned["target"], VERIFICATION)
+        both = overlap_length(verifying, intervals(aligned["draft"], ("draft",)))
+        lines.append(f"overlap: the draft computed during {100 * both / max(union_length(verifying), 1e-9):.0f}% "
+                     f"of the target's verification time ({both * 1e3:.1f} of {union_length(verifying) * 1e3:.1f} ms)")
+    measured, predicted = measured_ms_per_token(profile), predicted_ms_per_token(profile)
+    if measured is not None and predicted is not None:
+        lines.append(f"per token after the first: measured {measured:.2f} ms, theory from this run's step costs "
+                     f"{predicted:.2f} ms (measured/theory {measured / predicted:.2f})")
+    for process in profile.processes:
+        if process.name != "coord":
+            lines.append(f"clock of {process.name}: offset {process.clock.offset_s * 1e6:+.0f} µs "
+                         f"± {process.clock.error_s * 1e6:.0f} µs from the coordinator's")
+        if process.dropped:
+            lines.append(f"{process.name}: {process.dropped} spans dropped (raise --max-spans)")
+    lines.append(f"trace: {trace_path} (open in ui.perfetto.dev or chrome://tracing)")
+    return lines
