@@ -149,6 +149,7 @@ class SpanTotal:
     count: int
     self_s: float  # nested spans taken out: a coordinator's "schedule" holds its "send"s
     median_s: float
+    mean_s: float
 
 
 def span_totals(profile: Profile) -> list[SpanTotal]:
@@ -162,27 +163,29 @@ def span_totals(profile: Profile) -> list[SpanTotal]:
             durations.append(span.duration_s)
             owns.append(own)
         for name, (durations, owns) in sorted(by_name.items(), key=lambda item: -sum(item[1][1])):
-            rows.append(SpanTotal(process.name, name, len(durations), sum(owns), statistics.median(durations)))
+            rows.append(SpanTotal(process.name, name, len(durations), sum(owns), statistics.median(durations),
+                                    statistics.fmean(durations)))
     return rows
 
 
-def round_trip_medians(profile: Profile) -> dict[tuple[str, int], float]:
-    """(kind, size) -> median round trip the coordinator saw, from its request lanes."""
+def round_trip_means(profile: Profile) -> dict[tuple[str, int], float]:
+    """(kind, size) -> mean round trip the coordinator saw, from its request lanes (means, not
+    medians: the wall time pays every slow step, and a pipeline's tails are long)."""
     trips: dict[tuple[str, int], list[float]] = {}
     for span in profile.processes[0].spans:
         if span.lane:
             trips.setdefault((span.name, span.size), []).append(span.duration_s)
-    return {key: statistics.median(values) for key, values in trips.items()}
+    return {key: statistics.fmean(values) for key, values in trips.items()}
 
 
 def predicted_ms_per_token(profile: Profile) -> float | None:
     """Theory from this run's step costs: target-only T_t; serial (T_d + T_v) / E[tau]; overlap
     (max(T_v, T_d) + m * T_d) / E[tau], m the pre-draft miss rate (see pipeline.bench.theory)."""
-    medians = round_trip_medians(profile)
+    means = round_trip_means(profile)
     if profile.mode == "target-only":
-        decode = medians.get(("decode", 0))
+        decode = means.get(("decode", 0))
         return None if decode is None else decode * 1e3
-    draft, verify = medians.get(("draft", profile.k)), medians.get(("verify", profile.k))
+    draft, verify = means.get(("draft", profile.k)), means.get(("verify", profile.k))
     stats = [s.stats for s in profile.sequences]
     verifications = sum(s.verifications for s in stats)
     if draft is None or verify is None or not verifications:
@@ -213,10 +216,11 @@ def summary_lines(profile: Profile, trace_path: Path) -> list[str]:
     lines = [f"[coord] profile: {profile.mode}" + (f" k={profile.k}" if profile.mode != "target-only" else "")
              + f", {len(profile.sequences)} prompt(s), {tokens} tokens in {wall:.3f} s ({tokens / wall:.1f} tokens/s)"
              + (f"; warm-up {profile.warmup_s:.2f} s, not traced" if profile.warmup_s is not None else "")]
-    lines.append(f"{'process':<8} {'span':<14} {'count':>6} {'self ms':>10} {'median ms':>10} {'% of wall':>9}")
+    lines.append(f"{'process':<8} {'span':<14} {'count':>6} {'self ms':>10} {'median ms':>10} {'mean ms':>9} "
+                 f"{'% of wall':>9}")
     for row in span_totals(profile):
         lines.append(f"{row.process:<8} {row.name:<14} {row.count:>6} {row.self_s * 1e3:>10.1f} "
-                     f"{row.median_s * 1e3:>10.3f} {100 * row.self_s / wall:>8.1f}%")
+                     f"{row.median_s * 1e3:>10.3f} {row.mean_s * 1e3:>9.3f} {100 * row.self_s / wall:>8.1f}%")
     aligned = {p.name: p.aligned() for p in profile.processes}
     if "draft" in aligned:
         verifying = intervals(aligned["target"], VERIFICATION)

@@ -84,3 +84,22 @@ def test_chrome_trace_has_a_named_track_per_process_and_lane():
     assert worker_verify["args"] == {"seq": 0, "tokens": 3}
     assert all(isinstance(e["ts"], float) and e["dur"] >= 0 for e in complete)
     assert trace["otherData"] == {"mode": "serial"}
+
+
+def test_theory_per_token_uses_mean_round_trips_acceptance_and_misses():
+    from types import SimpleNamespace
+
+    from pipeline.profile import Profile, measured_ms_per_token, predicted_ms_per_token
+
+    lane = [Span("verify", "target requests", 0.0, 0.004, 0, 2), Span("verify", "target requests", 1.0, 0.006, 0, 2),
+            Span("draft", "draft requests", 0.0, 0.001, 0, 2), Span("draft", "draft requests", 1.0, 0.001, 0, 2),
+            Span("draft", "draft requests", 2.0, 0.005, 0, 3)]  # a speculation of another size: not T_d(k)
+    stats = SimpleNamespace(verifications=10, accepted=14, predraft_hits=6, predraft_misses=4,
+                            token_times=[1.0, 1.002, 1.004, 1.012])
+    sequence = SimpleNamespace(stats=stats, generated=[1, 2, 3, 4])
+    overlap = Profile([ProcessSpans("coord", 1, lane)], [sequence], 0.0, 1.0, None, "overlap", 2)
+    # cycle = max(T_v 5 ms, T_d 1 ms) + miss rate 0.4 * T_d = 5.4 ms over E[tau] = (14 + 10) / 10 tokens
+    assert predicted_ms_per_token(overlap) == pytest.approx(5.4 / 2.4)
+    serial = Profile([ProcessSpans("coord", 1, lane)], [sequence], 0.0, 1.0, None, "serial", 2)
+    assert predicted_ms_per_token(serial) == pytest.approx(6.0 / 2.4)
+    assert measured_ms_per_token(overlap) == pytest.approx(4.0)  # 12 ms for the 3 tokens after the first
