@@ -33,6 +33,7 @@ from workers.connection_log import log_connection_events
 from workers.errors import SpecpipeError
 from workers.model.checkpoint import tokenizer_fingerprint
 from workers.model.runner import ModelRunner
+from workers.owner import Owner
 from workers.parent import exit_with_parent
 from workers.service import WorkerService
 from workers.spans import SpanRecorder
@@ -98,6 +99,7 @@ def serve(spec: WorkerSpec) -> int:
                    f"{', cores ' + ','.join(map(str, spec.cores)) if spec.cores else ''}, listening on {spec.bind}"
                    f"{' (CURVE)' if authenticator else ''}")
     spans = SpanRecorder()  # started and collected by `specpipe profile`
+    owner = Owner()
     try:
         while True:
             idle_from = time.perf_counter()
@@ -114,12 +116,20 @@ def serve(spec: WorkerSpec) -> int:
                 socket.send_multipart([identity, encode(ErrorReply(-1, f"bad message: {error}", fatal=False))])
                 continue
             decoded = time.perf_counter()
+            owner.saw(identity, decoded)
+            if isinstance(message, (Hello, Shutdown)):
+                refusal = owner.refusal(identity, service.core.slots.active, decoded)
+                if refusal is not None:
+                    log(spec.role, f"refused a {type(message).__name__} from a second coordinator: {refusal}")
+                    socket.send_multipart([identity, encode(ErrorReply(-1, refusal, fatal=False))])
+                    continue
             if isinstance(message, Shutdown):
                 return 0
             if isinstance(message, (ClockProbe, TraceStart, TraceCollect)):
                 socket.send_multipart([identity, encode(_trace_control(message, spans))])
                 continue
             if isinstance(message, Hello):
+                owner.take(identity, message.coordinator_pid, decoded)
                 service.reset()  # a new coordinator: nothing of the previous one's sequences is wanted
             try:
                 reply = ready if isinstance(message, Hello) else service.handle(message)

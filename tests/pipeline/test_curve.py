@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from pipeline.curve import ClientKeys, is_loopback, load_key_pair, load_public_key
-from pipeline.protocol import DraftRequest, DraftResult, Hello, Ready, decode, encode
+from pipeline.protocol import DraftRequest, DraftResult, Hello, Ready, Release, Released, decode, encode
 from tests.pipeline.remote_workers import free_port, launch_json, make_keys, start_worker, stop
 from workers.models import DRAFT_DIR, TARGET_DIR
 
@@ -67,6 +67,8 @@ def test_only_a_listed_client_key_gets_answers(cluster):
         assert socket.poll(10_000)
         result = decode(socket.recv())
         assert isinstance(result, DraftResult) and len(result.tokens) == 3
+        socket.send(encode(Release(0)))  # as a coordinator does: the worker serves one coordinator at a time
+        assert socket.poll(10_000) and isinstance(decode(socket.recv()), Released)
     assert "refused a client: its CURVE key is not among --curve-clients" in logs["draft"].read_text()
     assert all(worker.poll() is None for worker in workers)
 

@@ -1,0 +1,21 @@
+"""A worker serves one coordinator at a time."""
+
+from workers.owner import OWNER_QUIET_S, Owner
+
+
+def test_a_second_coordinator_is_refused_while_the_first_holds_sequences_and_is_active():
+    owner = Owner()
+    assert owner.refusal(b"a", held=0, now=0.0) is None
+    owner.take(b"a", pid=11, now=0.0)
+    owner.saw(b"a", now=1.0)
+    refusal = owner.refusal(b"b", held=2, now=2.0)
+    assert refusal is not None and "another coordinator (pid 11, 2 sequence(s), last request 1.0 s ago)" in refusal
+    assert owner.refusal(b"a", held=2, now=2.0) is None  # its own Hello resets it
+    assert owner.refusal(b"b", held=0, now=2.0) is None  # nothing held: nothing to protect
+
+
+def test_a_coordinator_silent_for_the_quiet_period_is_replaced():
+    owner = Owner()
+    owner.take(b"a", pid=11, now=0.0)
+    owner.saw(b"b", now=OWNER_QUIET_S)  # another client's messages do not keep the owner alive
+    assert owner.refusal(b"b", held=1, now=OWNER_QUIET_S) is None
