@@ -1,7 +1,7 @@
 """`specpipe profile`: one prompt set through the pipeline with every process recording its spans.
 
 The trace shows each process on its own track (the coordinator's loop and its requests in flight,
-each worker's receive, decode, compute, encode, send and idle time) on one clock, so that the
+each worker's receive, unpack, compute, pack, send and idle time) on one clock, so that the
 overlap of drafting with verification can be seen. The summary says where the wall time went and
 compares the measured time per token with what the measured step costs predict.
 """
