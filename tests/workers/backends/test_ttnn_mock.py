@@ -28,7 +28,8 @@ pytestmark = pytest.mark.ttnn
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[3]
 
-# What a worker process does before loading its model, reported as JSON.
+# What a worker process does before loading its model, reported as JSON in a file: tt-metal's C++ logger
+# writes to the same stdout from its own threads, and a log line can land in the middle of a printed result.
 PROBE = """
 import json, os, sys
 from workers.backends.ttnn_device import (check_chips_present, check_topology, count_chips, import_ttnn,
@@ -48,18 +49,19 @@ try:
     out["opened"] = True
 except DeviceError as error:
     out["error"] = str(error)
-print("RESULT " + json.dumps(out))
+with open(sys.argv[2], "w") as result:
+    json.dump(out, result)
 """
 
 
 def probe(descriptor: str, device: str, tmp_path: Path) -> dict:
     # a process of its own: the simulated cluster is fixed at first use, and opening writes generated/ into cwd
     env = dict(os.environ, **{MOCK_ENV: str(DATA / descriptor)}, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", PROBE, device], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stderr[-2000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    result_file = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, "-c", PROBE, device, str(result_file)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result_file.exists(), (result.stdout + result.stderr)[-2000:]
+    return json.loads(result_file.read_text())
 
 
 @pytest.mark.parametrize("descriptor, device, chips, error", [
