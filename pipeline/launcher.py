@@ -26,6 +26,8 @@ from pipeline.remote import ADDRESS_OPTIONS, client_keys
 from pipeline.transport import ZmqTransport
 from workers.spec import WorkerSpec
 
+STDERR_FD = 2  # the file descriptor, not sys.stderr: that may be a Python object without one (under pytest)
+
 
 def log(text: str) -> None:
     print(f"[coord] {text}", file=sys.stderr, flush=True)
@@ -149,7 +151,10 @@ class LocalCluster:
             command = [sys.executable, "-m", "pipeline.cli", "worker", *replace(spec, parent_pid=os.getpid()).argv()]
             # A session of its own: a Ctrl-C at the terminal reaches the coordinator alone, which then
             # winds the workers down in order (and the worker exits by itself if we die: --parent-pid).
-            self.processes[role] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+            # A worker's stdout goes to our stderr: its results travel over ZeroMQ, and what a library writes
+            # to stdout (tt-metal logs there) must not land among the text or the --json records.
+            self.processes[role] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=STDERR_FD,
+                                                    start_new_session=True)
             sentinel = process_sentinel(self.processes[role].pid)
             if sentinel is not None:
                 self.sentinels[role] = sentinel

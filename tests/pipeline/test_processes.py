@@ -74,6 +74,18 @@ def test_launch_json_contract():
     assert "[coord]" in result.stderr and "[draft]" in result.stderr and "[target]" in result.stderr
 
 
+def test_what_a_worker_writes_to_stdout_stays_out_of_the_json_records(tmp_path):
+    # tt-metal logs to stdout inside a worker; such lines must reach stderr, never the records
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nif 'worker' in sys.argv:\n    print('a library talking on stdout', flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "launch", "--prompt", "import os\n",
+                             "--max-new-tokens", "4", "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["new_tokens"] for line in result.stdout.splitlines()] == [4]
+    assert result.stderr.count("a library talking on stdout") == 2  # one line from each worker
+
+
 def test_launch_streams_text_and_a_stats_line():
     result = launch("--prompt", "class Stack:\n", "--max-new-tokens", "8", "--mode", "serial")
     assert result.returncode == 0, result.stderr
