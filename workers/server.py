@@ -85,6 +85,7 @@ def serve(spec: WorkerSpec) -> int:
         log(spec.role, f"cannot listen on {spec.bind}: {error}")
         return _close(context, socket, authenticator, 2)
     signal.signal(signal.SIGTERM, _stop)
+    poller = _poller_woken_by_signals(socket)
     log_connection_events(socket, lambda text: log(spec.role, text))
     try:
         if spec.parent_pid:
@@ -103,7 +104,7 @@ def serve(spec: WorkerSpec) -> int:
     try:
         while True:
             idle_from = time.perf_counter()
-            _await_message(socket, spec.spin_ms / 1000)
+            _await_message(socket, poller, spec.spin_ms / 1000)
             arrived = time.perf_counter()
             identity, payload = _receive(socket)
             if payload is None:
@@ -168,14 +169,33 @@ def _close(context: zmq.Context, socket: zmq.Socket, authenticator, code: int) -
     return code
 
 
-def _await_message(socket: zmq.Socket, spin_s: float) -> None:
+def _poller_woken_by_signals(socket: zmq.Socket) -> zmq.Poller:
+    """A poller on `socket` and on a pipe that Python's C-level signal handler writes to.
+
+    The kernel hands a process-directed SIGTERM to any thread that does not block it: the connection
+    log's, the authenticator's, an OpenMP worker's. Python then runs the handler in the main thread only
+    when that thread next executes bytecode, which a blocking zmq_poll in the main thread never does.
+    With the wakeup pipe in the poll set, whichever thread took the signal wakes the main one."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    poller.register(read_end, zmq.POLLIN)
+    return poller
+
+
+def _await_message(socket: zmq.Socket, poller: zmq.Poller, spin_s: float) -> None:
     """Polls without sleeping for up to `spin_s` before blocking: the next request usually follows
-    within milliseconds, and waking a sleeping process costs hundreds of microseconds on a VM."""
+    within milliseconds, and waking a sleeping process costs hundreds of microseconds on a VM.
+    A signal ends the wait by running its handler (SIGTERM raises KeyboardInterrupt) on the way out."""
     deadline = time.perf_counter() + spin_s
     while not socket.poll(0):
         if time.perf_counter() > deadline:
-            socket.poll(-1)
-            return
+            for fd, _ in poller.poll():
+                if isinstance(fd, int):
+                    os.read(fd, 512)  # drain the signal bytes; the handler runs when poll returns
 
 
 def _trace_control(message: ClockProbe | TraceStart | TraceCollect, spans: SpanRecorder) -> object:
