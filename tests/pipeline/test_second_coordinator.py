@@ -54,4 +54,9 @@ def test_second_coordinator_is_refused_until_the_first_is_done_or_silent(tmp_pat
         second.close(0)
         context.term()
         worker.terminate()
-        worker.wait(10)
+        try:
+            assert worker.wait(10) == 0, "the worker did not stop on SIGTERM"
+        finally:
+            if worker.poll() is None:
+                worker.kill()  # never leave it behind for the tests that follow
+                worker.wait()
