@@ -68,6 +68,9 @@ def main() -> None:
 @click.option("--k", type=int, default=5, show_default=True, help="Drafted tokens per verification.")
 @click.option("--mode", type=click.Choice(["overlap", "serial", "target-only"]), default="overlap", show_default=True)
 @click.option("--adaptive-k", is_flag=True, help="Adapt each sequence's window between 1 and --k as it goes.")
+@click.option("--max-branches", type=int, default=12, show_default=True,
+              help="Overlap: at most this many outcomes of a verification drafted ahead at once (1 = only "
+                   "'all accepted, bonus guessed'); how many fit is learnt while running.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
@@ -99,7 +102,8 @@ def main() -> None:
 @click.option("--draft-server-key", default="", metavar="FILE",
               help="The public key (NAME.key) of the worker at --draft-addr.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
-def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode, adaptive_k, temperature, top_p, top_k,
+def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode, adaptive_k, max_branches, temperature,
+           top_p, top_k,
            seed, concurrency, backend, draft_device, target_device, threads, dtype, ready_timeout, heartbeat_interval,
            heartbeat_timeout, target_addr, draft_addr, curve_secret_key, target_server_key, draft_server_key,
            as_json) -> None:
@@ -119,7 +123,8 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
     from workers.spec import WorkerSpec
 
     texts = read_prompts(prompts, prompts_file)
-    config = DecodeConfig(mode, k, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), adaptive_k)
+    config = DecodeConfig(mode, k, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), adaptive_k,
+                          max_branches)
     use_draft = mode != "target-only"
     heartbeats = Heartbeats(heartbeat_interval, heartbeat_timeout)
     try:  # everything that can be checked here is, before any process starts
@@ -229,11 +234,11 @@ def keygen(directory, name) -> None:
     click.echo(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it on this host)")
 
 
-def _window_sizes(context, parameter, value: str) -> tuple[int, ...]:
+def _counts(context, parameter, value: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in value.split(",") if part.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of window sizes, e.g. 2,4,8")
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers, e.g. 2,4,8")
 
 
 @main.command()
@@ -243,8 +248,10 @@ def _window_sizes(context, parameter, value: str) -> tuple[int, ...]:
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="One JSON string per line.  [default: the bundled held-out code prompts]")
 @click.option("--prompts", type=int, default=8, show_default=True, help="How many prompts of the file to measure.")
-@click.option("--k", "ks", default="2,3,5", show_default=True, callback=_window_sizes,
+@click.option("--k", "ks", default="2,3,5", show_default=True, callback=_counts,
               help="Window sizes for serial and overlap, comma-separated.")
+@click.option("--max-branches", "max_branches", default="12", show_default=True, callback=_counts,
+              help="Overlap: outcomes drafted ahead at most (as for launch); a list runs overlap once per value.")
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--repetitions", type=int, default=1, show_default=True, help="Passes over the prompts.")
 @click.option("--warmup", type=int, default=1, show_default=True,
@@ -255,8 +262,8 @@ def _window_sizes(context, parameter, value: str) -> tuple[int, ...]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure here.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write a Markdown report with PNG plots into this directory.")
-def bench(draft_dir, target_dir, prompts_file, prompts, ks, new_tokens, repetitions, warmup, peers, dtype, json_path,
-          report_dir) -> None:
+def bench(draft_dir, target_dir, prompts_file, prompts, ks, max_branches, new_tokens, repetitions, warmup, peers, dtype,
+          json_path, report_dir) -> None:
     """Measure target-only, serial and overlap against transformers, on the same models and machine.
 
     Wall-clock tokens/s per configuration, one prompt at a time, configurations interleaved prompt by
@@ -270,8 +277,8 @@ def bench(draft_dir, target_dir, prompts_file, prompts, ks, new_tokens, repetiti
     from workers.errors import SpecpipeError
     from workers.models import HELDOUT_PROMPTS
 
-    config = BenchConfig(draft_dir, target_dir, prompts_file or HELDOUT_PROMPTS, prompts, ks, new_tokens, repetitions,
-                         warmup, peers, dtype, json_path, report_dir)
+    config = BenchConfig(draft_dir, target_dir, prompts_file or HELDOUT_PROMPTS, prompts, ks, max_branches, new_tokens,
+                         repetitions, warmup, peers, dtype, json_path, report_dir)
     try:
         config.validate()
         check_dtype(dtype)

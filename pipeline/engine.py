@@ -13,6 +13,8 @@ from pipeline.protocol import (
     ErrorReply,
     Release,
     Released,
+    SpeculateRequest,
+    SpeculateResult,
     VerifyRequest,
     VerifyResult,
     request_kind,
@@ -21,6 +23,8 @@ from pipeline.scheduler import Scheduler
 from workers.spans import SpanRecorder
 
 ROLES = ("target", "draft")  # the target is the bottleneck: it gets its next request first
+REQUESTS = (DraftRequest, SpeculateRequest, VerifyRequest)  # work for a model: one at a time per worker
+RESULTS = (DraftResult, SpeculateResult, VerifyResult)
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ class Engine:
         deadline = time.monotonic() + timeout_s
         while (self.releases_pending or any(self.busy.values())) and time.monotonic() < deadline:
             for role, reply in self.transport.wait(max(0.0, deadline - time.monotonic())):
-                if isinstance(reply, (DraftResult, VerifyResult)):
+                if isinstance(reply, RESULTS):
                     self.busy[role] = False
                 else:
                     self._take(role, reply)
@@ -124,18 +128,18 @@ class Engine:
                 request = self.scheduler.next_request(role)
                 if request is None:
                     break
-                if isinstance(request, (DraftRequest, VerifyRequest)):
+                if isinstance(request, REQUESTS):
                     self._kinds[request.request_id] = request_kind(request)
                     self._sent_at[request.request_id] = time.perf_counter()
                 self.transport.submit(role, request)
-                if isinstance(request, (DraftRequest, VerifyRequest)):
+                if isinstance(request, REQUESTS):
                     self.busy[role] = True
                     self.requests[role] += 1
                 else:
                     self.releases_pending += 1
 
     def _take(self, role: str, reply: object) -> None:
-        if isinstance(reply, (DraftResult, VerifyResult)):
+        if isinstance(reply, RESULTS):
             now = time.perf_counter()
             sent_at = self._sent_at.pop(reply.request_id)
             round_trip = now - sent_at

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pipeline.protocol import DraftRequest, Hello, Ping, Release, VerifyRequest
+from pipeline.protocol import DraftRequest, Hello, Ping, Release, SpeculateRequest, VerifyRequest
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
 DEFAULT_HEARTBEAT_TIMEOUT_S = 2.0
@@ -112,6 +112,9 @@ def describe_activity(message: object | None) -> str:
     if isinstance(message, DraftRequest):
         return (f"while drafting request {message.request_id} (sequence {message.seq_id}: reading "
                 f"{len(message.feed)} tokens at position {message.start}, proposing {message.count})")
+    if isinstance(message, SpeculateRequest):
+        return (f"while drafting ahead, request {message.request_id} (sequence {message.seq_id}: "
+                f"{len(message.heads) + message.bonus_guesses} branches of {message.count} tokens)")
     if isinstance(message, Hello):
         return "while loading its model (before READY)"
     if isinstance(message, Release):

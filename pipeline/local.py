@@ -15,11 +15,15 @@ class LocalTransport:
     the msgpack round trip it would make over a socket.
     """
 
-    def __init__(self, draft: ModelRunner | None, target: ModelRunner, through_wire: bool = True) -> None:
+    def __init__(self, draft: ModelRunner | None, target: ModelRunner, through_wire: bool = True,
+                 draft_first: bool = False) -> None:
         self.services = {"target": WorkerService("target", target)}
         if draft is not None:
             self.services["draft"] = WorkerService("draft", draft)
         self.through_wire = through_wire
+        # Which worker answers first when both have a request: the target (as if every verification were
+        # quicker than the drafting behind it), or the draft (as if drafting ahead always finished in time).
+        self.draft_first = draft_first
         self._queued: list[tuple[str, object]] = []
 
     def submit(self, role: str, message: object) -> None:
@@ -28,6 +32,8 @@ class LocalTransport:
     def wait(self, timeout_s: float, busy: frozenset[str] = frozenset()) -> list[tuple[str, object]]:
         replies = []
         queued, self._queued = self._queued, []
+        if self.draft_first:
+            queued.sort(key=lambda item: item[0] != "draft")  # stable: each worker keeps its own order
         for role, message in queued:
             reply = self.services[role].handle(message)
             replies.append((role, decode(encode(reply)) if self.through_wire else reply))

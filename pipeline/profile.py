@@ -180,7 +180,8 @@ def round_trip_means(profile: Profile) -> dict[tuple[str, int], float]:
 
 def predicted_ms_per_token(profile: Profile) -> float | None:
     """Theory from this run's step costs: target-only T_t; serial (T_d + T_v) / E[tau]; overlap
-    (max(T_v, T_d) + m * T_d) / E[tau], m the pre-draft miss rate (see pipeline.bench.theory)."""
+    (max(T_v, T_s) + m * T_d) / E[tau], T_s a speculation's round trip and m the pre-draft miss rate
+    (see pipeline.bench.theory)."""
     means = round_trip_means(profile)
     if profile.mode == "target-only":
         decode = means.get(("decode", 0))
@@ -193,9 +194,10 @@ def predicted_ms_per_token(profile: Profile) -> float | None:
     mean_length = (sum(s.accepted for s in stats) + verifications) / verifications
     if profile.mode == "serial":
         cycle = draft + verify
-    else:
+    else:  # the drafting ahead (one speculation per verification) runs beside the verification
         hits, misses = sum(s.predraft_hits for s in stats), sum(s.predraft_misses for s in stats)
-        cycle = max(verify, draft) + (misses / max(hits + misses, 1)) * draft
+        ahead = [span.duration_s for span in profile.processes[0].spans if span.lane and span.name == "speculate"]
+        cycle = max(verify, statistics.fmean(ahead) if ahead else draft) + (misses / max(hits + misses, 1)) * draft
     return cycle / mean_length * 1e3
 
 
@@ -224,7 +226,7 @@ def summary_lines(profile: Profile, trace_path: Path) -> list[str]:
     aligned = {p.name: p.aligned() for p in profile.processes}
     if "draft" in aligned:
         verifying = intervals(aligned["target"], VERIFICATION)
-        both = overlap_length(verifying, intervals(aligned["draft"], ("draft",)))
+        both = overlap_length(verifying, intervals(aligned["draft"], ("draft", "speculate")))
         lines.append(f"overlap: the draft computed during {100 * both / max(union_length(verifying), 1e-9):.0f}% "
                      f"of the target's verification time ({both * 1e3:.1f} of {union_length(verifying) * 1e3:.1f} ms)")
     measured, predicted = measured_ms_per_token(profile), predicted_ms_per_token(profile)

@@ -18,7 +18,7 @@ import torch
 
 from workers.sampling import SamplingParams as Sampling
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # draft distributions of a long window at a large vocabulary fit well inside
 
 
@@ -62,6 +62,7 @@ class DraftRequest:
     feed: list[int]
     count: int
     sampling: Sampling = field(default_factory=Sampling)
+    alternatives: int = 1  # how many runner-up tokens to report per drafted token
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,40 @@ class DraftResult:
     seq_id: int
     tokens: list[int]
     probs: bytes | None  # float32 [len(tokens), vocab] when sampling; None when greedy
-    runner_up: list[int]  # per token, the draft's next-best choice there (a guess at a correction)
+    alternatives: list[list[int]]  # per token, the draft's next choices there, likeliest first (guesses at a correction)
     cached: int
+    busy_s: float
+
+
+@dataclass(frozen=True)
+class SpeculateRequest:
+    """Roll back to `start`, read `feed`: the context C. Then draft `count` tokens for every branch at
+    once: branch i continues C[:forks[i]] + [heads[i]] (the verification in flight rejected at that
+    position, corrected to heads[i]); `bonus_guesses` more continue C and the draft's own likeliest
+    next tokens (guesses at the target's bonus token). The cache holds C again afterwards, or less
+    (see SpeculateResult.cached)."""
+
+    request_id: int
+    seq_id: int
+    start: int
+    feed: list[int]
+    forks: list[int]
+    heads: list[int]
+    bonus_guesses: int
+    count: int
+    sampling: Sampling = field(default_factory=Sampling)
+    alternatives: int = 1
+
+
+@dataclass(frozen=True)
+class SpeculateResult:
+    request_id: int
+    seq_id: int
+    heads: list[int]  # per branch (the requested ones, then the bonus guesses), the token it starts from
+    tokens: list[list[int]]  # per branch, its `count` drafted tokens
+    probs: bytes | None  # float32 [branches, count, vocab] when sampling
+    alternatives: list[list[list[int]]]  # per branch and drafted token, the draft's next choices
+    cached: int  # positions of C the cache still holds
     busy_s: float
 
 
@@ -186,7 +219,8 @@ class ErrorReply:
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (Hello, Ready, DraftRequest, DraftResult, VerifyRequest, VerifyResult, Release, Released, Ping, Pong,
+    for cls in (Hello, Ready, DraftRequest, DraftResult, SpeculateRequest, SpeculateResult, VerifyRequest,
+                VerifyResult, Release, Released, Ping, Pong,
                 ClockProbe, ClockReading, TraceStart, TraceStarted, TraceCollect, TraceSpans, Shutdown, ErrorReply)
 }
 Message = typing.Union[tuple(MESSAGE_TYPES.values())]  # type: ignore[valid-type]
@@ -194,11 +228,13 @@ MAX_TRACE_SPANS = 400_000  # a TraceSpans message of this many stays well inside
 
 
 def request_kind(request: object) -> tuple[str, int]:
-    """What a request asks of a worker, as (kind, size): ("draft", tokens asked), ("verify", tokens
-    drafted), ("decode", 0) for one token without a proposal, ("prefill", tokens read), or the
-    message's own name and 0."""
+    """What a request asks of a worker, as (kind, size): ("draft", tokens asked), ("speculate",
+    branches), ("verify", tokens drafted), ("decode", 0) for one token without a proposal, ("prefill",
+    tokens read), or the message's own name and 0."""
     if isinstance(request, DraftRequest):
         return "draft", request.count
+    if isinstance(request, SpeculateRequest):
+        return "speculate", len(request.heads) + request.bonus_guesses  # branches drafted
     if isinstance(request, VerifyRequest):
         if request.drafted:
             return "verify", request.drafted

@@ -10,13 +10,15 @@ For every sequence the scheduler mirrors the token ids whose keys and values eac
 Modes:
   target-only  the target decodes one token per pass (the baseline, through the same worker);
   serial       draft k tokens, then verify them, then draft again;
-  overlap      while the target verifies window i, the draft speculates on its outcome and drafts
-               window i+1 for the likeliest ones: first "all accepted, and the target's bonus token is
-               the draft's own next token"; then, while the verification is expected to last, "rejected
-               at position j, corrected to the draft's runner-up token there" for j = 0, 1, ...
-               (pre-speculating verification outcomes, as SSD/Saguaro do). When the verification
-               returns, a speculation whose context equals the committed tokens hands its window to
-               the target at once (a hit); otherwise the draft drafts anew (a miss).
+  overlap      while the target verifies window i, the draft drafts window i+1 for the likeliest
+               outcomes of that verification at once, in one batched request (pre-speculating
+               verification outcomes, as SSD/Saguaro do): "all accepted, and the target's bonus
+               token is one of the draft's top guesses", and "rejected at position j, corrected to
+               one of the draft's runner-up tokens there", for every j. How many branches fit is
+               learnt as it runs: one more after a speculation that finished before the verification,
+               two fewer after one that outlasted it. When the verification returns, the branch whose
+               context equals the committed tokens hands its window to the target at once (a hit);
+               otherwise the draft drafts anew (a miss).
 """
 
 from __future__ import annotations
@@ -31,14 +33,19 @@ from pipeline.protocol import (
     DraftRequest,
     DraftResult,
     Release,
+    SpeculateRequest,
+    SpeculateResult,
     VerifyRequest,
     VerifyResult,
     bytes_to_tensor,
     tensor_to_bytes,
 )
+from workers.request_checks import MAX_BRANCHES
 from workers.sampling import SamplingParams
 
 MODES = ("overlap", "serial", "target-only")
+ALTERNATIVES = 3  # runner-up tokens the draft reports per drafted token: the corrections overlap bets on
+MAX_BONUS_GUESSES = 4  # guesses at the one token of a plain decode step
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,9 @@ class DecodeConfig:
     # to accepted + 1 after a rejection (the schedule of transformers' assisted generation, PEARL's
     # adaptive draft length in spirit).
     adaptive_k: bool = False
+    # Overlap: at most this many branches (outcomes of a verification) drafted ahead per window;
+    # 1 is the classic optimistic pre-draft (all accepted, the bonus guessed by the draft's argmax).
+    max_branches: int = 12
 
     def validate(self, max_context: int) -> None:
         if self.mode not in MODES:
@@ -59,6 +69,8 @@ class DecodeConfig:
             raise ValueError(f"--k must be between 1 and {max_context - 1} (the context), got {self.k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not 1 <= self.max_branches <= MAX_BRANCHES:
+            raise ValueError(f"--max-branches must be between 1 and {MAX_BRANCHES}, got {self.max_branches}")
         self.sampling.validate()
 
 
@@ -70,6 +82,7 @@ class SequenceStats:
     predraft_hits: int = 0  # verifications whose next window was ready (pre-drafted)
     predraft_misses: int = 0
     alt_hits: int = 0  # of the hits, those served by a rejected-at-j speculation
+    speculated_branches: list[int] = field(default_factory=list)  # outcomes drafted ahead, per verification
     accepted_lengths: list[int] = field(default_factory=list)  # per verification with a window
     window_sizes: list[int] = field(default_factory=list)
     started: float = 0.0
@@ -84,13 +97,14 @@ class Drafted:
 
     tokens: list[int]
     probs: torch.Tensor | None  # the draft's distributions (sampling only)
-    runner_up: list[int]  # the draft's next-best token at each position
+    alternatives: list[list[int]]  # the draft's next choices at each position, likeliest first
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def head(self, count: int) -> "Drafted":
-        return Drafted(self.tokens[:count], None if self.probs is None else self.probs[:count], self.runner_up[:count])
+        return Drafted(self.tokens[:count], None if self.probs is None else self.probs[:count],
+                       self.alternatives[:count])
 
 
 EMPTY = Drafted([], None, [])
@@ -100,24 +114,42 @@ EMPTY = Drafted([], None, [])
 class Speculation:
     """A window drafted ahead for one possible outcome of the verification in flight."""
 
-    context: list[int]  # the committed tokens this outcome leads to (without the bonus, if guessed)
-    guesses_bonus: bool  # the first drafted token is a guess of the target's bonus token
-    drafted: Drafted | None = None  # None while the draft is still working on it
+    context: list[int]  # the committed tokens this outcome leads to
+    drafted: Drafted
+    after_rejection: bool  # the outcome is a rejected token (not all accepted plus a bonus)
 
-    def matches(self, committed: list[int]) -> bool | None:
-        """Whether this speculation continues `committed`; None when only its result can tell."""
-        if not self.guesses_bonus:
-            return committed == self.context
-        if len(committed) != len(self.context) + 1 or committed[:-1] != self.context:
-            return False
-        return None if self.drafted is None else committed[-1] == self.drafted.tokens[0]
 
-    def window(self, count: int) -> Drafted:
-        drafted = self.drafted
-        if self.guesses_bonus:
-            drafted = Drafted(drafted.tokens[1:], None if drafted.probs is None else drafted.probs[1:],
-                              drafted.runner_up[1:])
-        return drafted.head(count)
+@dataclass(frozen=True)
+class Outcomes:
+    """The outcomes a speculation request drafts for: rejections (fork position, corrected token),
+    then `bonus_guesses` guesses of the bonus token after the whole window."""
+
+    context: list[int]  # committed tokens + the window being verified
+    forks: list[int]
+    heads: list[int]
+    bonus_guesses: int
+
+
+def likeliest_outcomes(window: Drafted, committed: int, budget: int) -> tuple[list[tuple[int, int]], int]:
+    """Up to `budget` outcomes of verifying `window` after `committed` tokens, likeliest first:
+    all accepted with the draft's top bonus guess; then rejected at each position j with the draft's
+    runner-up there; the second bonus guess; third choices at each j; and so on. Returns the
+    rejections as (fork position, token) and the number of bonus guesses."""
+    if not any(window.alternatives):  # a plain decode (or prefill) step: its one token is the bonus
+        return [], min(budget, MAX_BONUS_GUESSES)
+    rejections: list[tuple[int, int]] = []
+    bonus = 1
+    rank = 0
+    while bonus + len(rejections) < budget:
+        level = [(committed + j, choices[rank]) for j, choices in enumerate(window.alternatives)
+                 if rank < len(choices)]
+        if not level:
+            break
+        rejections += level[: budget - bonus - len(rejections)]
+        if bonus + len(rejections) < budget:
+            bonus += 1
+        rank += 1
+    return rejections, bonus
 
 
 @dataclass
@@ -131,9 +163,10 @@ class Sequence:
     window: Drafted | None = None  # drafted for context == tokens, awaiting the target
     verifying: Drafted | None = None  # the window in flight at the target
     verify_sent_at: float = 0.0
-    drafting: Speculation | str | None = None  # "window", or the speculation being drafted
-    speculations: list[Speculation] = field(default_factory=list)  # on the verification in flight
-    awaited: Speculation | None = None  # verification back, its matching speculation still drafting
+    drafting: str | None = None  # "window" or "speculation" while the draft works for this sequence
+    outcomes: Outcomes | None = None  # what the speculation on the verification in flight drafts for
+    speculations: list[Speculation] = field(default_factory=list)  # its windows, once drafted
+    awaited: bool = False  # the verification came back before its speculation did
     finish_reason: str | None = None
     stats: SequenceStats = field(default_factory=SequenceStats)
     k: int = 0  # this sequence's current window size (the configured k unless adapting)
@@ -183,9 +216,8 @@ class Scheduler:
         self.control: dict[str, list[object]] = {"draft": [], "target": []}  # releases to send
         self._next_request_id = 0
         self._in_flight: dict[int, Sequence] = {}
-        # running estimates that decide whether a further speculation still fits inside a verification
-        self.verify_s = 0.010
-        self.draft_token_s = 0.002
+        # branches per speculation: grown while speculations finish inside their verification
+        self.branch_budget = min(4, config.max_branches)
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -262,7 +294,7 @@ class Scheduler:
             )
         return None
 
-    def _next_draft(self) -> DraftRequest | None:
+    def _next_draft(self) -> DraftRequest | SpeculateRequest | None:
         if self.config.mode == "target-only":
             return None
         # First, windows the target is waiting for; then pre-drafts behind running verifications.
@@ -273,50 +305,47 @@ class Scheduler:
                 continue  # the target's prefill comes first; overlap pre-drafts behind it
             count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
             if count:
-                return self._draft(sequence, sequence.tokens, count, "window")
+                return self._draft(sequence, count)
         if self.config.mode != "overlap":
             return None
         for sequence in self.active:
-            if sequence.drafting or sequence.verifying is None:
+            if sequence.drafting or sequence.verifying is None or sequence.outcomes is not None:
                 continue
-            speculation = self._next_speculation(sequence)
+            speculation = self._speculate(sequence)
             if speculation is not None:
                 return speculation
         return None
 
-    def _next_speculation(self, sequence: Sequence) -> DraftRequest | None:
-        """The next outcome of the running verification worth drafting for, likeliest first."""
+    def _draft(self, sequence: Sequence, count: int) -> DraftRequest:
+        start, feed = self._draft_feed(sequence, sequence.tokens)
+        sequence.drafting = "window"
+        alternatives = ALTERNATIVES if self.config.mode == "overlap" else 0
+        return self._issue(sequence, DraftRequest(self._new_id(), sequence.seq_id, start, feed, count,
+                                                  self.config.sampling, alternatives))
+
+    def _speculate(self, sequence: Sequence) -> SpeculateRequest | None:
+        """Drafts ahead, in one request, for the likeliest outcomes of the verification in flight."""
         window = sequence.verifying
-        tried = len(sequence.speculations)
+        context = sequence.tokens + window.tokens
         generated = len(sequence.generated)
-        if tried == 0:  # all accepted; the first drafted token guesses the bonus
-            context = sequence.tokens + window.tokens
-            count = self._window_budget(sequence, len(context) + 1, generated + len(window) + 1)
-            if count and len(context) + count < self.max_context:
-                return self._speculate(sequence, Speculation(context, guesses_bonus=True), count + 1)
+        count = self._window_budget(sequence, len(context) + 1, generated + len(window) + 1)
+        if not count or len(context) + count >= self.max_context:
             return None
-        j = tried - 1  # then: rejected at position j, corrected to the draft's runner-up
-        if j >= len(window):
-            return None
-        context = sequence.tokens + window.tokens[:j] + [window.runner_up[j]]
-        count = self._window_budget(sequence, len(context), generated + j + 1)
-        cost = (count + 1) * self.draft_token_s
-        if count == 0 or self.clock() - sequence.verify_sent_at + cost > self.verify_s:
-            return None  # it would outlast the verification and delay the draft the target then needs
-        return self._speculate(sequence, Speculation(context, guesses_bonus=False), count)
+        rejections, bonus_guesses = likeliest_outcomes(window, len(sequence.tokens), self.branch_budget)
+        sequence.outcomes = Outcomes(context, [fork for fork, _ in rejections], [head for _, head in rejections],
+                                     bonus_guesses)
+        start, feed = self._draft_feed(sequence, context)
+        sequence.drafting = "speculation"
+        return self._issue(sequence, SpeculateRequest(
+            self._new_id(), sequence.seq_id, start, feed, sequence.outcomes.forks, sequence.outcomes.heads,
+            bonus_guesses, count, self.config.sampling, ALTERNATIVES))
 
-    def _speculate(self, sequence: Sequence, speculation: Speculation, count: int) -> DraftRequest:
-        sequence.speculations.append(speculation)
-        return self._draft(sequence, speculation.context, count, speculation)
-
-    def _draft(self, sequence: Sequence, context: list[int], count: int, kind: Speculation | str) -> DraftRequest:
+    def _draft_feed(self, sequence: Sequence, context: list[int]) -> tuple[int, list[int]]:
+        """Where the draft's cache must roll back to for `context`, and what it must read from there."""
         start = min(common_prefix(sequence.draft_view, context), len(context) - 1)
         feed = context[start:]
-        sequence.drafting = kind
-        sequence.draft_view = sequence.draft_view[:start] + feed  # extended by the reply
-        return self._issue(
-            sequence, DraftRequest(self._new_id(), sequence.seq_id, start, feed, count, self.config.sampling)
-        )
+        sequence.draft_view = sequence.draft_view[:start] + feed  # set from the reply
+        return start, feed
 
     def _issue(self, sequence: Sequence, request):
         self._in_flight[request.request_id] = sequence
@@ -328,7 +357,7 @@ class Scheduler:
 
     # --- taking replies -------------------------------------------------------------------------
 
-    def on_reply(self, reply: DraftResult | VerifyResult) -> None:
+    def on_reply(self, reply: DraftResult | SpeculateResult | VerifyResult) -> None:
         sequence = self._in_flight.pop(reply.request_id, None)
         if sequence is None:
             raise ValueError(f"reply to unknown request {reply.request_id}")
@@ -337,33 +366,48 @@ class Scheduler:
         else:
             self._on_drafted(sequence, reply)
 
-    def _on_drafted(self, sequence: Sequence, reply: DraftResult) -> None:
-        kind, sequence.drafting = sequence.drafting, None
-        sequence.draft_view = sequence.draft_view + reply.tokens[:-1]
+    def _on_drafted(self, sequence: Sequence, reply: DraftResult | SpeculateResult) -> None:
+        sequence.drafting = None
+        if isinstance(reply, SpeculateResult):
+            sequence.draft_view = sequence.draft_view[: reply.cached]
+        else:
+            sequence.draft_view = sequence.draft_view + reply.tokens[:-1]
         if len(sequence.draft_view) != reply.cached:
             raise RuntimeError(
                 f"draft cache of sequence {sequence.seq_id} holds {reply.cached} positions, expected "
                 f"{len(sequence.draft_view)}"
             )
-        self.draft_token_s += 0.2 * (reply.busy_s / len(reply.tokens) - self.draft_token_s)
         if sequence.finish_reason is not None:
             return
-        drafted = Drafted(reply.tokens, bytes_to_tensor(reply.probs, len(reply.tokens), self.vocab_size),
-                          reply.runner_up)
-        if kind == "window":
-            sequence.window = drafted
+        if isinstance(reply, DraftResult):
+            sequence.window = Drafted(reply.tokens, bytes_to_tensor(reply.probs, len(reply.tokens), self.vocab_size),
+                                      reply.alternatives)
             return
-        kind.drafted = drafted
-        if kind is sequence.awaited:  # the verification came back and bet on this one
-            sequence.awaited = None
-            self._use_or_miss(sequence, kind if kind.matches(sequence.tokens) else None)
+        sequence.speculations = self._speculations(sequence.outcomes, reply)
+        if sequence.awaited:  # the verification came back first
+            sequence.awaited = False
+            self._use_or_miss(sequence)
+
+    def _speculations(self, outcomes: Outcomes, reply: SpeculateResult) -> list[Speculation]:
+        branches, count = len(reply.heads), len(reply.tokens[0]) if reply.tokens else 0
+        if branches != len(outcomes.heads) + outcomes.bonus_guesses or any(len(t) != count for t in reply.tokens):
+            raise RuntimeError(f"the draft answered a speculation on {len(outcomes.heads) + outcomes.bonus_guesses} "
+                               f"outcomes with {branches} branches")
+        probs = bytes_to_tensor(reply.probs, branches * count, self.vocab_size)
+        speculations = []
+        for i, head in enumerate(reply.heads):
+            rejected = i < len(outcomes.forks)
+            context = (outcomes.context[: outcomes.forks[i]] if rejected else outcomes.context) + [head]
+            branch_probs = None if probs is None else probs[i * count : (i + 1) * count]
+            speculations.append(Speculation(context, Drafted(reply.tokens[i], branch_probs, reply.alternatives[i]),
+                                            rejected))
+        return speculations
 
     def _on_verified(self, sequence: Sequence, reply: VerifyResult) -> None:
         window, sequence.verifying = sequence.verifying, None
         sequence.target_view = sequence.target_view[: reply.cached]
         if len(sequence.target_view) != reply.cached:
             raise RuntimeError(f"target cache of sequence {sequence.seq_id} holds {reply.cached} positions")
-        self.verify_s += 0.2 * (reply.busy_s - self.verify_s)
         stats = sequence.stats
         if window.tokens and self.config.adaptive_k:
             full = reply.accepted == len(window)
@@ -375,26 +419,28 @@ class Scheduler:
             stats.accepted_lengths.append(reply.accepted)
             stats.window_sizes.append(len(window))
         self._commit(sequence, window.tokens[: reply.accepted] + [reply.next_token])
-        speculations, sequence.speculations = sequence.speculations, []
-        if sequence.finish_reason is not None or not speculations:
+        if sequence.finish_reason is not None or sequence.outcomes is None:
             return
-        for speculation in speculations:
-            verdict = speculation.matches(sequence.tokens)
-            if verdict and speculation.drafted is not None:
-                return self._use_or_miss(sequence, speculation)
-            if verdict is None or (verdict and speculation.drafted is None):
-                sequence.awaited = speculation  # still drafting: judged when it arrives
-                return
-        self._use_or_miss(sequence, None)
+        if sequence.drafting == "speculation":  # still drafting: it outlasted the verification
+            self.branch_budget = max(1, self.branch_budget - 2)
+            sequence.awaited = True
+            return
+        self.branch_budget = min(self.config.max_branches, self.branch_budget + 1)
+        self._use_or_miss(sequence)
 
-    def _use_or_miss(self, sequence: Sequence, speculation: Speculation | None) -> None:
-        if speculation is None:
-            sequence.stats.predraft_misses += 1
+    def _use_or_miss(self, sequence: Sequence) -> None:
+        """Hands the target the pre-drafted window for the outcome that happened, if one was drafted."""
+        speculations, sequence.speculations, sequence.outcomes = sequence.speculations, [], None
+        stats = sequence.stats
+        stats.speculated_branches.append(len(speculations))
+        hit = next((s for s in speculations if s.context == sequence.tokens), None)
+        if hit is None:
+            stats.predraft_misses += 1
             return
-        sequence.stats.predraft_hits += 1
-        sequence.stats.alt_hits += not speculation.guesses_bonus
+        stats.predraft_hits += 1
+        stats.alt_hits += hit.after_rejection
         count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
-        sequence.window = speculation.window(count)
+        sequence.window = hit.drafted.head(count)
 
     def _commit(self, sequence: Sequence, new_tokens: list[int]) -> None:
         now = self.clock()
@@ -417,7 +463,6 @@ class Scheduler:
             self.on_tokens(sequence, new_tokens)
         if sequence.finish_reason is not None:
             stats.finished_at = now
-            sequence.window = sequence.awaited = None
-            sequence.speculations = []
+            sequence.window, sequence.awaited, sequence.outcomes, sequence.speculations = None, False, None, []
             for role in ("target",) if self.config.mode == "target-only" else ("draft", "target"):
                 self.control[role].append(Release(sequence.seq_id))

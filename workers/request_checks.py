@@ -11,20 +11,44 @@ import math
 
 import torch
 
-from pipeline.protocol import DraftRequest, VerifyRequest
+from pipeline.protocol import DraftRequest, SpeculateRequest, VerifyRequest
 from workers.sampling import SamplingParams
+
+MAX_BRANCHES = 64  # per SpeculateRequest; the scheduler asks for a dozen or so
 
 
 def check_request(message: object, vocab_size: int, max_seq_len: int) -> None:
-    """Raises ValueError if a Draft/VerifyRequest cannot be served by a model of this size."""
-    if not isinstance(message, (DraftRequest, VerifyRequest)):
+    """Raises ValueError if a Draft/Speculate/VerifyRequest cannot be served by a model of this size."""
+    if not isinstance(message, (DraftRequest, SpeculateRequest, VerifyRequest)):
         return
     _check_positions(message.start, message.feed, vocab_size, max_seq_len)
-    if isinstance(message, DraftRequest) and not 1 <= message.count <= max_seq_len:
-        raise ValueError(f"count must lie in [1, {max_seq_len}], got {message.count}")
+    if isinstance(message, (DraftRequest, SpeculateRequest)):
+        if not 1 <= message.count <= max_seq_len:
+            raise ValueError(f"count must lie in [1, {max_seq_len}], got {message.count}")
+        if not 0 <= message.alternatives < vocab_size:
+            raise ValueError(f"alternatives must lie in [0, {vocab_size}), got {message.alternatives}")
+    if isinstance(message, SpeculateRequest):
+        _check_branches(message, vocab_size, max_seq_len)
     if isinstance(message, VerifyRequest) and not 0 <= message.drafted < len(message.feed):
         raise ValueError(f"a window of {len(message.feed)} tokens cannot carry {message.drafted} drafted ones")
     _check_sampling(message.sampling, vocab_size)
+
+
+def _check_branches(message: SpeculateRequest, vocab_size: int, max_seq_len: int) -> None:
+    end = message.start + len(message.feed)
+    if len(message.forks) != len(message.heads):
+        raise ValueError(f"{len(message.forks)} forks but {len(message.heads)} heads: one of each per branch")
+    if not 0 <= message.bonus_guesses <= min(vocab_size, MAX_BRANCHES):
+        raise ValueError(f"bonus_guesses must lie in [0, {min(vocab_size, MAX_BRANCHES)}]")
+    branches = len(message.heads) + message.bonus_guesses
+    if not 1 <= branches <= MAX_BRANCHES:
+        raise ValueError(f"a speculation drafts 1 to {MAX_BRANCHES} branches, got {branches}")
+    if any(not 0 <= fork < end for fork in message.forks):
+        raise ValueError(f"forks must lie in [0, {end}) (the positions read)")
+    if message.heads and (min(message.heads) < 0 or max(message.heads) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size})")
+    if end + message.count > max_seq_len:
+        raise ValueError(f"drafting {message.count} tokens after position {end} would pass the context of {max_seq_len}")
 
 
 def _check_positions(start: int, feed: list[int], vocab_size: int, max_seq_len: int) -> None:

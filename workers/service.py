@@ -11,6 +11,8 @@ from pipeline.protocol import (
     Pong,
     Release,
     Released,
+    SpeculateRequest,
+    SpeculateResult,
     VerifyRequest,
     VerifyResult,
     bytes_to_tensor,
@@ -52,9 +54,17 @@ class WorkerService:
     def _dispatch(self, message: object) -> object:
         began = time.perf_counter()
         if isinstance(message, DraftRequest) and self.role == "draft":
-            draft = self.core.draft(message.seq_id, message.start, message.feed, message.count, message.sampling)
+            draft = self.core.draft(message.seq_id, message.start, message.feed, message.count, message.sampling,
+                                    message.alternatives)
             return DraftResult(message.request_id, message.seq_id, draft.tokens, tensor_to_bytes(draft.probs),
-                               draft.runner_up, draft.cached, time.perf_counter() - began)
+                               draft.alternatives, draft.cached, time.perf_counter() - began)
+        if isinstance(message, SpeculateRequest) and self.role == "draft":
+            branches = self.core.speculate(message.seq_id, message.start, message.feed, message.forks, message.heads,
+                                           message.bonus_guesses, message.count, message.sampling,
+                                           message.alternatives)
+            return SpeculateResult(message.request_id, message.seq_id, branches.heads, branches.tokens,
+                                   tensor_to_bytes(branches.probs), branches.alternatives, branches.cached,
+                                   time.perf_counter() - began)
         if isinstance(message, VerifyRequest) and self.role == "target":
             probs = bytes_to_tensor(message.probs, message.drafted, self.runner.config.vocab_size)
             check_distributions(probs)

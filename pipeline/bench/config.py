@@ -15,6 +15,7 @@ class BenchConfig:
     prompts_file: Path = HELDOUT_PROMPTS  # one JSON string per line; default: held-out code prompts
     prompts: int = 8  # how many of them (after the warm-up ones)
     ks: tuple[int, ...] = (2, 3, 5)  # window sizes for serial and overlap
+    max_branches: tuple[int, ...] = (12,)  # overlap runs once per value (see DecodeConfig.max_branches)
     new_tokens: int = 128
     repetitions: int = 1  # passes over the prompt set
     warmup: int = 1  # prompts per configuration run first and not counted
@@ -28,6 +29,8 @@ class BenchConfig:
             raise ValueError(f"--prompts must be at least 1, got {self.prompts}")
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"--k takes window sizes of at least 1, e.g. 2,4,8; got {self.ks}")
+        if not self.max_branches or min(self.max_branches) < 1:
+            raise ValueError(f"--max-branches takes counts of at least 1, e.g. 1,12; got {self.max_branches}")
         if self.new_tokens < 2:
             raise ValueError(f"--new-tokens must be at least 2 (inter-token latency needs two), got {self.new_tokens}")
         if self.repetitions < 1:

@@ -67,6 +67,7 @@ class Figures:
     per_position_acceptance: list[float | None] = field(default_factory=list)
     accepted_length_histogram: list[int] = field(default_factory=list)
     predraft_hit_rate: float | None = None  # overlap: verifications whose next window was ready
+    mean_branches: float | None = None  # overlap: outcomes drafted ahead per verification
     time_split_s: dict[str, dict[str, float]] = field(default_factory=dict)  # process -> part -> seconds
     warmup: dict[str, float] = field(default_factory=dict)  # the uncounted runs: sequences, tokens, wall_s
     speedup_vs_target_only: float | None = None
@@ -106,6 +107,9 @@ def figures(name: str, mode: str, k: int | None, system: str, runs: list[Generat
     hits, misses = sum(g.predraft_hits for g in runs), sum(g.predraft_misses for g in runs)
     if hits + misses:
         result.predraft_hit_rate = hits / (hits + misses)
+    branches = [n for g in runs for n in g.speculated_branches]
+    if branches:
+        result.mean_branches = statistics.fmean(branches)
     split: dict[str, dict[str, float]] = {}
     for process in PROCESSES:
         busy = sum(g.busy_s.get(process, 0.0) for g in runs)

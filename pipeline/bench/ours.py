@@ -20,12 +20,16 @@ class Contender:
     name: str
     mode: str  # target-only | serial | overlap | hf-target-only | hf-assisted
     k: int | None  # window size (None: no window, or the peer's own schedule)
+    max_branches: int | None = None  # overlap: outcomes drafted ahead at most
 
 
-def our_contenders(ks: tuple[int, ...]) -> list[Contender]:
+def our_contenders(ks: tuple[int, ...], max_branches: tuple[int, ...] = (12,)) -> list[Contender]:
     contenders = [Contender("target-only", "target-only", None)]
     for k in ks:
-        contenders += [Contender(f"serial k={k}", "serial", k), Contender(f"overlap k={k}", "overlap", k)]
+        contenders.append(Contender(f"serial k={k}", "serial", k))
+        for branches in max_branches:
+            name = f"overlap k={k}" + (f" b={branches}" if len(max_branches) > 1 else "")
+            contenders.append(Contender(name, "overlap", k, branches))
     return contenders
 
 
@@ -44,7 +48,8 @@ class PipelineRunner:
     def __init__(self, cluster: LocalCluster, contender: Contender, new_tokens: int) -> None:
         self.cluster = cluster
         self.contender = contender
-        self.decode = DecodeConfig(contender.mode, contender.k or 1, new_tokens)
+        self.decode = DecodeConfig(contender.mode, contender.k or 1, new_tokens,
+                                   max_branches=contender.max_branches or DecodeConfig.max_branches)
 
     def __call__(self, prompt: list[int]) -> Generation:
         began = time.perf_counter()

@@ -20,6 +20,7 @@ class Generation:
     window_sizes: list[int] = field(default_factory=list)
     predraft_hits: int = 0
     predraft_misses: int = 0
+    speculated_branches: list[int] = field(default_factory=list)  # overlap: outcomes drafted ahead, per verification
     # seconds per process: busy (computing), ipc (round trip minus compute); the coordinator's own work
     busy_s: dict[str, float] = field(default_factory=dict)
     ipc_s: dict[str, float] = field(default_factory=dict)
@@ -44,6 +45,7 @@ def from_pipeline(sequence: Sequence, engine: Engine, wall_s: float) -> Generati
         window_sizes=list(stats.window_sizes),
         predraft_hits=stats.predraft_hits,
         predraft_misses=stats.predraft_misses,
+        speculated_branches=list(stats.speculated_branches),
         busy_s=dict(engine.busy_s),
         ipc_s=dict(engine.overhead_s),
         coordinator_s=engine.coordinator_s,

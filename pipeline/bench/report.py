@@ -16,7 +16,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
     header = ["config", "tok/s", "decode tok/s", "vs target-only", "vs hf", "predicted", "meas/pred", "TTFT ms",
-              "ITL p50/p90/p99 ms", "accept", "mean len", "hit", "target busy/ipc/idle", "draft busy", "coord"]
+              "ITL p50/p90/p99 ms", "accept", "mean len", "hit", "branches", "target busy/ipc/idle", "draft busy", "coord"]
     rows = []
     for f in result.configs:
         split = f.time_split_s
@@ -31,6 +31,7 @@ def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
             _fmt(f.predicted_speedup, ".2f", "x"), _fmt(f.measured_over_predicted, ".2f"), f"{f.ttft_s * 1e3:.0f}",
             "/".join(f"{f.itl_ms[p]:.1f}" for p in ("p50", "p90", "p99")),
             _fmt(f.acceptance_rate, ".1%"), _fmt(f.mean_acceptance_length, ".2f"), _fmt(f.predraft_hit_rate, ".0%"),
+            _fmt(f.mean_branches, ".1f"),
             "/".join(share("target", part) for part in ("busy", "ipc", "idle")) if "target" in split else "-",
             share("draft", "busy"), share("coordinator", "busy"),
         ])

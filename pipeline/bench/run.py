@@ -59,7 +59,7 @@ def run_bench(config: BenchConfig, dtype: str, command: str = "", progress: bool
     config.validate()
     prompts = read_prompt_ids(config)
     warm, measured = prompts[: config.warmup], prompts[config.warmup :]
-    contenders = our_contenders(config.ks) + (list(PEERS) if config.peers else [])
+    contenders = our_contenders(config.ks, config.max_branches) + (list(PEERS) if config.peers else [])
     runs: dict[str, list[Generation]] = {c.name: [] for c in contenders}
     warmups: dict[str, list[Generation]] = {c.name: [] for c in contenders}
     with start_cluster(config, dtype) as cluster:
@@ -99,14 +99,15 @@ def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[str, 
         result.speedup_vs_target_only = result.tokens_per_s / baseline.tokens_per_s
         if hf_baseline is not None:
             result.speedup_vs_hf_target_only = result.tokens_per_s / hf_baseline.tokens_per_s
-        predict(result, baseline, decode_step_s, runs.get(f"serial k={result.k}"))
+        predict(result, baseline, decode_step_s, runs.get(f"serial k={result.k}"), runs[result.name])
     reference = [g.token_ids for g in runs["target-only"]]
     identical = all([g.token_ids for g in runs[c.name]] == reference
                     for c in contenders if not c.mode.startswith("hf-"))
     peers = {c.name: f"{sum(g.token_ids == r for g, r in zip(runs[c.name], reference))}/{len(reference)}"
              for c in contenders if c.mode.startswith("hf-")}
     settings = {"prompts": config.prompts, "warmup": config.warmup, "repetitions": config.repetitions,
-                "new_tokens": config.new_tokens, "k": list(config.ks), "dtype": dtype,
+                "new_tokens": config.new_tokens, "k": list(config.ks),
+                "max_branches": list(config.max_branches), "dtype": dtype,
                 "prompts_file": str(config.prompts_file), "command": command,
                 "placement": "one core per worker; peers on one core with one thread"}
     return BenchResult(results, identical, peers, machine(), settings)

@@ -5,10 +5,12 @@ average (the mean acceptance length, bonus token included). Step costs are media
 the coordinator saw (compute + IPC), taken from the same run:
 
     serial    one cycle = k draft steps + one verification:   T_cycle = T_d(k) + T_v(k)
-    overlap   the draft works during the verification; a miss (no pre-drafted window fits the outcome)
-              leaves the target waiting for a fresh draft:    T_cycle = max(T_v(k), T_d(k)) + m * T_d(k)
+    overlap   the draft drafts ahead during the verification; a miss (no pre-drafted window fits the
+              outcome) leaves the target waiting for a fresh draft:
+                                                              T_cycle = max(T_v(k), T_s) + m * T_d(k)
 
-with T_d(k) the round trip of a k-token draft request and m the measured pre-draft miss rate. The
+with T_d(k) the round trip of a k-token draft request, T_s that of a speculation (all branches drafted
+ahead for one verification; the overlap run's own median) and m the measured pre-draft miss rate. The
 prompt's prefill P (target-only TTFT) is the same in every mode, so over N tokens per sequence
 
     predicted speedup = (P + (N - 1) * T_t) / (P + (N - 1) * T_cycle / E[tau]).
@@ -29,7 +31,7 @@ def median_round_trip(runs: list[Generation], role: str, kind: str, size: int | 
 
 
 def predict(result: Figures, baseline: Figures, decode_step_s: float | None,
-            serial_runs: list[Generation] | None) -> None:
+            serial_runs: list[Generation] | None, own_runs: list[Generation] | None = None) -> None:
     """Fills result.predicted_speedup and result.theory for a serial or overlap configuration."""
     if result.mode not in ("serial", "overlap") or not result.mean_acceptance_length or not serial_runs:
         return
@@ -43,7 +45,8 @@ def predict(result: Figures, baseline: Figures, decode_step_s: float | None,
         miss_rate = None
     else:
         miss_rate = 1.0 - (result.predraft_hit_rate or 0.0)
-        cycle = max(verify_s, draft_s) + miss_rate * draft_s
+        ahead_s = median_round_trip(own_runs or [], "draft", "speculate") or draft_s
+        cycle = max(verify_s, ahead_s) + miss_rate * draft_s
     prefill = baseline.ttft_s
     per_sequence = result.tokens / result.sequences
     predicted_wall = prefill + (per_sequence - 1) * cycle / result.mean_acceptance_length
@@ -56,3 +59,4 @@ def predict(result: Figures, baseline: Figures, decode_step_s: float | None,
                      "mean_acceptance_length": result.mean_acceptance_length}
     if miss_rate is not None:
         result.theory["miss_rate"] = miss_rate
+        result.theory["speculate_ms"] = ahead_s * 1e3

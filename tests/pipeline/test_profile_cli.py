@@ -45,20 +45,20 @@ def test_overlap_trace_shows_every_process_and_drafting_during_verification(tmp_
     pids, events = tracks(trace)
     assert set(pids) == {"coord", "draft", "target"} and set(events) == set(pids.values())
     names = {process: {e["name"] for e in events[pid]} for process, pid in pids.items()}
-    assert {"idle", "recv", "unpack", "draft", "pack", "send"} <= names["draft"]
+    assert {"idle", "recv", "unpack", "speculate", "pack", "send"} <= names["draft"]
     assert {"idle", "recv", "unpack", "prefill", "verify", "pack", "send"} <= names["target"]
     assert {"schedule", "wait", "send target", "recv target", "send draft", "recv draft"} <= names["coord"]
 
     # every worker step lies inside the coordinator's view of that request, once clocks are aligned
-    for role, kinds in (("target", {"verify", "decode", "prefill"}), ("draft", {"draft"})):
+    for role, kinds in (("target", {"verify", "decode", "prefill"}), ("draft", {"draft", "speculate"})):
         requests = [e for e in events[pids["coord"]] if e["tid"] == lane(trace, pids["coord"], f"{role} requests")]
         steps = [e for e in events[pids[role]] if e["name"] in kinds]
         assert len(steps) == len(requests) > 0
         for step in steps:
             assert any(r["name"] == step["name"] and r["args"] == step["args"] and inside(step, r) for r in requests), step
 
-    # the point of overlap mode: the draft computes while the target verifies
-    drafting = [(e["ts"], e["ts"] + e["dur"]) for e in events[pids["draft"]] if e["name"] == "draft"]
+    # the point of overlap mode: the draft drafts ahead while the target verifies
+    drafting = [(e["ts"], e["ts"] + e["dur"]) for e in events[pids["draft"]] if e["name"] == "speculate"]
     verifying = [(e["ts"], e["ts"] + e["dur"]) for e in events[pids["target"]] if e["name"] == "verify"]
     assert any(min(d1, v1) - max(d0, v0) > 0 for d0, d1 in drafting for v0, v1 in verifying)
 

@@ -1,5 +1,6 @@
 """Speculative sampling emits tokens distributed exactly as the target's own sampling."""
 
+import itertools
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -141,6 +142,48 @@ def tiny_pair(tmp_path_factory):
 def test_pipeline_sampling_matches_the_target(tiny_pair, mode):
     draft, target = tiny_pair
     statistic, dof = pooled_chi_square(window_token_counts(draft, target, mode), exact_window_token_probs(target), 3000)
+    assert statistic < chi2_critical(dof)
+
+
+def second_window_counts(draft, target, temperature, runs):
+    """Counts of (4th, 5th) generated token in overlap k=2: they come from the second window, which is
+    pre-drafted during the first verification for its likeliest outcomes, rejections included."""
+    counts, from_rejections = torch.zeros(64), 0
+    limits = ModelLimits(8, frozenset(), 64)
+    for seed in range(runs):
+        config = DecodeConfig(mode="overlap", k=2, max_new_tokens=8, sampling=SamplingParams(temperature, seed=seed))
+        transport = LocalTransport(draft, target, through_wire=False, draft_first=True)  # windows drafted ahead in time
+        (sequence,), _ = generate(transport, [PROMPT], config, limits)
+        fourth, fifth = sequence.generated[3:5]
+        counts[fourth * 8 + fifth] += 1
+        from_rejections += sequence.stats.alt_hits
+    return counts, from_rejections
+
+
+def exact_second_window_probs(target, temperature):
+    """p(4th, 5th) under the target alone at `temperature`, the first three tokens summed out."""
+    def next_probs(tokens):
+        target.truncate(0, 0)
+        return torch.softmax(target.forward(tokens, 0)[-1] / temperature, -1)
+
+    exact = torch.zeros(64)
+    for prefix in itertools.product(range(8), repeat=3):
+        weight, context = 1.0, list(PROMPT)
+        for token in prefix:
+            weight *= float(next_probs(context)[token])
+            context.append(token)
+        fourth = next_probs(context)
+        for a in range(8):
+            exact[a * 8 : a * 8 + 8] += weight * fourth[a] * next_probs(context + [a])
+    return exact
+
+
+def test_windows_drafted_ahead_for_a_rejection_keep_the_target_distribution(tiny_pair):
+    draft, target = tiny_pair
+    runs = 3000
+    counts, from_rejections = second_window_counts(draft, target, 2.0, runs)  # flatter than the models' own
+    assert from_rejections > runs / 10  # windows drafted for a rejected token were really used
+    statistic, dof = pooled_chi_square(counts, exact_second_window_probs(target, 2.0), runs)
     assert statistic < chi2_critical(dof)
 
 

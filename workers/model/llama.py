@@ -209,13 +209,13 @@ class DecoderLayer(nn.Module):
 
         # Grouped-query attention without repeating K/V: each KV head serves its group's query heads
         # as group*T query rows. Head h belongs to KV head h // group.
-        if T == 1:
+        if T == 1 and mask is None:
             q = q.view(1, n_kv, self.group, hd)
         else:
             q = q.reshape(T, n_kv, self.group, hd).permute(1, 2, 0, 3).reshape(1, n_kv, self.group * T, hd)
             mask = mask.repeat(self.group, 1)  # [group*T, end]: row g*T + t is query t
         attn = F.scaled_dot_product_attention(q, k_cache[None, :, :end], v_cache[None, :, :end], attn_mask=mask)
-        if T == 1:
+        if T == 1 and mask is None:
             attn = attn.reshape(1, self.q_width)  # a view on CPU; CUDA kernels may return another layout
         else:
             attn = attn.view(n_kv, self.group, T, hd).permute(2, 0, 1, 3).reshape(T, self.q_width)
@@ -255,13 +255,20 @@ class Transformer(nn.Module):
         # causal[i, j]: position i may attend to position j
         self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
 
-    def forward(self, tokens: Tensor, start: int, slot: int, last: int | None = None) -> Tensor:
-        # tokens: [T] at positions start..start+T-1 -> logits [last or T, vocab] for the final positions
+    def forward(self, tokens: Tensor, start: int, slot: int, last: int | None = None,
+                positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        # tokens: [T] at positions start..start+T-1 -> logits [last or T, vocab] for the final positions.
+        # With `positions` [T] and `mask` [T, start+T] the rows need not be one sequence: row i still writes
+        # cache index start+i but is rotated for positions[i] and sees the indices where mask[i] is True.
         T = tokens.shape[0]
         end = start + T
-        cos = self.cos[start:end].unsqueeze(1)
-        sin = self.sin[start:end].unsqueeze(1)
-        mask = None if T == 1 else self.causal[start:end, :end]
+        if positions is None:
+            cos = self.cos[start:end].unsqueeze(1)
+            sin = self.sin[start:end].unsqueeze(1)
+            mask = None if T == 1 else self.causal[start:end, :end]
+        else:
+            cos = self.cos[positions].unsqueeze(1)
+            sin = self.sin[positions].unsqueeze(1)
         x = F.embedding(tokens, self.embed)
         k_cache, v_cache = self.k_cache[:, slot], self.v_cache[:, slot]
         for i, layer in enumerate(self.layers):

@@ -159,6 +159,41 @@ class ModelRunner:
         self.lengths[slot] = start + count
         return logits.float()
 
+    @torch.inference_mode()
+    def forward_rows(self, tokens: Sequence[int], positions: Sequence[int], slot: int, mask: Tensor) -> Tensor:
+        """Logits [T, vocab] for T tokens that need not form one sequence (a step of several drafted branches).
+
+        Token i is rotated for position positions[i], writes its keys and values to cache index L + i,
+        L the slot's length, and attends to the indices where mask[i] is True (mask [T, L + T], bool).
+        The length stays L: what is written at or past it is scratch, overwritten by later calls, so the
+        caller moves on to scratch index L + T by building its next mask wider (see `scratch_forward`).
+        """
+        return self.scratch_forward(tokens, positions, slot, self.lengths[slot], mask)
+
+    @torch.inference_mode()
+    def scratch_forward(self, tokens: Sequence[int], positions: Sequence[int], slot: int, write_at: int,
+                        mask: Tensor) -> Tensor:
+        """As `forward_rows`, writing at cache indices write_at.. (at or past the slot's length)."""
+        self._check_slot(slot)
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        count = tokens.numel()
+        if tokens.ndim != 1 or count == 0 or len(positions) != count:
+            raise ValueError(f"need as many positions as tokens (a non-empty 1-D sequence), got {count} tokens "
+                             f"and {len(positions)} positions")
+        if write_at < self.lengths[slot] or write_at + count > self.max_seq_len:
+            raise CacheCapacityError(f"scratch indices {write_at}..{write_at + count - 1} must lie between the "
+                                     f"slot's length {self.lengths[slot]} and the cache's {self.max_seq_len}")
+        if tuple(mask.shape) != (count, write_at + count) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool [{count}, {write_at + count}], got {tuple(mask.shape)} {mask.dtype}")
+        if int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        if int(positions.min()) < 0 or int(positions.max()) >= self.max_seq_len:
+            raise CacheCapacityError(f"positions must lie in [0, {self.max_seq_len})")
+        logits = self.model(tokens.to(self.device), write_at, slot, positions=positions.to(self.device),
+                            mask=mask.to(self.device))
+        return logits.float()
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.n_slots:
             raise CacheCapacityError(f"slot {slot} does not exist (this runner has {self.n_slots})")
