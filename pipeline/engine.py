@@ -13,8 +13,10 @@ from pipeline.protocol import (
     ErrorReply,
     Release,
     Released,
+    Skipped,
     SpeculateRequest,
     SpeculateResult,
+    VerifyNext,
     VerifyRequest,
     VerifyResult,
     request_kind,
@@ -23,7 +25,7 @@ from pipeline.scheduler import Scheduler
 from workers.spans import SpanRecorder
 
 ROLES = ("target", "draft")  # the target is the bottleneck: it gets its next request first
-REQUESTS = (DraftRequest, SpeculateRequest, VerifyRequest)  # work for a model: one at a time per worker
+REQUESTS = (DraftRequest, SpeculateRequest, VerifyRequest, VerifyNext)  # work for a model
 RESULTS = (DraftResult, SpeculateResult, VerifyResult)
 
 
@@ -53,7 +55,8 @@ class Transport(Protocol):
 
 
 class Engine:
-    """Keeps each worker busy with at most one request, as the scheduler directs."""
+    """Keeps each worker busy as the scheduler directs: one request at a time, plus, at the target, a
+    VerifyNext queued behind the verification it continues."""
 
     def __init__(
         self, scheduler: Scheduler, transport: Transport, poll_s: float = 0.5, stop: Callable[[], bool] | None = None,
@@ -63,14 +66,15 @@ class Engine:
         self.spans = spans or SpanRecorder()  # `specpipe profile` starts it; idle otherwise
         self.stop = stop  # checked between replies: True cancels the generation (see cancel)
         self.transport = transport
-        self.busy = {role: False for role in ROLES}
+        self.busy = {role: 0 for role in ROLES}  # requests sent and not yet answered
         self.poll_s = poll_s
         self.coordinator_s = 0.0  # time spent scheduling and bookkeeping
         self.releases_pending = 0
         self.busy_s = {role: 0.0 for role in ROLES}  # time each worker reported computing
         self.overhead_s = {role: 0.0 for role in ROLES}  # round trip minus compute: IPC, (de)serialization
         self.requests = {role: 0 for role in ROLES}
-        self._sent_at: dict[int, float] = {}
+        self._startable_at: dict[int, float] = {}  # sent, or (queued behind another) when that one was answered
+        self._queued: dict[str, list[int]] = {role: [] for role in ROLES}  # unanswered requests, in order
         self._kinds: dict[int, tuple[str, int]] = {}
         self.trips: list[Trip] = []  # every draft and verify request, in the order answered
         # workers that may hold the CPU during this run: a draft spins between its requests
@@ -117,38 +121,52 @@ class Engine:
         deadline = time.monotonic() + timeout_s
         while (self.releases_pending or any(self.busy.values())) and time.monotonic() < deadline:
             for role, reply in self.transport.wait(max(0.0, deadline - time.monotonic())):
-                if isinstance(reply, RESULTS):
-                    self.busy[role] = False
+                if isinstance(reply, (*RESULTS, Skipped)):
+                    self.busy[role] -= 1
                 else:
                     self._take(role, reply)
 
     def _dispatch(self) -> None:
         for role in ROLES:
-            while not self.busy[role]:
-                request = self.scheduler.next_request(role)
+            while True:
+                request = self.scheduler.next_request(role, self.busy[role])
                 if request is None:
                     break
                 if isinstance(request, REQUESTS):
                     self._kinds[request.request_id] = request_kind(request)
-                    self._sent_at[request.request_id] = time.perf_counter()
+                    self._startable_at[request.request_id] = time.perf_counter()
+                    self._queued[role].append(request.request_id)
                 self.transport.submit(role, request)
                 if isinstance(request, REQUESTS):
-                    self.busy[role] = True
+                    self.busy[role] += 1
                     self.requests[role] += 1
                 else:
                     self.releases_pending += 1
 
+    def _answered(self, role: str, request_id: int, now: float) -> None:
+        self.busy[role] -= 1
+        self._queued[role].remove(request_id)
+        for waiting in self._queued[role]:  # a worker serves in order: the next one starts only now
+            self._startable_at[waiting] = max(self._startable_at[waiting], now)
+
     def _take(self, role: str, reply: object) -> None:
         if isinstance(reply, RESULTS):
             now = time.perf_counter()
-            sent_at = self._sent_at.pop(reply.request_id)
-            round_trip = now - sent_at
+            started = self._startable_at.pop(reply.request_id)  # the queueing is not the worker's
+            round_trip = now - started
             kind, size = self._kinds.pop(reply.request_id)
             self.trips.append(Trip(role, kind, size, reply.busy_s, round_trip))
-            self.spans.add(kind, sent_at, now, reply.seq_id, size, lane=f"{role} requests")
+            # a chained verification's own lane: the target began it before we heard of the one it follows
+            lane = f"{role} requests" + (" (chained)" if kind == "chained" else "")
+            self.spans.add(kind, started, now, reply.seq_id, size, lane=lane)
             self.busy_s[role] += reply.busy_s
             self.overhead_s[role] += max(0.0, round_trip - reply.busy_s)
-            self.busy[role] = False
+            self._answered(role, reply.request_id, now)
+            self.scheduler.on_reply(reply)
+        elif isinstance(reply, Skipped):
+            for bookkeeping in (self._startable_at, self._kinds):
+                bookkeeping.pop(reply.request_id)
+            self._answered(role, reply.request_id, time.perf_counter())
             self.scheduler.on_reply(reply)
         elif isinstance(reply, Released):
             self.releases_pending -= 1

@@ -16,7 +16,7 @@ class LocalTransport:
     """
 
     def __init__(self, draft: ModelRunner | None, target: ModelRunner, through_wire: bool = True,
-                 draft_first: bool = False) -> None:
+                 draft_first: bool = False, one_at_a_time: bool = False) -> None:
         self.services = {"target": WorkerService("target", target)}
         if draft is not None:
             self.services["draft"] = WorkerService("draft", draft)
@@ -24,6 +24,9 @@ class LocalTransport:
         # Which worker answers first when both have a request: the target (as if every verification were
         # quicker than the drafting behind it), or the draft (as if drafting ahead always finished in time).
         self.draft_first = draft_first
+        # One reply per wait, so that the engine reacts to each before the next worker answers (as with
+        # real processes, where a VerifyNext can reach the target while it is still verifying).
+        self.one_at_a_time = one_at_a_time
         self._queued: list[tuple[str, object]] = []
 
     def submit(self, role: str, message: object) -> None:
@@ -34,6 +37,8 @@ class LocalTransport:
         queued, self._queued = self._queued, []
         if self.draft_first:
             queued.sort(key=lambda item: item[0] != "draft")  # stable: each worker keeps its own order
+        if self.one_at_a_time:
+            queued, self._queued = queued[:1], queued[1:]
         for role, message in queued:
             reply = self.services[role].handle(message)
             replies.append((role, decode(encode(reply)) if self.through_wire else reply))

@@ -23,7 +23,7 @@ from workers.model.checkpoint import load_tokenizer
 from workers.spans import SpanRecorder
 from workers.spec import WorkerSpec
 
-VERIFICATION = ("decode", "verify")  # the target's steps during which a draft can work ahead
+VERIFICATION = ("decode", "verify", "chained")  # the target's steps during which a draft can work ahead
 WARMUP_TOKENS = 8
 
 
@@ -186,7 +186,11 @@ def predicted_ms_per_token(profile: Profile) -> float | None:
     if profile.mode == "target-only":
         decode = means.get(("decode", 0))
         return None if decode is None else decode * 1e3
-    draft, verify = means.get(("draft", profile.k)), means.get(("verify", profile.k))
+    draft = means.get(("draft", profile.k))
+    coordinator_lanes = [span for span in profile.processes[0].spans if span.lane]
+    verify_trips = [span.duration_s for span in coordinator_lanes  # chained: verifications sent ahead
+                    if (span.name, span.size) == ("verify", profile.k) or span.name == "chained"]
+    verify = statistics.fmean(verify_trips) if verify_trips else None
     stats = [s.stats for s in profile.sequences]
     verifications = sum(s.verifications for s in stats)
     if draft is None or verify is None or not verifications:
@@ -196,7 +200,7 @@ def predicted_ms_per_token(profile: Profile) -> float | None:
         cycle = draft + verify
     else:  # the drafting ahead (one speculation per verification) runs beside the verification
         hits, misses = sum(s.predraft_hits for s in stats), sum(s.predraft_misses for s in stats)
-        ahead = [span.duration_s for span in profile.processes[0].spans if span.lane and span.name == "speculate"]
+        ahead = [span.duration_s for span in coordinator_lanes if span.name == "speculate"]
         cycle = max(verify, statistics.fmean(ahead) if ahead else draft) + (misses / max(hits + misses, 1)) * draft
     return cycle / mean_length * 1e3
 

@@ -132,6 +132,31 @@ class VerifyResult:
 
 
 @dataclass(frozen=True)
+class VerifyNext:
+    """Sent while verification `after` of the sequence runs: when it is done, verify at once the window
+    drafted ahead for the outcome it had, with no round trip to the coordinator in between. Branch i is
+    the outcome "accepted[i] drafted tokens kept, then next_tokens[i]", and windows[i] was drafted for it.
+    Answered by a VerifyResult for that window, or by Skipped when no branch is the outcome."""
+
+    request_id: int
+    seq_id: int
+    after: int  # the request_id of the verification this one follows
+    accepted: list[int]
+    next_tokens: list[int]
+    windows: list[list[int]]
+    probs: bytes | None = None  # float32 [total window tokens, vocab], branch after branch, when sampling
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The verification's outcome was none of VerifyNext's branches: nothing was read."""
+
+    request_id: int
+    seq_id: int
+
+
+@dataclass(frozen=True)
 class Release:
     """The sequence is finished or cancelled: free its KV slot. Answered by Released."""
 
@@ -220,7 +245,7 @@ class ErrorReply:
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Hello, Ready, DraftRequest, DraftResult, SpeculateRequest, SpeculateResult, VerifyRequest,
-                VerifyResult, Release, Released, Ping, Pong,
+                VerifyResult, VerifyNext, Skipped, Release, Released, Ping, Pong,
                 ClockProbe, ClockReading, TraceStart, TraceStarted, TraceCollect, TraceSpans, Shutdown, ErrorReply)
 }
 Message = typing.Union[tuple(MESSAGE_TYPES.values())]  # type: ignore[valid-type]
@@ -229,12 +254,14 @@ MAX_TRACE_SPANS = 400_000  # a TraceSpans message of this many stays well inside
 
 def request_kind(request: object) -> tuple[str, int]:
     """What a request asks of a worker, as (kind, size): ("draft", tokens asked), ("speculate",
-    branches), ("verify", tokens drafted), ("decode", 0) for one token without a proposal, ("prefill",
+    branches), ("chained", branches), ("verify", tokens drafted), ("decode", 0) for one token without a proposal, ("prefill",
     tokens read), or the message's own name and 0."""
     if isinstance(request, DraftRequest):
         return "draft", request.count
     if isinstance(request, SpeculateRequest):
         return "speculate", len(request.heads) + request.bonus_guesses  # branches drafted
+    if isinstance(request, VerifyNext):
+        return "chained", len(request.windows)  # branches it may continue with
     if isinstance(request, VerifyRequest):
         if request.drafted:
             return "verify", request.drafted

@@ -33,8 +33,10 @@ from pipeline.protocol import (
     DraftRequest,
     DraftResult,
     Release,
+    Skipped,
     SpeculateRequest,
     SpeculateResult,
+    VerifyNext,
     VerifyRequest,
     VerifyResult,
     bytes_to_tensor,
@@ -167,6 +169,10 @@ class Sequence:
     outcomes: Outcomes | None = None  # what the speculation on the verification in flight drafts for
     speculations: list[Speculation] = field(default_factory=list)  # its windows, once drafted
     awaited: bool = False  # the verification came back before its speculation did
+    verify_request_id: int = 0  # the verification in flight
+    # the VerifyNext sent behind it: (accepted, next token) -> the speculation and window it continues with
+    chain: dict[tuple[int, int], tuple[Speculation, Drafted]] | None = None
+    chain_request_id: int = 0
     finish_reason: str | None = None
     stats: SequenceStats = field(default_factory=SequenceStats)
     k: int = 0  # this sequence's current window size (the configured k unless adapting)
@@ -254,8 +260,12 @@ class Scheduler:
 
     # --- handing out work -----------------------------------------------------------------------
 
-    def next_request(self, role: str) -> object | None:
-        """The next request for an idle worker of `role`, or None if it has nothing useful to do."""
+    def next_request(self, role: str, unanswered: int = 0) -> object | None:
+        """The next request for a worker of `role` that has `unanswered` requests, or None if there is
+        nothing useful to send it now. An idle worker gets anything; a verifying target only the
+        VerifyNext that continues its verification."""
+        if unanswered:
+            return self._next_chained() if role == "target" and unanswered == 1 else None
         if self.control[role]:
             return self.control[role].pop(0)
         self._admit()
@@ -285,13 +295,36 @@ class Scheduler:
             start = min(common_prefix(sequence.target_view, sequence.tokens), len(sequence.tokens) - 1)
             feed = sequence.tokens[start:] + window.tokens
             sequence.target_view = sequence.target_view[:start] + feed  # provisional, trimmed on reply
-            return self._issue(
-                sequence,
-                VerifyRequest(
-                    self._new_id(), sequence.seq_id, start, feed, len(window), tensor_to_bytes(window.probs),
-                    self.config.sampling,
-                ),
-            )
+            request = VerifyRequest(self._new_id(), sequence.seq_id, start, feed, len(window),
+                                    tensor_to_bytes(window.probs), self.config.sampling)
+            sequence.verify_request_id = request.request_id
+            return self._issue(sequence, request)
+        return None
+
+    def _next_chained(self) -> VerifyNext | None:
+        """While the target verifies a window whose outcomes were drafted ahead, sends it those windows,
+        so that it goes on with the right one as soon as it knows the outcome (no coordinator hop)."""
+        for sequence in self.active:
+            if sequence.verifying is None or sequence.chain is not None or not sequence.speculations:
+                continue
+            chain = {}  # (accepted, next token) -> the speculation drafted for that outcome
+            committed = len(sequence.tokens)
+            for speculation in sequence.speculations:
+                new_tokens = speculation.context[committed:]
+                emitted = len(sequence.generated) + len(new_tokens)
+                count = self._window_budget(sequence, len(speculation.context), emitted)
+                if count and emitted < sequence.max_new_tokens and not self.eos_ids.intersection(new_tokens):
+                    chain[(len(new_tokens) - 1, new_tokens[-1])] = (speculation, speculation.drafted.head(count))
+            sequence.chain = chain  # an empty one: no outcome to go on from without the coordinator
+            if not chain:
+                continue
+            windows = [window for _, window in chain.values()]
+            probs = None if windows[0].probs is None else torch.cat([w.probs for w in windows])
+            request = VerifyNext(self._new_id(), sequence.seq_id, sequence.verify_request_id,
+                                 [a for a, _ in chain], [t for _, t in chain], [w.tokens for w in windows],
+                                 tensor_to_bytes(probs), self.config.sampling)
+            sequence.chain_request_id = request.request_id
+            return self._issue(sequence, request)
         return None
 
     def _next_draft(self) -> DraftRequest | SpeculateRequest | None:
@@ -357,13 +390,13 @@ class Scheduler:
 
     # --- taking replies -------------------------------------------------------------------------
 
-    def on_reply(self, reply: DraftResult | SpeculateResult | VerifyResult) -> None:
+    def on_reply(self, reply: DraftResult | SpeculateResult | VerifyResult | Skipped) -> None:
         sequence = self._in_flight.pop(reply.request_id, None)
         if sequence is None:
             raise ValueError(f"reply to unknown request {reply.request_id}")
         if isinstance(reply, VerifyResult):
             self._on_verified(sequence, reply)
-        else:
+        elif not isinstance(reply, Skipped):  # a Skipped VerifyNext was already counted as a miss
             self._on_drafted(sequence, reply)
 
     def _on_drafted(self, sequence: Sequence, reply: DraftResult | SpeculateResult) -> None:
@@ -419,14 +452,37 @@ class Scheduler:
             stats.accepted_lengths.append(reply.accepted)
             stats.window_sizes.append(len(window))
         self._commit(sequence, window.tokens[: reply.accepted] + [reply.next_token])
-        if sequence.finish_reason is not None or sequence.outcomes is None:
+        chain, sequence.chain = sequence.chain, None
+        if sequence.finish_reason is not None:
+            return  # a VerifyNext sent behind it is skipped: its outcomes all go on
+        if sequence.outcomes is None:
             return
         if sequence.drafting == "speculation":  # still drafting: it outlasted the verification
             self.branch_budget = max(1, self.branch_budget - 2)
             sequence.awaited = True
             return
         self.branch_budget = min(self.config.max_branches, self.branch_budget + 1)
-        self._use_or_miss(sequence)
+        if chain:  # the target goes on by itself with the window for this outcome, if it has one
+            self._go_on(sequence, chain.get((reply.accepted, reply.next_token)))
+        else:
+            self._use_or_miss(sequence)
+
+    def _go_on(self, sequence: Sequence, chained: tuple[Speculation, Drafted] | None) -> None:
+        """The verification that VerifyNext continued came back: the target is now verifying the window
+        for its outcome (a hit), or skips (a miss, and the draft drafts anew)."""
+        speculations, sequence.speculations, sequence.outcomes = sequence.speculations, [], None
+        stats = sequence.stats
+        stats.speculated_branches.append(len(speculations))
+        if chained is None:
+            stats.predraft_misses += 1
+            return
+        speculation, window = chained
+        stats.predraft_hits += 1
+        stats.alt_hits += speculation.after_rejection
+        sequence.verifying = window
+        sequence.verify_request_id = sequence.chain_request_id
+        sequence.verify_sent_at = self.clock()
+        sequence.target_view = sequence.target_view + [sequence.tokens[-1]] + window.tokens  # trimmed on reply
 
     def _use_or_miss(self, sequence: Sequence) -> None:
         """Hands the target the pre-drafted window for the outcome that happened, if one was drafted."""

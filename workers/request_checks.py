@@ -11,14 +11,16 @@ import math
 
 import torch
 
-from pipeline.protocol import DraftRequest, SpeculateRequest, VerifyRequest
+from pipeline.protocol import DraftRequest, SpeculateRequest, VerifyNext, VerifyRequest
 from workers.sampling import SamplingParams
 
 MAX_BRANCHES = 64  # per SpeculateRequest; the scheduler asks for a dozen or so
 
 
 def check_request(message: object, vocab_size: int, max_seq_len: int) -> None:
-    """Raises ValueError if a Draft/Speculate/VerifyRequest cannot be served by a model of this size."""
+    """Raises ValueError if a Draft/Speculate/VerifyRequest or VerifyNext cannot be served by a model of this size."""
+    if isinstance(message, VerifyNext):
+        return _check_verify_next(message, vocab_size, max_seq_len)
     if not isinstance(message, (DraftRequest, SpeculateRequest, VerifyRequest)):
         return
     _check_positions(message.start, message.feed, vocab_size, max_seq_len)
@@ -31,6 +33,20 @@ def check_request(message: object, vocab_size: int, max_seq_len: int) -> None:
         _check_branches(message, vocab_size, max_seq_len)
     if isinstance(message, VerifyRequest) and not 0 <= message.drafted < len(message.feed):
         raise ValueError(f"a window of {len(message.feed)} tokens cannot carry {message.drafted} drafted ones")
+    _check_sampling(message.sampling, vocab_size)
+
+
+def _check_verify_next(message: VerifyNext, vocab_size: int, max_seq_len: int) -> None:
+    branches = len(message.windows)
+    if not 1 <= branches <= MAX_BRANCHES or len(message.accepted) != branches or len(message.next_tokens) != branches:
+        raise ValueError(f"VerifyNext needs 1 to {MAX_BRANCHES} branches, each with accepted, next token and window")
+    if any(not window for window in message.windows) or any(not 0 <= a < max_seq_len for a in message.accepted):
+        raise ValueError("every branch needs a non-empty window and a count of accepted tokens in the context")
+    tokens = message.next_tokens + [t for window in message.windows for t in window]
+    if min(tokens) < 0 or max(tokens) >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size})")
+    if sum(map(len, message.windows)) > max_seq_len:
+        raise ValueError(f"the windows hold more tokens than the context of {max_seq_len}")
     _check_sampling(message.sampling, vocab_size)
 
 

@@ -11,8 +11,10 @@ from pipeline.protocol import (
     Pong,
     Release,
     Released,
+    Skipped,
     SpeculateRequest,
     SpeculateResult,
+    VerifyNext,
     VerifyRequest,
     VerifyResult,
     bytes_to_tensor,
@@ -22,7 +24,7 @@ from workers.draft import DraftCore
 from workers.errors import SpecpipeError
 from workers.model.runner import ModelRunner
 from workers.request_checks import check_distributions, check_request
-from workers.target import TargetCore
+from workers.target import TargetCore, Verdict
 
 ROLES = ("draft", "target")
 
@@ -36,6 +38,7 @@ class WorkerService:
         self.role = role
         self.runner = runner
         self.core = DraftCore(runner) if role == "draft" else TargetCore(runner)
+        self.last_verified: dict[int, tuple[int, Verdict]] = {}  # target: seq_id -> (request_id, its verdict)
 
     def handle(self, message: object) -> object:
         """The reply to `message`. Bad requests get a non-fatal ErrorReply; the worker keeps serving."""
@@ -50,6 +53,7 @@ class WorkerService:
         """Frees every sequence: a new coordinator (Hello) starts with an empty cache."""
         for seq_id in self.core.slots.held:
             self.core.release(seq_id)
+        self.last_verified.clear()
 
     def _dispatch(self, message: object) -> object:
         began = time.perf_counter()
@@ -68,13 +72,41 @@ class WorkerService:
         if isinstance(message, VerifyRequest) and self.role == "target":
             probs = bytes_to_tensor(message.probs, message.drafted, self.runner.config.vocab_size)
             check_distributions(probs)
-            verdict = self.core.verify(message.seq_id, message.start, message.feed, message.drafted,
-                                       message.sampling, probs)
-            return VerifyResult(message.request_id, message.seq_id, verdict.accepted, verdict.next_token,
-                                verdict.cached, time.perf_counter() - began)
+            return self._verify(message.request_id, message.seq_id, message.start, message.feed, message.drafted,
+                                message.sampling, probs, began)
+        if isinstance(message, VerifyNext) and self.role == "target":
+            return self._verify_next(message, began)
         if isinstance(message, Release):
             self.core.release(message.seq_id)
+            self.last_verified.pop(message.seq_id, None)
             return Released(message.seq_id, self.core.slots.active)
         if isinstance(message, Ping):
             return Pong(message.nonce, self.core.slots.active)
         raise ValueError(f"the {self.role} worker does not take {type(message).__name__} messages")
+
+    def _verify(self, request_id: int, seq_id: int, start: int, feed: list[int], drafted: int, sampling,
+                probs, began: float) -> VerifyResult:
+        verdict = self.core.verify(seq_id, start, feed, drafted, sampling, probs)
+        self.last_verified[seq_id] = (request_id, verdict)
+        return VerifyResult(request_id, seq_id, verdict.accepted, verdict.next_token, verdict.cached,
+                            time.perf_counter() - began)
+
+    def _verify_next(self, message: VerifyNext, began: float) -> VerifyResult | Skipped:
+        """Continues the sequence's last verification with the branch drafted for its outcome."""
+        last_id, verdict = self.last_verified.get(message.seq_id, (None, None))
+        if last_id != message.after:
+            raise ValueError(f"sequence {message.seq_id}: VerifyNext follows request {message.after}, but the "
+                             f"last verification of it was {last_id}")
+        outcome = (verdict.accepted, verdict.next_token)
+        branch = next((i for i, key in enumerate(zip(message.accepted, message.next_tokens)) if key == outcome), None)
+        if branch is None:
+            return Skipped(message.request_id, message.seq_id)
+        window = message.windows[branch]
+        probs = None
+        if message.probs is not None:
+            rows = bytes_to_tensor(message.probs, sum(map(len, message.windows)), self.runner.config.vocab_size)
+            first = sum(len(w) for w in message.windows[:branch])
+            probs = rows[first : first + len(window)]
+            check_distributions(probs)
+        return self._verify(message.request_id, message.seq_id, verdict.cached, [verdict.next_token] + window,
+                            len(window), message.sampling, probs, began)

@@ -17,6 +17,8 @@ from pipeline.protocol import (
     Ready,
     Release,
     Shutdown,
+    SpeculateRequest,
+    VerifyNext,
     VerifyRequest,
     decode,
     encode,
@@ -30,6 +32,8 @@ SEEDS = [
     encode(DraftRequest(1, 0, 0, [1, 2, 3], 1)),
     encode(DraftRequest(2, 1, 0, [7], 2, SamplingParams(0.8, 5, 0.9, 3))),
     encode(VerifyRequest(3, 0, 0, [1, 2, 3], 1)),
+    encode(SpeculateRequest(4, 0, 0, [1, 2, 3], [1], [5], 2, 2)),
+    encode(VerifyNext(5, 0, 3, [0, 1], [4, 6], [[7], [8, 9]])),
     encode(Ready("draft", 1, "m", 10, "h", 10, [0], "torch", "cpu", 1)),
     encode(ErrorReply(1, "x", False)),
 ]

@@ -23,10 +23,17 @@ def pair():
     return draft, target, prompts, limits
 
 
-def run(pair, **config):
+# How the two in-process workers take turns: the target answering first (the verification beats the
+# drafting ahead), or the draft first with one reply at a time (drafting ahead finishes while the target
+# still verifies, so the target gets a VerifyNext and goes on without the coordinator).
+TIMINGS = {"target-first": {}, "draft-first": {"draft_first": True, "one_at_a_time": True}}
+
+
+def run(pair, timing="target-first", **config):
     draft, target, prompts, limits = pair
     concurrency = config.pop("concurrency", 1)
-    sequences, _ = generate(LocalTransport(draft, target), prompts, DecodeConfig(**config), limits, concurrency)
+    transport = LocalTransport(draft, target, **TIMINGS[timing])
+    sequences, _ = generate(transport, prompts, DecodeConfig(**config), limits, concurrency)
     assert draft.free_slot_count == draft.n_slots and target.free_slot_count == target.n_slots  # all released
     return sequences
 
@@ -36,10 +43,11 @@ def baseline(pair):
     return [s.generated for s in run(pair, mode="target-only", max_new_tokens=40)]
 
 
-@pytest.mark.parametrize("mode", ["serial", "overlap"])
+@pytest.mark.parametrize("mode, timing", [("serial", "target-first"), ("overlap", "target-first"),
+                                          ("overlap", "draft-first")])
 @pytest.mark.parametrize("k, concurrency", [(1, 1), (3, 4), (8, 2)])
-def test_greedy_tokens_equal_target_only(pair, baseline, mode, k, concurrency):
-    sequences = run(pair, mode=mode, k=k, max_new_tokens=40, concurrency=concurrency)
+def test_greedy_tokens_equal_target_only(pair, baseline, mode, timing, k, concurrency):
+    sequences = run(pair, timing, mode=mode, k=k, max_new_tokens=40, concurrency=concurrency)
     assert [s.generated for s in sequences] == baseline
     for s in sequences:
         assert len(s.generated) == 40 and s.finish_reason == "length"
@@ -62,12 +70,24 @@ def test_overlap_uses_predrafts(pair):
     assert sum(s.stats.predraft_misses for s in sequences) > 0
 
 
-def test_eos_stops_the_sequence(pair, baseline):
+def test_the_target_goes_on_by_itself_when_the_next_window_is_ready(pair, baseline):
+    draft, target, prompts, limits = pair
+    sequences, engine = generate(LocalTransport(draft, target, **TIMINGS["draft-first"]), prompts,
+                                 DecodeConfig(mode="overlap", k=3, max_new_tokens=40), limits)
+    assert [s.generated for s in sequences] == baseline
+    chained = [trip for trip in engine.trips if trip.kind == "chained"]
+    verified = [trip for trip in engine.trips if trip.kind == "verify"]
+    hits = sum(s.stats.predraft_hits for s in sequences)
+    assert len(chained) == hits > len(verified) / 2  # every hit was verified without a coordinator hop
+
+
+@pytest.mark.parametrize("timing", TIMINGS)
+def test_eos_stops_the_sequence(pair, baseline, timing):
     draft, target, prompts, limits = pair
     eos_token = baseline[0][7]  # pretend the 8th greedy token of prompt 0 is end-of-sequence
     eos_limits = ModelLimits(limits.vocab_size, frozenset({eos_token}), limits.max_context)
     for mode in ("target-only", "serial", "overlap"):
-        sequences, _ = generate(LocalTransport(draft, target), prompts[:1],
+        sequences, _ = generate(LocalTransport(draft, target, **TIMINGS[timing]), prompts[:1],
                                 DecodeConfig(mode=mode, k=5, max_new_tokens=40), eos_limits)
         first = baseline[0].index(eos_token)
         assert sequences[0].generated == baseline[0][: first + 1]

@@ -152,7 +152,8 @@ def second_window_counts(draft, target, temperature, runs):
     limits = ModelLimits(8, frozenset(), 64)
     for seed in range(runs):
         config = DecodeConfig(mode="overlap", k=2, max_new_tokens=8, sampling=SamplingParams(temperature, seed=seed))
-        transport = LocalTransport(draft, target, through_wire=False, draft_first=True)  # windows drafted ahead in time
+        # drafting ahead finishes while the target verifies: the target goes on by itself (VerifyNext)
+        transport = LocalTransport(draft, target, through_wire=False, draft_first=True, one_at_a_time=True)
         (sequence,), _ = generate(transport, [PROMPT], config, limits)
         fourth, fifth = sequence.generated[3:5]
         counts[fourth * 8 + fifth] += 1
