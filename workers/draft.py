@@ -96,7 +96,7 @@ class DraftCore:
         forks = list(forks) + [end] * bonus_guesses
         heads = list(heads) + logits[-1].topk(bonus_guesses).indices.tolist()
         generator = None if sampling.greedy else self.slots.generator(seq_id, sampling.seed)
-        if hasattr(self.runner, "scratch_forward") and end + count * len(heads) <= self.runner.max_seq_len:
+        if self.runner.scratch_rows and end + count * len(heads) <= self.runner.max_seq_len:
             drafted = self._branches_batched(slot, forks, heads, count, sampling, generator, alternatives)
             self.runner.truncate(slot, end)
         else:  # a runner without scratch rows (ttnn), or no room for them: one branch after another

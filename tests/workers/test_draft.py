@@ -39,9 +39,9 @@ class _WithoutScratch:
     def __init__(self, runner: ModelRunner) -> None:
         self._runner = runner
 
+    scratch_rows = False
+
     def __getattr__(self, name):
-        if name == "scratch_forward":
-            raise AttributeError(name)
         return getattr(self._runner, name)
 
 

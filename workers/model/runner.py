@@ -26,6 +26,8 @@ class ModelRunner:
     memory, so rejecting drafted tokens costs nothing.
     """
 
+    scratch_rows = True  # `scratch_forward` works: several drafted branches in one batched forward
+
     def __init__(self, config: ModelConfig, model: Transformer, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
         self.model = model

@@ -78,6 +78,8 @@ class _Trace:
 
 
 class TtnnRunner(ModelRunner):
+    scratch_rows = False  # no batched branches on the device yet: the draft drafts them one by one
+
     def __init__(self, ttnn: Any, model: TtModel, n_slots: int, max_seq_len: int, *, device_name: str,
                  dtype: str, use_trace: bool = True, log: Callable[[str], None] | None = None) -> None:
         self.ttnn, self.model, self.config = ttnn, model, model.config

@@ -179,17 +179,23 @@ def test_errors_say_what_to_change(models, checkpoints):
         ttnn_runner(models["llama-gqa"], chips=4)  # 2 KV heads over 4 chips
 
 
-def speculate(mode: str, k: int) -> list[list[int]]:
-    """Greedy tokens for two held-out prompts, the target a ttnn runner (on the stand-in), the draft torch."""
+def speculate(mode: str, k: int, ttnn_draft: bool = False, draft_first: bool = False) -> list[list[int]]:
+    """Greedy tokens for two held-out prompts, the target a ttnn runner (on the stand-in), the draft torch
+    or ttnn; `draft_first`: drafting ahead finishes while the target verifies (it gets VerifyNext)."""
     tokenizer = load_tokenizer(TARGET_DIR)
     prompts = [json.loads(line) for line in Path(HELDOUT_PROMPTS).read_text().splitlines()[:2]]
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"][-48:] for text in prompts]
     target = TtnnRunner.from_hf_weights(read_config(TARGET_DIR), read_hf_weights(TARGET_DIR), ttnn=Standin(),
                                         device=Device(), max_seq_len=160, n_slots=2)
-    draft = ModelRunner.from_checkpoint(DRAFT_DIR, max_seq_len=160, n_slots=2)
+    if ttnn_draft:  # no scratch rows: overlap's branches are drafted one after another
+        draft = TtnnRunner.from_hf_weights(read_config(DRAFT_DIR), read_hf_weights(DRAFT_DIR), ttnn=Standin(),
+                                           device=Device(), max_seq_len=160, n_slots=2)
+    else:
+        draft = ModelRunner.from_checkpoint(DRAFT_DIR, max_seq_len=160, n_slots=2)
     limits = ModelLimits(target.config.vocab_size, frozenset(target.config.eos_token_ids), 160)
-    sequences, _ = generate(LocalTransport(None if mode == "target-only" else draft, target), prompt_ids,
-                            DecodeConfig(mode, k, 40), limits, concurrency=2)
+    transport = LocalTransport(None if mode == "target-only" else draft, target, draft_first=draft_first,
+                               one_at_a_time=draft_first)
+    sequences, _ = generate(transport, prompt_ids, DecodeConfig(mode, k, 40), limits, concurrency=2)
     assert target.free_slot_count == 2
     return [sequence.generated for sequence in sequences]
 
@@ -203,6 +209,11 @@ def target_only() -> list[list[int]]:
 @pytest.mark.parametrize("mode,k", [("serial", 3), ("overlap", 3), ("overlap", 5)])
 def test_speculative_greedy_with_a_ttnn_target_equals_target_only(target_only, mode, k):
     assert speculate(mode, k) == target_only
+
+
+@pytest.mark.slow
+def test_overlap_with_a_ttnn_draft_and_chained_verification_equals_target_only(target_only):
+    assert speculate("overlap", 3, ttnn_draft=True, draft_first=True) == target_only
 
 
 def test_a_worker_loads_the_ttnn_runner_and_reports_its_timings_apart(monkeypatch):
