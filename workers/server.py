@@ -28,7 +28,7 @@ from pipeline.protocol import (
     request_kind,
 )
 from workers.auth import secure
-from workers.backends.torch_device import set_cpu_threads
+from workers.backends.torch_device import lower_priority, set_cpu_threads
 from workers.connection_log import log_connection_events
 from workers.errors import SpecpipeError
 from workers.model.checkpoint import tokenizer_fingerprint
@@ -49,7 +49,7 @@ def load(spec: WorkerSpec) -> tuple[WorkerService, Ready]:
         raise SpecpipeError(f"backend {spec.backend!r} is not available in this build; use --backend torch")
     set_cpu_threads(spec.threads, list(spec.cores) or None)
     if spec.nice:
-        os.nice(spec.nice)
+        lower_priority(spec.nice)
     runner = None
     if spec.backend == "ttnn":  # None: this worker stays on torch (a draft left on the CPU)
         from workers.model.ttnn_runner import open_runner

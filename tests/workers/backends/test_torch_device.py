@@ -24,3 +24,32 @@ def test_dtypes():
 def test_threads_must_be_positive():
     with pytest.raises(DeviceError, match="at least 1"):
         set_cpu_threads(0)
+
+
+def _in_own_session(code: str) -> str:
+    """Runs `code` in a child process in a session of its own (as launch starts workers); its stdout."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          start_new_session=True).stdout
+
+
+def test_lower_priority_nices_the_workers_session_too():
+    # A worker in its own session competes with the coordinator as a task group; only the group's
+    # nice makes it yield (the coordinator's sends stalled for milliseconds without it).
+    import os
+
+    if not os.path.exists("/proc/self/autogroup"):
+        pytest.skip("this kernel has no autogroup scheduling")
+    out = _in_own_session("import os; from workers.backends.torch_device import lower_priority; lower_priority(7); "
+                          "print(os.getpriority(os.PRIO_PROCESS, 0)); print(open('/proc/self/autogroup').read())")
+    task_nice, group = out.splitlines()[:2]
+    assert int(task_nice) >= 7
+    assert group.endswith("nice 7")
+
+
+def test_lower_priority_without_autogroup_still_nices_the_task():
+    out = _in_own_session("import os; from workers.backends.torch_device import lower_priority; "
+                          "lower_priority(3, autogroup='/nonexistent/autogroup'); print(os.getpriority(os.PRIO_PROCESS, 0))")
+    assert int(out) >= 3
