@@ -24,6 +24,7 @@ from pipeline.liveness import (
 from pipeline.protocol import Hello, Ready, Shutdown
 from pipeline.remote import ADDRESS_OPTIONS, client_keys
 from pipeline.transport import ZmqTransport
+from workers.backends.torch_device import pin_threads
 from workers.spec import WorkerSpec
 
 STDERR_FD = 2  # the file descriptor, not sys.stderr: that may be a Python object without one (under pytest)
@@ -160,7 +161,7 @@ class LocalCluster:
                 self.sentinels[role] = sentinel
         if coordinator_cores:  # after spawning: children inherit affinity
             self._saved_affinity = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, coordinator_cores)
+            pin_threads(coordinator_cores)  # the tokenizer's and heartbeat threads too
         self.transport = ZmqTransport({role: spec.bind for role, spec in specs.items()}, self.check_alive,
                                       spin_s=self.coordinator_spin_s, heartbeats=self.config.heartbeats,
                                       shares_core_with=self.coordinator_shares_core_with,
@@ -246,6 +247,6 @@ class LocalCluster:
             os.close(sentinel)
         self.sentinels.clear()
         if self._saved_affinity is not None:
-            os.sched_setaffinity(0, self._saved_affinity)
+            pin_threads(self._saved_affinity)
             self._saved_affinity = None
         shutil.rmtree(self.socket_dir, ignore_errors=True)

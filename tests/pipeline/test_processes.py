@@ -55,6 +55,27 @@ def test_twenty_prompts_identical_across_modes_k_and_concurrency(cluster, prompt
             assert run(mode, k, 4) == baseline, f"{mode} k={k}"
 
 
+def test_every_thread_of_a_worker_stays_on_its_cores(cluster):
+    # ZeroMQ's I/O thread and the connection monitor start before a worker pins itself; left free they
+    # land on the target's core and preempt it (target-only ran 20 % slower so)
+    for role, process in cluster.processes.items():
+        cores = set(getattr(cluster.config, role).cores)
+        if not cores:
+            pytest.skip("fewer than two cores: nothing is pinned")
+        threads = os.listdir(f"/proc/{process.pid}/task")
+        assert len(threads) > 1
+        assert {tid: os.sched_getaffinity(int(tid)) for tid in threads} == {tid: cores for tid in threads}, role
+    coordinator_threads = os.listdir("/proc/self/task")
+    assert all(not os.sched_getaffinity(int(tid)) & set(cluster.config.target.cores) for tid in coordinator_threads)
+
+
+def test_the_draft_yields_its_core_as_a_whole_session(cluster):
+    if not os.path.exists("/proc/self/autogroup") or not cluster.config.target.cores:
+        pytest.skip("no autogroup scheduling here, or nothing pinned")
+    with open(f"/proc/{cluster.processes['draft'].pid}/autogroup") as group:
+        assert group.read().strip().endswith(f"nice {cluster.config.draft_nice}")
+
+
 def launch(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "launch", *args], capture_output=True, text=True,
                           timeout=timeout)

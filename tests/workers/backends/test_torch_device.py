@@ -53,3 +53,15 @@ def test_lower_priority_without_autogroup_still_nices_the_task():
     out = _in_own_session("import os; from workers.backends.torch_device import lower_priority; "
                           "lower_priority(3, autogroup='/nonexistent/autogroup'); print(os.getpriority(os.PRIO_PROCESS, 0))")
     assert int(out) >= 3
+
+
+def test_lower_priority_leaves_a_session_it_does_not_lead_alone():
+    # `specpipe worker --nice` typed at a shell must not nice the user's terminal session.
+    import os
+
+    if not os.path.exists("/proc/self/autogroup"):
+        pytest.skip("this kernel has no autogroup scheduling")
+    out = _in_own_session(
+        "import subprocess, sys; subprocess.run([sys.executable, '-c', 'from workers.backends.torch_device import "
+        "lower_priority; lower_priority(6)'], check=True); print(open('/proc/self/autogroup').read())")
+    assert out.strip().endswith("nice 0")
