@@ -167,7 +167,7 @@ class ZmqTransport:
                 raise TimeoutError(
                     f"{' and '.join(missing)} worker(s) not ready after {timeout_s:.0f} s (raise --ready-timeout)"
                 )
-            for role, reply in self.wait(min(left, 0.25)):
+            for role, reply in self.wait(min(left, 0.25), busy=frozenset(self.sockets)):  # loading: no spinning
                 if isinstance(reply, ErrorReply):
                     raise RuntimeError(f"[{role}] {reply.message}")
                 if not isinstance(reply, Ready):
