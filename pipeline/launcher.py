@@ -24,7 +24,7 @@ from pipeline.liveness import (
 from pipeline.protocol import Hello, Ready, Shutdown
 from pipeline.remote import ADDRESS_OPTIONS, client_keys
 from pipeline.transport import ZmqTransport
-from workers.backends.torch_device import pin_threads
+from workers.backends.torch_device import pin_threads, restore_threads
 from workers.spec import WorkerSpec
 
 STDERR_FD = 2  # the file descriptor, not sys.stderr: that may be a Python object without one (under pytest)
@@ -99,7 +99,8 @@ class LocalCluster:
         self.sentinels: dict[str, int] = {}  # role -> pidfd of its process
         self.transport: ZmqTransport | None = None
         self.ready: dict[str, Ready] = {}
-        self._saved_affinity: set[int] | None = None
+        self._saved_affinity: set[int] | None = None  # the coordinator's, before it pinned itself
+        self._saved_thread_affinity: dict[int, set[int]] = {}
         self.coordinator_spin_s = 0.0
         self.remote = config.remote  # role -> address of a worker that runs already: not ours to stop
         self.coordinator_shares_core_with: frozenset[str] = frozenset()
@@ -161,7 +162,7 @@ class LocalCluster:
                 self.sentinels[role] = sentinel
         if coordinator_cores:  # after spawning: children inherit affinity
             self._saved_affinity = os.sched_getaffinity(0)
-            pin_threads(coordinator_cores)  # the tokenizer's and heartbeat threads too
+            self._saved_thread_affinity = pin_threads(coordinator_cores)  # the tokenizer's and heartbeat threads too
         self.transport = ZmqTransport({role: spec.bind for role, spec in specs.items()}, self.check_alive,
                                       spin_s=self.coordinator_spin_s, heartbeats=self.config.heartbeats,
                                       shares_core_with=self.coordinator_shares_core_with,
@@ -247,6 +248,6 @@ class LocalCluster:
             os.close(sentinel)
         self.sentinels.clear()
         if self._saved_affinity is not None:
-            pin_threads(self._saved_affinity)
+            restore_threads(self._saved_thread_affinity, self._saved_affinity)
             self._saved_affinity = None
         shutil.rmtree(self.socket_dir, ignore_errors=True)

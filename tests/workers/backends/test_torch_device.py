@@ -65,3 +65,29 @@ def test_lower_priority_leaves_a_session_it_does_not_lead_alone():
         "import subprocess, sys; subprocess.run([sys.executable, '-c', 'from workers.backends.torch_device import "
         "lower_priority; lower_priority(6)'], check=True); print(open('/proc/self/autogroup').read())")
     assert out.strip().endswith("nice 0")
+
+
+def test_pin_threads_moves_every_thread_and_restore_gives_each_its_own_back():
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    code = f"""
+import os, threading
+from workers.backends.torch_device import pin_threads, restore_threads
+started, stop = threading.Event(), threading.Event()
+def helper():
+    os.sched_setaffinity(0, {{{cores[1]}}})  # a thread someone pinned on purpose
+    started.set(); stop.wait()
+thread = threading.Thread(target=helper); thread.start(); started.wait()
+helper_tid = thread.native_id
+before = pin_threads({{{cores[0]}}})
+print(sorted(os.sched_getaffinity(helper_tid)), sorted(os.sched_getaffinity(0)))
+restore_threads(before, set({cores}))
+print(sorted(os.sched_getaffinity(helper_tid)), sorted(os.sched_getaffinity(0)))
+stop.set(); thread.join()
+"""
+    pinned, restored = _in_own_session(code).splitlines()
+    assert pinned == f"[{cores[0]}] [{cores[0]}]"  # the helper too, not just the calling thread
+    assert restored == f"[{cores[1]}] {cores}"
