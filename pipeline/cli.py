@@ -194,7 +194,9 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
 @click.option("--max-seq-len", type=int, default=0, show_default=True, help="0 = the model's context.")
 @click.option("--spin-ms", type=float, default=0.0, show_default=True,
               help="Busy-poll this long for the next request before sleeping (only on a core of its own).")
-@click.option("--nice", type=int, default=0, show_default=True, help="Niceness to add (yield the core to others).")
+@click.option("--nice", type=int, default=0, show_default=True,
+              help="Niceness to add (yield the core to others); a worker that leads its session, as launch starts "
+                   "them, nices the session too (autogroup scheduling shares a core between sessions by theirs).")
 @click.option("--parent-pid", type=int, default=0, show_default=True,
               help="Exit when this process is gone (set by launch for the workers it spawns); 0 = never.")
 @click.option("--curve-secret-key", default="", metavar="FILE",
