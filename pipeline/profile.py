@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.critical_path import TargetTimeSplit, split_lines, split_target_time
 from pipeline.generation import generate
 from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
 from pipeline.protocol import MAX_TRACE_SPANS, Span
@@ -205,6 +206,13 @@ def predicted_ms_per_token(profile: Profile) -> float | None:
     return cycle / mean_length * 1e3
 
 
+def target_time_split(profile: Profile) -> TargetTimeSplit:
+    """The traced window on the target's timeline, bucketed (see pipeline.critical_path)."""
+    aligned = {p.name: p.aligned() for p in profile.processes}
+    return split_target_time(aligned["target"], aligned["coord"], aligned.get("draft", []),
+                             (profile.origin_s, profile.origin_s + profile.wall_s))
+
+
 def measured_ms_per_token(profile: Profile) -> float | None:
     """After the first token (prefill apart): decode time over the tokens it made, all sequences."""
     decode_s = tokens = 0
@@ -233,6 +241,7 @@ def summary_lines(profile: Profile, trace_path: Path) -> list[str]:
         both = overlap_length(verifying, intervals(aligned["draft"], ("draft", "speculate")))
         lines.append(f"overlap: the draft computed during {100 * both / max(union_length(verifying), 1e-9):.0f}% "
                      f"of the target's verification time ({both * 1e3:.1f} of {union_length(verifying) * 1e3:.1f} ms)")
+    lines += split_lines(target_time_split(profile))
     measured, predicted = measured_ms_per_token(profile), predicted_ms_per_token(profile)
     if measured is not None and predicted is not None:
         lines.append(f"per token after the first: measured {measured:.2f} ms, theory from this run's step costs "

@@ -6,6 +6,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from pipeline.bench.records import Generation
+from pipeline.critical_path import TARGET_BUCKETS, TargetTimeSplit
 
 PROCESSES = ("target", "draft")
 
@@ -69,6 +70,8 @@ class Figures:
     predraft_hit_rate: float | None = None  # overlap: verifications whose next window was ready
     mean_branches: float | None = None  # overlap: outcomes drafted ahead per verification
     time_split_s: dict[str, dict[str, float]] = field(default_factory=dict)  # process -> part -> seconds
+    # the target's wall by what it did or waited for (pipeline.critical_path): bucket -> share
+    target_wall_shares: dict[str, float] = field(default_factory=dict)
     warmup: dict[str, float] = field(default_factory=dict)  # the uncounted runs: sequences, tokens, wall_s
     speedup_vs_target_only: float | None = None
     speedup_vs_hf_target_only: float | None = None
@@ -119,4 +122,15 @@ def figures(name: str, mode: str, k: int | None, system: str, runs: list[Generat
     coordinator = sum(g.coordinator_s for g in runs)
     split["coordinator"] = {"busy": coordinator, "idle": max(0.0, wall - coordinator)}
     result.time_split_s = split
+    result.target_wall_shares = target_wall_shares([g.target_split for g in runs if g.target_split is not None])
     return result
+
+
+def target_wall_shares(splits: list[TargetTimeSplit]) -> dict[str, float]:
+    """Each bucket's share of all the runs' traced wall, with "coordination" (coordinator and IPC)."""
+    wall = sum(s.wall_s for s in splits)
+    if not splits or wall <= 0:
+        return {}
+    shares = {bucket: sum(getattr(s, f"{bucket}_s") for s in splits) / wall for bucket in TARGET_BUCKETS}
+    shares["coordination"] = sum(s.coordination_s for s in splits) / wall
+    return shares

@@ -7,9 +7,13 @@ from dataclasses import dataclass
 
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.records import Generation, from_pipeline
+from pipeline.critical_path import split_target_time
 from pipeline.generation import generate
 from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
+from pipeline.protocol import MAX_TRACE_SPANS
 from pipeline.scheduler import DecodeConfig
+from pipeline.tracing import ClockOffset, ProcessSpans, collect_spans, measure_offset, start_tracing
+from workers.spans import SpanRecorder
 from workers.spec import WorkerSpec
 
 
@@ -42,16 +46,34 @@ def start_cluster(config: BenchConfig, dtype: str) -> LocalCluster:
     ))
 
 
-class PipelineRunner:
-    """Generates one prompt at a time through the cluster in one of our modes."""
+def worker_clocks(cluster: LocalCluster) -> dict[str, ClockOffset]:
+    """Each worker's clock against ours, measured once: the traces of every generation use them."""
+    return {role: measure_offset(cluster.transport, role) for role in cluster.ready}
 
-    def __init__(self, cluster: LocalCluster, contender: Contender, new_tokens: int) -> None:
+
+class PipelineRunner:
+    """Generates one prompt at a time through the cluster in one of our modes, every process traced
+    (a few microseconds a request, the same in every mode), so that the target's wall can be split
+    into compute, waiting for the draft, and coordinator and IPC (pipeline.critical_path)."""
+
+    def __init__(self, cluster: LocalCluster, contender: Contender, new_tokens: int,
+                 clocks: dict[str, ClockOffset]) -> None:
         self.cluster = cluster
         self.contender = contender
+        self.clocks = clocks
         self.decode = DecodeConfig(contender.mode, contender.k or 1, new_tokens,
                                    max_branches=contender.max_branches or DecodeConfig.max_branches)
 
     def __call__(self, prompt: list[int]) -> Generation:
+        transport = self.cluster.transport
+        recorder = transport.spans = SpanRecorder()
+        start_tracing(transport, list(self.clocks), MAX_TRACE_SPANS)
+        recorder.start(MAX_TRACE_SPANS)
         began = time.perf_counter()
-        (sequence,), engine = generate(self.cluster.transport, [prompt], self.decode, self.cluster.limits())
-        return from_pipeline(sequence, engine, time.perf_counter() - began)
+        (sequence,), engine = generate(transport, [prompt], self.decode, self.cluster.limits(), spans=recorder)
+        wall = time.perf_counter() - began
+        coordinator, _ = recorder.collect()
+        workers = {role: ProcessSpans(role, 0, collect_spans(transport, role)[0], clock).aligned()
+                   for role, clock in self.clocks.items()}
+        split = split_target_time(workers["target"], coordinator, workers.get("draft", []), (began, began + wall))
+        return from_pipeline(sequence, engine, wall, split)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.critical_path import TargetTimeSplit
 from pipeline.engine import Engine, Trip
 from pipeline.scheduler import Sequence
 
@@ -26,13 +27,15 @@ class Generation:
     ipc_s: dict[str, float] = field(default_factory=dict)
     coordinator_s: float = 0.0
     trips: list[Trip] = field(default_factory=list)
+    target_split: TargetTimeSplit | None = None  # the target's wall, bucketed (ours only)
 
     @property
     def ttft_s(self) -> float:
         return self.token_times[0]
 
 
-def from_pipeline(sequence: Sequence, engine: Engine, wall_s: float) -> Generation:
+def from_pipeline(sequence: Sequence, engine: Engine, wall_s: float,
+                  target_split: TargetTimeSplit | None = None) -> Generation:
     stats = sequence.stats
     return Generation(
         token_ids=list(sequence.generated),
@@ -50,4 +53,5 @@ def from_pipeline(sequence: Sequence, engine: Engine, wall_s: float) -> Generati
         ipc_s=dict(engine.overhead_s),
         coordinator_s=engine.coordinator_s,
         trips=list(engine.trips),
+        target_split=target_split,
     )

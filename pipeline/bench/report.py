@@ -16,7 +16,8 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
     header = ["config", "tok/s", "decode tok/s", "vs target-only", "vs hf", "predicted", "meas/pred", "TTFT ms",
-              "ITL p50/p90/p99 ms", "accept", "mean len", "hit", "branches", "target busy/ipc/idle", "draft busy", "coord"]
+              "ITL p50/p90/p99 ms", "accept", "mean len", "hit", "branches", "target busy/ipc/idle", "draft busy", "coord",
+              "target wall: compute/draft/coord+IPC"]
     rows = []
     for f in result.configs:
         split = f.time_split_s
@@ -33,9 +34,16 @@ def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
             _fmt(f.acceptance_rate, ".1%"), _fmt(f.mean_acceptance_length, ".2f"), _fmt(f.predraft_hit_rate, ".0%"),
             _fmt(f.mean_branches, ".1f"),
             "/".join(share("target", part) for part in ("busy", "ipc", "idle")) if "target" in split else "-",
-            share("draft", "busy"), share("coordinator", "busy"),
+            share("draft", "busy"), share("coordinator", "busy"), wall_shares(f),
         ])
     return header, rows
+
+
+def wall_shares(f: Figures) -> str:
+    shares = f.target_wall_shares
+    if not shares:
+        return "-"
+    return "/".join(f"{shares[bucket]:.1%}" for bucket in ("compute", "draft_compute", "coordination"))
 
 
 def text_table(result: BenchResult) -> str:
@@ -54,6 +62,9 @@ def describe(result: BenchResult) -> list[str]:
              f"dtype {s['dtype']}, {s['placement']}; warm-up: {s['warmup']} prompt(s) per configuration, not counted",
              f"greedy outputs token-identical across all specpipe configurations: "
              f"{'yes' if result.identical_greedy_outputs else 'NO'}"]
+    lines.append("target wall: each instant of the target's timeline (all three processes traced) put in one bucket: "
+                 "computing; idle while the draft drafted; or coordinator and IPC (its own message handling, idle "
+                 "while the coordinator ran, while the draft handled messages, or while messages crossed)")
     lines += [f"{peer} identical to specpipe target-only: {count} prompts" for peer, count in result.peers_identical.items()]
     for f in result.configs:
         if f.per_position_acceptance:

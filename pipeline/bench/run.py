@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.figures import Figures, figures
-from pipeline.bench.ours import Contender, PipelineRunner, our_contenders, start_cluster
+from pipeline.bench.ours import Contender, PipelineRunner, our_contenders, start_cluster, worker_clocks
 from pipeline.bench.peers import HfRunner, load_models
 from pipeline.bench.records import Generation
 from pipeline.bench.theory import median_round_trip, predict
@@ -63,7 +63,8 @@ def run_bench(config: BenchConfig, dtype: str, command: str = "", progress: bool
     runs: dict[str, list[Generation]] = {c.name: [] for c in contenders}
     warmups: dict[str, list[Generation]] = {c.name: [] for c in contenders}
     with start_cluster(config, dtype) as cluster:
-        runners = {c.name: PipelineRunner(cluster, c, config.new_tokens) for c in contenders
+        clocks = worker_clocks(cluster)
+        runners = {c.name: PipelineRunner(cluster, c, config.new_tokens, clocks) for c in contenders
                    if not c.mode.startswith("hf-")}
         if config.peers:
             torch.set_num_threads(1)  # in this process, on the coordinator's core: one core, as each worker

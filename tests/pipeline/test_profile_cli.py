@@ -64,6 +64,9 @@ def test_overlap_trace_shows_every_process_and_drafting_during_verification(tmp_
 
     assert trace["otherData"]["tokens"] == 48 and trace["otherData"]["mode"] == "overlap"
     assert "overlap: the draft computed during" in result.stdout
+    wall_line = next(line for line in result.stdout.splitlines() if line.startswith("target's wall: "))
+    shares = [float(part.rsplit(" ", 1)[1].rstrip("%")) for part in wall_line.split(": ", 1)[1].split(", ")]
+    assert len(shares) == 3 and sum(shares) == pytest.approx(100, abs=0.2) and shares[0] > 50
     assert "measured/theory" in result.stdout and f"trace: {tmp_path / 'trace.json'}" in result.stdout
 
 
