@@ -190,6 +190,8 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--cores", default="", help="Comma-separated CPU cores to pin to.")
+@click.option("--io-cores", default="", help="Comma-separated CPU cores for ZeroMQ's I/O threads (default: with the "
+                                              "rest); launch puts a pinned target's on the coordinator's cores.")
 @click.option("--slots", type=int, default=8, show_default=True, help="Sequences held at once.")
 @click.option("--max-seq-len", type=int, default=0, show_default=True, help="0 = the model's context.")
 @click.option("--spin-ms", type=float, default=0.0, show_default=True,
@@ -205,15 +207,20 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
 @click.option("--curve-clients", multiple=True, metavar="PATH",
               help="Public key file (NAME.key) of a coordinator allowed to connect, or a directory of them; repeat "
                    "for several. Every other client is refused.")
-def worker(role, checkpoint, bind, backend, device, dtype, threads, cores, slots, max_seq_len, spin_ms, nice,
-           parent_pid, curve_secret_key, curve_clients) -> None:
+def worker(role, checkpoint, bind, backend, device, dtype, threads, cores, io_cores, slots, max_seq_len, spin_ms,
+           nice, parent_pid, curve_secret_key, curve_clients) -> None:
     """Run one worker process (started by `launch`, or by hand on another host)."""
     from workers.server import serve
     from workers.spec import WorkerSpec
 
-    pinned = tuple(int(c) for c in cores.split(",") if c.strip())
-    spec = WorkerSpec(role, checkpoint, bind, backend, device, dtype, threads, pinned, slots, max_seq_len, spin_ms,
-                      nice, parent_pid, curve_secret_key, tuple(curve_clients))
+    def core_list(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(c) for c in text.split(",") if c.strip())
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a comma-separated list of core numbers") from None
+
+    spec = WorkerSpec(role, checkpoint, bind, backend, device, dtype, threads, core_list(cores), core_list(io_cores),
+                      slots, max_seq_len, spin_ms, nice, parent_pid, curve_secret_key, tuple(curve_clients))
     sys.exit(serve(spec))
 
 

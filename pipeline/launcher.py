@@ -134,7 +134,9 @@ class LocalCluster:
         if target_cores and self.config.protect_target_core:
             coordinator_cores = set(os.sched_getaffinity(0)) - target_cores
             if coordinator_cores:
-                specs["target"] = replace(specs["target"], spin_ms=self.config.target_spin_ms)
+                # its ZeroMQ threads on the coordinator's cores: each reply they carry would preempt it
+                specs["target"] = replace(specs["target"], spin_ms=self.config.target_spin_ms,
+                                          io_cores=tuple(sorted(coordinator_cores)))
                 # Someone must keep the coordinator's core awake (a halted vCPU wakes in hundreds of
                 # microseconds). A draft sharing the core busy-polls between its requests and, being
                 # nicer, yields the core to the coordinator the moment a reply wakes it; the coordinator

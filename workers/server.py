@@ -28,7 +28,7 @@ from pipeline.protocol import (
     request_kind,
 )
 from workers.auth import secure
-from workers.backends.torch_device import lower_priority, set_cpu_threads
+from workers.backends.torch_device import lower_priority, pin_zmq_threads, set_cpu_threads
 from workers.connection_log import log_connection_events
 from workers.errors import SpecpipeError
 from workers.model.checkpoint import tokenizer_fingerprint
@@ -48,6 +48,8 @@ def load(spec: WorkerSpec) -> tuple[WorkerService, Ready]:
     if spec.backend not in ("torch", "ttnn"):
         raise SpecpipeError(f"backend {spec.backend!r} is not available in this build; use --backend torch")
     set_cpu_threads(spec.threads, list(spec.cores) or None)
+    if spec.io_cores:
+        pin_zmq_threads(spec.io_cores)  # our socket is open: its threads are running
     if spec.nice:
         lower_priority(spec.nice)
     runner = None

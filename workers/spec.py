@@ -15,6 +15,7 @@ class WorkerSpec:
     dtype: str = "float32"
     threads: int = 1
     cores: tuple[int, ...] = ()  # CPU cores to pin to; () = leave affinity alone
+    io_cores: tuple[int, ...] = ()  # cores for ZeroMQ's I/O threads; () = wherever the rest are
     slots: int = 8  # sequences it can hold at once (KV slots)
     max_seq_len: int = 0  # 0 = the model's context
     spin_ms: float = 0.0  # busy-poll this long for the next request before sleeping (for a worker that owns its core)
@@ -31,6 +32,8 @@ class WorkerSpec:
                 "--nice", str(self.nice)]
         if self.cores:
             args += ["--cores", ",".join(map(str, self.cores))]
+        if self.io_cores:
+            args += ["--io-cores", ",".join(map(str, self.io_cores))]
         if self.parent_pid:
             args += ["--parent-pid", str(self.parent_pid)]
         if self.curve_secret_key:

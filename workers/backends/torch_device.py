@@ -95,6 +95,29 @@ def pin_threads(cores: set[int] | list[int]) -> dict[int, set[int]]:
     return before
 
 
+ZMQ_THREAD_PREFIX = "ZMQbg/"  # libzmq names its I/O threads ZMQbg/IO/n and its reaper ZMQbg/Reaper
+
+
+def pin_zmq_threads(cores: set[int] | list[int]) -> int:
+    """Moves ZeroMQ's own threads (found by the names libzmq gives them) to `cores`; returns how many.
+
+    For a worker that owns its core: each message it sends wakes its I/O thread, which, sharing the
+    core, preempts the worker until the bytes are out. On the coordinator's core the I/O thread runs
+    beside it instead. Target's wall spent on coordinator and IPC, bundled pair, 2-vCPU Xeon VM, two
+    alternated bench runs each: overlap k=3 4.1 % to 3.7-3.8 %, target-only 8.4-8.8 % to 6.8-7.0 %."""
+    moved = 0
+    for tid in _threads():
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                if not comm.read().startswith(ZMQ_THREAD_PREFIX):
+                    continue
+            os.sched_setaffinity(tid, cores)
+            moved += 1
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended meanwhile
+    return moved
+
+
 def restore_threads(before: dict[int, set[int]], default: set[int]) -> None:
     """Gives every thread its affinity from before `pin_threads`; threads started since get `default`."""
     for tid in _threads():

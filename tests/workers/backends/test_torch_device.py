@@ -91,3 +91,26 @@ stop.set(); thread.join()
     pinned, restored = _in_own_session(code).splitlines()
     assert pinned == f"[{cores[0]}] [{cores[0]}]"  # the helper too, not just the calling thread
     assert restored == f"[{cores[1]}] {cores}"
+
+
+def test_pin_zmq_threads_moves_zeromqs_threads_and_no_other():
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    code = f"""
+import os, zmq
+from workers.backends.torch_device import pin_threads, pin_zmq_threads
+context = zmq.Context(); socket = context.socket(zmq.DEALER)  # starts the I/O and reaper threads
+pin_threads({{{cores[1]}}})
+moved = pin_zmq_threads({{{cores[0]}}})
+names = {{tid: open(f"/proc/self/task/{{tid}}/comm").read().strip() for tid in os.listdir("/proc/self/task")}}
+names[str(os.getpid())] = "main"
+print(moved, sorted((name, sorted(os.sched_getaffinity(int(tid)))) for tid, name in names.items()))
+socket.close(); context.term()
+"""
+    moved, placement = _in_own_session(code).split(" ", 1)
+    assert int(moved) >= 2
+    assert f"('ZMQbg/IO/0', [{cores[0]}])" in placement and f"('ZMQbg/Reaper', [{cores[0]}])" in placement
+    assert f"('main', [{cores[1]}])" in placement  # the worker's own thread stays
