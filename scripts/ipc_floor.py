@@ -23,7 +23,7 @@ import time
 
 import zmq
 
-from workers.backends.torch_device import pin_threads, pin_zmq_threads
+from workers.backends.torch_device import pin_thread_ids, pin_threads, running_threads
 
 PAYLOAD = b"x" * 100
 
@@ -36,11 +36,13 @@ def spin(seconds: float) -> None:
 
 def zmq_server(address: str, work_s: float, io_core: int | None) -> None:
     context = zmq.Context()
+    before = running_threads()
     server = context.socket(zmq.ROUTER)
+    zmq_threads = running_threads() - before  # the context's I/O and reaper threads
     server.bind(address)
     pin_threads({1})
     if io_core is not None:
-        pin_zmq_threads({io_core})
+        pin_thread_ids(zmq_threads, {io_core})
     while True:
         while not server.poll(0):
             pass

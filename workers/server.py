@@ -28,7 +28,7 @@ from pipeline.protocol import (
     request_kind,
 )
 from workers.auth import secure
-from workers.backends.torch_device import lower_priority, pin_zmq_threads, set_cpu_threads
+from workers.backends.torch_device import lower_priority, pin_thread_ids, running_threads, set_cpu_threads
 from workers.connection_log import log_connection_events
 from workers.errors import SpecpipeError
 from workers.model.checkpoint import tokenizer_fingerprint
@@ -44,12 +44,13 @@ def log(role: str, text: str) -> None:
     print(f"[{role}] {text}", file=sys.stderr, flush=True)
 
 
-def load(spec: WorkerSpec) -> tuple[WorkerService, Ready]:
+def load(spec: WorkerSpec, zmq_threads: set[int] = frozenset()) -> tuple[WorkerService, Ready]:
+    """The model and its Ready; `zmq_threads` (ZeroMQ's own) go to spec.io_cores when it names any."""
     if spec.backend not in ("torch", "ttnn"):
         raise SpecpipeError(f"backend {spec.backend!r} is not available in this build; use --backend torch")
     set_cpu_threads(spec.threads, list(spec.cores) or None)
     if spec.io_cores:
-        pin_zmq_threads(spec.io_cores)  # our socket is open: its threads are running
+        pin_thread_ids(zmq_threads, spec.io_cores)
     if spec.nice:
         lower_priority(spec.nice)
     runner = None
@@ -73,7 +74,9 @@ def load(spec: WorkerSpec) -> tuple[WorkerService, Ready]:
 def serve(spec: WorkerSpec) -> int:
     """Runs the worker until Shutdown; returns the process exit code."""
     context = zmq.Context()
+    before = running_threads()
     socket = context.socket(zmq.ROUTER)
+    zmq_threads = running_threads() - before  # its first socket starts the context's I/O and reaper threads
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     try:
@@ -92,7 +95,7 @@ def serve(spec: WorkerSpec) -> int:
     try:
         if spec.parent_pid:
             exit_with_parent(spec.parent_pid)
-        service, ready = load(spec)
+        service, ready = load(spec, zmq_threads)
     except SpecpipeError as error:
         log(spec.role, f"error: {error}")
         return _fail_hello(socket, spec.role, str(error))

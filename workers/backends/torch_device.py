@@ -95,27 +95,24 @@ def pin_threads(cores: set[int] | list[int]) -> dict[int, set[int]]:
     return before
 
 
-ZMQ_THREAD_PREFIX = "ZMQbg/"  # libzmq names its I/O threads ZMQbg/IO/n and its reaper ZMQbg/Reaper
+def pin_thread_ids(threads: set[int], cores: set[int] | list[int]) -> None:
+    """Pins the given threads of this process (ids from `running_threads`) to `cores`.
 
-
-def pin_zmq_threads(cores: set[int] | list[int]) -> int:
-    """Moves ZeroMQ's own threads (found by the names libzmq gives them) to `cores`; returns how many.
-
-    For a worker that owns its core: each message it sends wakes its I/O thread, which, sharing the
-    core, preempts the worker until the bytes are out. On the coordinator's core the I/O thread runs
-    beside it instead. Target's wall spent on coordinator and IPC, bundled pair, 2-vCPU Xeon VM, two
-    alternated bench runs each: overlap k=3 4.1 % to 3.7-3.8 %, target-only 8.4-8.8 % to 6.8-7.0 %."""
-    moved = 0
-    for tid in _threads():
+    A worker that owns its core puts its ZeroMQ context's threads (the ones its first socket started)
+    on the coordinator's instead: each message it sends wakes its I/O thread, which, sharing the core,
+    preempts the worker until the bytes are out. Target's wall spent on coordinator and IPC, bundled
+    pair, 2-vCPU Xeon VM, two alternated bench runs each: overlap k=3 4.1 % to 3.7-3.8 %, target-only
+    8.4-8.8 % to 6.8-7.0 %."""
+    for tid in threads:
         try:
-            with open(f"/proc/self/task/{tid}/comm") as comm:
-                if not comm.read().startswith(ZMQ_THREAD_PREFIX):
-                    continue
             os.sched_setaffinity(tid, cores)
-            moved += 1
-        except (FileNotFoundError, ProcessLookupError):
+        except ProcessLookupError:
             pass  # the thread ended meanwhile
-    return moved
+
+
+def running_threads() -> set[int]:
+    """The ids of this process's threads now."""
+    return set(_threads())
 
 
 def restore_threads(before: dict[int, set[int]], default: set[int]) -> None:
