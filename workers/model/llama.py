@@ -12,6 +12,7 @@ stored [in, out] for `x @ W`, and each RMSNorm's gain folded into the matrix tha
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import warnings
@@ -102,15 +103,24 @@ def normalize(x: Tensor, eps_times_dim: Tensor) -> Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps_times_dim)
 
 
+# True while a runner reads a sequence's prompt from position 0: the one pass every mode sends alike.
+PROMPT_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("prompt_pass", default=False)
+
+
 class PackedFp16:
     """A matrix packed for fbgemm's fp16-weight GEMM: y = x @ W + b, fp32 activations and accumulation.
 
     On a CPU thread MKL's fp32 sgemm is slow for the 2-9 rows of a verification window; fbgemm's kernel
     reads half the bytes and keeps a k-token pass close to a one-token pass. A prefill of many rows is
-    compute-bound instead. Inputs of PREFILL_ROWS rows or more therefore take oneDNN's bf16 GEMM where the
-    CPU multiplies bf16 natively (AVX512-BF16: 200 rows of the bundled target 62 ms against 135 ms for MKL
-    fp32), else MKL on an fp32 copy. Every mode prefills a prompt the same way, so which kernel reads it
-    changes nothing in how the modes compare; decode and verification always run fbgemm.
+    compute-bound instead. A prompt's pass (PROMPT_PASS) of PREFILL_ROWS rows or more therefore takes
+    oneDNN's bf16 GEMM where the CPU multiplies bf16 natively (AVX512-BF16: 200 rows of the bundled target
+    62 ms against 135 ms for MKL fp32), else MKL on an fp32 copy. Every mode reads a prompt in the same one
+    pass, so which kernel reads it changes nothing in how the modes compare.
+
+    Every other pass runs fbgemm, whatever its number of rows: its rows must come out exactly as they would
+    one at a time (target-only decodes each position alone), and fbgemm's do, while the two prefill
+    kernels' change with the number of rows. A verification window of 32 rows or more (k >= 31) taking
+    them made serial k=40 differ from target-only on 11 of 24 held-out prompts.
     """
 
     PREFILL_ROWS = 32
@@ -125,7 +135,7 @@ class PackedFp16:
             self.long_weight = weight_in_out.float().contiguous()  # [in, out], for MKL
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.shape[0] < self.PREFILL_ROWS:
+        if x.shape[0] < self.PREFILL_ROWS or not PROMPT_PASS.get():
             return torch.fbgemm_linear_fp16_weight(x, self.packed, self.bias)
         if self.long_weight.dtype == torch.float32:
             return torch.addmm(self.bias, x, self.long_weight)

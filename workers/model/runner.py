@@ -12,7 +12,7 @@ from workers.backends.torch_device import resolve_device, resolve_dtype
 from workers.errors import CacheCapacityError, CheckpointError, DeviceError
 from workers.model.checkpoint import check_weight_names, read_config, read_hf_weights
 from workers.model.config import ModelConfig
-from workers.model.llama import Transformer, fbgemm_fp16_available, prepare_weights
+from workers.model.llama import PROMPT_PASS, Transformer, fbgemm_fp16_available, prepare_weights
 
 # Weights held in fp16 and multiplied by fbgemm with fp32 activations (CPU only); see llama.PackedFp16.
 FP16_WEIGHTS = "fp16-weights"
@@ -157,7 +157,12 @@ class ModelRunner:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         if last is not None and not 1 <= last <= count:
             raise ValueError(f"last must be between 1 and the {count} tokens read, got {last}")
-        logits = self.model(tokens.to(self.device, non_blocking=True), start, slot, last)
+        # a pass from position 0 reads a prompt: the same pass in every mode (see llama.PackedFp16)
+        prompt_pass = PROMPT_PASS.set(start == 0)
+        try:
+            logits = self.model(tokens.to(self.device, non_blocking=True), start, slot, last)
+        finally:
+            PROMPT_PASS.reset(prompt_pass)
         self.lengths[slot] = start + count
         return logits.float()
 

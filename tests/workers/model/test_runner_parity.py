@@ -149,3 +149,26 @@ def test_logits_for_the_last_positions_only(checkpoints, dtype):
     assert torch.allclose(got, torch.cat([expected[39:40], expected[42:]]), atol=atol)
     with pytest.raises(ValueError, match="last must be between 1 and the 6 tokens"):
         tail.forward(ids[40:], 40, last=7)
+
+
+def test_fp16_weights_window_of_any_length_matches_decoding_it_token_by_token():
+    # Greedy identity across modes needs each row of a verification window to come out as target-only's
+    # one-token decode of it. Only a prompt's pass may take the prefill kernel, whose rows change with
+    # their number: a window of 32 rows or more (k >= 31) once took it too and moved logits by 0.06,
+    # enough to change tokens on 11 of 24 held-out prompts at k=40. What is left, ~1e-5, is attention
+    # with a mask against without one (a one-token step needs none), far below any argmax margin seen.
+    from workers.model.llama import PackedFp16, fbgemm_fp16_available
+    from workers.models import TARGET_DIR
+
+    if not fbgemm_fp16_available():
+        pytest.skip("fbgemm's fp16 GEMM needs an AVX2 CPU")
+    ids = torch.randint(0, 4096, (90,), generator=torch.Generator().manual_seed(11)).tolist()
+    prompt, window = ids[:40], ids[40:]
+    assert len(window) > PackedFp16.PREFILL_ROWS
+    runner = ModelRunner.from_checkpoint(TARGET_DIR, dtype="fp16-weights", max_seq_len=128)
+    runner.forward(prompt, 0)
+    together = runner.forward(window, len(prompt))
+    runner.truncate(0, len(prompt))
+    alone = torch.cat([runner.forward([token], len(prompt) + i) for i, token in enumerate(window)])
+    assert (together - alone).abs().max() < 1e-4
+    assert torch.equal(together.argmax(-1), alone.argmax(-1))
