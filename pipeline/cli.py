@@ -109,14 +109,14 @@ def launch(draft_dir, target_dir, prompts, prompts_file, max_new_tokens, k, mode
            as_json) -> None:
     """Start the draft and target workers and generate for the prompts."""
     from pipeline.cancellation import CancelOnSignal, interrupt_on_sigterm
-    from pipeline.engine import WorkerFailed
+    from pipeline.errors import WorkerFailed
     from pipeline.generation import generate
     from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
     from pipeline.liveness import Heartbeats
     from pipeline.preflight import check_checkpoints, check_device, check_dtype, check_prompts, check_settings
     from pipeline.output import ResultPrinter
     from pipeline.remote import check_remote_workers
-    from pipeline.scheduler import DecodeConfig
+    from pipeline.config import DecodeConfig
     from workers.errors import SpecpipeError
     from workers.model.checkpoint import load_tokenizer
     from workers.sampling import SamplingParams
@@ -233,7 +233,7 @@ def keygen(directory, name) -> None:
     Give NAME.key (the public key) to the other side: a worker's to `launch --target-server-key` or
     `--draft-server-key`, a coordinator's to `worker --curve-clients`. Keep NAME.key_secret to yourself.
     """
-    from pipeline.curve import keygen as write_key_pair
+    from workers.curve import keygen as write_key_pair
     from workers.errors import SpecpipeError
 
     try:
@@ -337,10 +337,10 @@ def profile(draft_dir, target_dir, prompts, prompts_file, prompt_count, max_new_
             trace_path, max_spans, warmup) -> None:
     """Trace one prompt set through the pipeline: a span for every draft, verification, send, receive and
     wait in every process, on one clock; writes --trace and prints where the time went."""
-    from pipeline.engine import WorkerFailed
+    from pipeline.errors import WorkerFailed
     from pipeline.preflight import check_checkpoints, check_dtype
     from pipeline.profile import ProfileConfig, run_profile, summary_lines
-    from pipeline.scheduler import DecodeConfig
+    from pipeline.config import DecodeConfig
     from workers.errors import SpecpipeError
     from workers.models import HELDOUT_PROMPTS
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.protocol import Span
+from workers.protocol.messages import Span
 
 Intervals = list[tuple[float, float]]  # sorted, disjoint
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.protocol import (
+from workers.protocol.messages import (
     DraftRequest,
     DraftResult,
     ErrorReply,
@@ -21,10 +21,11 @@ from pipeline.protocol import (
     VerifyResult,
     request_kind,
 )
+from pipeline.errors import WorkerFailed
 from pipeline.scheduler import Scheduler
 from workers.spans import SpanRecorder
 
-ROLES = ("target", "draft")  # the target is the bottleneck: it gets its next request first
+DISPATCH_ORDER = ("target", "draft")  # the target is the bottleneck: it gets its next request first
 REQUESTS = (DraftRequest, SpeculateRequest, VerifyRequest, VerifyNext)  # work for a model
 RESULTS = (DraftResult, SpeculateResult, VerifyResult)
 
@@ -38,10 +39,6 @@ class Trip:
     size: int  # drafted tokens verified, tokens asked of the draft, or prompt tokens read
     busy_s: float  # the worker's compute, as it reported
     round_trip_s: float  # send to reply: compute plus IPC, (de)serialization and queueing
-
-
-class WorkerFailed(RuntimeError):
-    """A worker answered with an error the request cannot recover from."""
 
 
 class Transport(Protocol):
@@ -66,19 +63,19 @@ class Engine:
         self.spans = spans or SpanRecorder()  # `specpipe profile` starts it; idle otherwise
         self.stop = stop  # checked between replies: True cancels the generation (see cancel)
         self.transport = transport
-        self.busy = {role: 0 for role in ROLES}  # requests sent and not yet answered
+        self.busy = {role: 0 for role in DISPATCH_ORDER}  # requests sent and not yet answered
         self.poll_s = poll_s
         self.coordinator_s = 0.0  # time spent scheduling and bookkeeping
         self.releases_pending = 0
-        self.busy_s = {role: 0.0 for role in ROLES}  # time each worker reported computing
-        self.overhead_s = {role: 0.0 for role in ROLES}  # round trip minus compute: IPC, (de)serialization
-        self.requests = {role: 0 for role in ROLES}
+        self.busy_s = {role: 0.0 for role in DISPATCH_ORDER}  # time each worker reported computing
+        self.overhead_s = {role: 0.0 for role in DISPATCH_ORDER}  # round trip minus compute: IPC, (de)serialization
+        self.requests = {role: 0 for role in DISPATCH_ORDER}
         self._startable_at: dict[int, float] = {}  # sent, or (queued behind another) when that one was answered
-        self._queued: dict[str, list[int]] = {role: [] for role in ROLES}  # unanswered requests, in order
+        self._queued: dict[str, list[int]] = {role: [] for role in DISPATCH_ORDER}  # unanswered requests, in order
         self._kinds: dict[int, tuple[str, int]] = {}
         self.trips: list[Trip] = []  # every draft and verify request, in the order answered
         # workers that may hold the CPU during this run: a draft spins between its requests
-        self.in_use = frozenset(ROLES if scheduler.config.mode != "target-only" else ("target",))
+        self.in_use = frozenset(DISPATCH_ORDER if scheduler.config.mode != "target-only" else ("target",))
 
     def run(self) -> None:
         """Runs until every sequence is finished and both workers have freed its slots."""
@@ -112,7 +109,7 @@ class Engine:
                 sequence.finish_reason = "cancelled"
                 sequence.stats.finished_at = now
         scheduler.waiting.clear()
-        roles = ("target",) if scheduler.config.mode == "target-only" else ROLES
+        roles = ("target",) if scheduler.config.mode == "target-only" else DISPATCH_ORDER
         for role in roles:
             scheduler.control[role].clear()  # queued releases: all are re-sent below
             for seq_id in scheduler.sequences:
@@ -127,7 +124,7 @@ class Engine:
                     self._take(role, reply)
 
     def _dispatch(self) -> None:
-        for role in ROLES:
+        for role in DISPATCH_ORDER:
             while True:
                 request = self.scheduler.next_request(role, self.busy[role])
                 if request is None:

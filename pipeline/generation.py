@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.engine import Engine, Transport
-from pipeline.scheduler import DecodeConfig, Scheduler, Sequence
+from pipeline.config import DecodeConfig
+from pipeline.scheduler import Scheduler, Sequence
 from workers.spans import SpanRecorder
 
 

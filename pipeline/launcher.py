@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import zmq
 
-from pipeline.engine import WorkerFailed
+from pipeline.errors import WorkerFailed
 from pipeline.generation import ModelLimits
 from pipeline.liveness import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
@@ -21,7 +21,7 @@ from pipeline.liveness import (
     exit_description,
     process_sentinel,
 )
-from pipeline.protocol import Hello, Ready, Shutdown
+from workers.protocol.messages import Hello, Ready, Shutdown
 from pipeline.remote import ADDRESS_OPTIONS, client_keys
 from pipeline.transport import ZmqTransport
 from workers.backends.torch_device import pin_threads, restore_threads

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pipeline.protocol import DraftRequest, Hello, Ping, Release, SpeculateRequest, VerifyRequest
+from workers.protocol.messages import DraftRequest, Hello, Ping, Release, SpeculateRequest, VerifyRequest
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
 DEFAULT_HEARTBEAT_TIMEOUT_S = 2.0

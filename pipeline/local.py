@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.protocol import decode, encode
+from workers.protocol.codec import decode, encode
 from workers.model.runner import ModelRunner
 from workers.service import WorkerService
 

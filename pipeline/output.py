@@ -6,7 +6,8 @@ import json
 import sys
 from typing import Any
 
-from pipeline.scheduler import DecodeConfig, Sequence
+from pipeline.config import DecodeConfig
+from pipeline.scheduler import Sequence
 
 
 def result_record(sequence: Sequence, prompt: str, text: str, config: DecodeConfig) -> dict[str, Any]:

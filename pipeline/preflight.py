@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from pipeline.liveness import Heartbeats
-from pipeline.scheduler import DecodeConfig
+from pipeline.config import DecodeConfig
 from workers.errors import SpecpipeError
 from workers.model.checkpoint import TOKENIZER_FILES, read_config, tokenizer_fingerprint, weight_files
 

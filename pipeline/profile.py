@@ -17,8 +17,10 @@ from pathlib import Path
 from pipeline.critical_path import TargetTimeSplit, split_lines, split_target_time
 from pipeline.generation import generate
 from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
-from pipeline.protocol import MAX_TRACE_SPANS, Span
-from pipeline.scheduler import DecodeConfig, Sequence
+from workers.protocol.limits import MAX_TRACE_SPANS
+from workers.protocol.messages import Span
+from pipeline.config import DecodeConfig
+from pipeline.scheduler import Sequence
 from pipeline.tracing import ProcessSpans, chrome_trace, collect_spans, measure_offset, start_tracing, write_trace
 from workers.model.checkpoint import load_tokenizer
 from workers.spans import SpanRecorder

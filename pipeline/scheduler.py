@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.protocol import (
+from pipeline.config import DecodeConfig
+from workers.protocol.messages import (
     DraftRequest,
     DraftResult,
     Release,
@@ -39,41 +40,9 @@ from pipeline.protocol import (
     VerifyNext,
     VerifyRequest,
     VerifyResult,
-    bytes_to_tensor,
-    tensor_to_bytes,
 )
-from workers.request_checks import MAX_BRANCHES
-from workers.sampling import SamplingParams
-
-MODES = ("overlap", "serial", "target-only")
 ALTERNATIVES = 3  # runner-up tokens the draft reports per drafted token: the corrections overlap bets on
 MAX_BONUS_GUESSES = 4  # guesses at the one token of a plain decode step
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    mode: str = "overlap"
-    k: int = 5
-    max_new_tokens: int = 128
-    sampling: SamplingParams = SamplingParams()
-    # Adapt each sequence's window between 1 and k: one longer after a fully accepted window, down
-    # to accepted + 1 after a rejection (the schedule of transformers' assisted generation, PEARL's
-    # adaptive draft length in spirit).
-    adaptive_k: bool = False
-    # Overlap: at most this many branches (outcomes of a verification) drafted ahead per window;
-    # 1 is the classic optimistic pre-draft (all accepted, the bonus guessed by the draft's argmax).
-    max_branches: int = 12
-
-    def validate(self, max_context: int) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; --mode takes one of {', '.join(MODES)}")
-        if not 1 <= self.k < max_context:
-            raise ValueError(f"--k must be between 1 and {max_context - 1} (the context), got {self.k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if not 1 <= self.max_branches <= MAX_BRANCHES:
-            raise ValueError(f"--max-branches must be between 1 and {MAX_BRANCHES}, got {self.max_branches}")
-        self.sampling.validate()
 
 
 @dataclass
@@ -296,7 +265,7 @@ class Scheduler:
             feed = sequence.tokens[start:] + window.tokens
             sequence.target_view = sequence.target_view[:start] + feed  # provisional, trimmed on reply
             request = VerifyRequest(self._new_id(), sequence.seq_id, start, feed, len(window),
-                                    tensor_to_bytes(window.probs), self.config.sampling)
+                                    window.probs, self.config.sampling)
             sequence.verify_request_id = request.request_id
             return self._issue(sequence, request)
         return None
@@ -322,7 +291,7 @@ class Scheduler:
             probs = None if windows[0].probs is None else torch.cat([w.probs for w in windows])
             request = VerifyNext(self._new_id(), sequence.seq_id, sequence.verify_request_id,
                                  [a for a, _ in chain], [t for _, t in chain], [w.tokens for w in windows],
-                                 tensor_to_bytes(probs), self.config.sampling)
+                                 probs, self.config.sampling)
             sequence.chain_request_id = request.request_id
             return self._issue(sequence, request)
         return None
@@ -413,7 +382,7 @@ class Scheduler:
         if sequence.finish_reason is not None:
             return
         if isinstance(reply, DraftResult):
-            sequence.window = Drafted(reply.tokens, bytes_to_tensor(reply.probs, len(reply.tokens), self.vocab_size),
+            sequence.window = Drafted(reply.tokens, reply.probs,
                                       reply.alternatives)
             return
         sequence.speculations = self._speculations(sequence.outcomes, reply)
@@ -426,7 +395,7 @@ class Scheduler:
         if branches != len(outcomes.heads) + outcomes.bonus_guesses or any(len(t) != count for t in reply.tokens):
             raise RuntimeError(f"the draft answered a speculation on {len(outcomes.heads) + outcomes.bonus_guesses} "
                                f"outcomes with {branches} branches")
-        probs = bytes_to_tensor(reply.probs, branches * count, self.vocab_size)
+        probs = None if reply.probs is None else reply.probs.reshape(branches * count, -1)
         speculations = []
         for i, head in enumerate(reply.heads):
             rejected = i < len(outcomes.forks)

@@ -17,7 +17,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.protocol import ClockProbe, ClockReading, ErrorReply, Span, TraceCollect, TraceSpans, TraceStart, TraceStarted
+from workers.protocol.messages import (
+    ClockProbe,
+    ClockReading,
+    ErrorReply,
+    Span,
+    TraceCollect,
+    TraceSpans,
+    TraceStart,
+    TraceStarted,
+)
 from pipeline.transport import ZmqTransport
 
 

@@ -8,10 +8,12 @@ from collections.abc import Callable
 
 import zmq
 
-from pipeline.curve import ClientKeys
-from pipeline.engine import WorkerFailed
+from workers.curve import ClientKeys
+from pipeline.errors import WorkerFailed
 from pipeline.liveness import ConnectionWatch, Heartbeats, describe_activity
-from pipeline.protocol import MAX_MESSAGE_BYTES, ErrorReply, Hello, ProtocolError, Ready, Shutdown, decode, encode
+from workers.protocol.codec import ProtocolError, decode, encode
+from workers.protocol.limits import MAX_MESSAGE_BYTES
+from workers.protocol.messages import ErrorReply, Hello, Ready, Shutdown
 from workers.spans import SpanRecorder
 
 LAST_WORDS_S = 0.1  # after a worker exits or drops its connection: time for its last messages to arrive

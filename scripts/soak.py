@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline.cli import default_dtype
 from pipeline.generation import generate
 from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
-from pipeline.scheduler import DecodeConfig
+from pipeline.config import DecodeConfig
 from workers.model.checkpoint import load_tokenizer
 from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.spec import WorkerSpec

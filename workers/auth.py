@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from pipeline.curve import is_loopback, load_key_pair, load_public_keys
+from workers.curve import is_loopback, load_key_pair, load_public_keys
 from workers.errors import SpecpipeError
 from workers.spec import WorkerSpec
 

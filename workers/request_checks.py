@@ -11,10 +11,10 @@ import math
 
 import torch
 
-from pipeline.protocol import DraftRequest, SpeculateRequest, VerifyNext, VerifyRequest
+from workers.protocol.limits import MAX_BRANCHES
+from workers.protocol.messages import DraftRequest, SpeculateRequest, VerifyNext, VerifyRequest
 from workers.sampling import SamplingParams
 
-MAX_BRANCHES = 64  # per SpeculateRequest; the scheduler asks for a dozen or so
 
 
 def check_request(message: object, vocab_size: int, max_seq_len: int) -> None:
@@ -31,8 +31,10 @@ def check_request(message: object, vocab_size: int, max_seq_len: int) -> None:
             raise ValueError(f"alternatives must lie in [0, {vocab_size}), got {message.alternatives}")
     if isinstance(message, SpeculateRequest):
         _check_branches(message, vocab_size, max_seq_len)
-    if isinstance(message, VerifyRequest) and not 0 <= message.drafted < len(message.feed):
-        raise ValueError(f"a window of {len(message.feed)} tokens cannot carry {message.drafted} drafted ones")
+    if isinstance(message, VerifyRequest):
+        if not 0 <= message.drafted < len(message.feed):
+            raise ValueError(f"a window of {len(message.feed)} tokens cannot carry {message.drafted} drafted ones")
+        _check_distributions(message.probs, message.drafted, vocab_size)
     _check_sampling(message.sampling, vocab_size)
 
 
@@ -47,6 +49,7 @@ def _check_verify_next(message: VerifyNext, vocab_size: int, max_seq_len: int) -
         raise ValueError(f"token ids must lie in [0, {vocab_size})")
     if sum(map(len, message.windows)) > max_seq_len:
         raise ValueError(f"the windows hold more tokens than the context of {max_seq_len}")
+    _check_distributions(message.probs, sum(map(len, message.windows)), vocab_size)
     _check_sampling(message.sampling, vocab_size)
 
 
@@ -84,7 +87,12 @@ def _check_sampling(sampling: SamplingParams, vocab_size: int) -> None:
         raise ValueError(f"top-k must be at most {vocab_size} and the seed in [0, 2**63)")
 
 
-def check_distributions(probs: torch.Tensor | None) -> None:
-    """The draft's distributions sent along with a window: finite probabilities."""
-    if probs is not None and not bool(((probs >= 0) & (probs <= 1)).all()):
+def _check_distributions(probs: torch.Tensor | None, rows: int, vocab_size: int) -> None:
+    """The draft's distributions sent along with `rows` drafted tokens: [rows, vocab] probabilities."""
+    if probs is None:
+        return
+    if tuple(probs.shape) != (rows, vocab_size):
+        raise ValueError(f"expected the draft's distributions as {rows}x{vocab_size} values, got "
+                         f"{'x'.join(map(str, probs.shape))}")
+    if not bool(((probs >= 0) & (probs <= 1)).all()):
         raise ValueError("the draft's distributions must hold probabilities in [0, 1]")

@@ -10,21 +10,19 @@ from pathlib import Path
 
 import zmq
 
-from pipeline.protocol import (
-    MAX_MESSAGE_BYTES,
+from workers.protocol.codec import ProtocolError, decode, encode
+from workers.protocol.limits import MAX_MESSAGE_BYTES
+from workers.protocol.messages import (
     ClockProbe,
     ClockReading,
     ErrorReply,
     Hello,
-    ProtocolError,
     Ready,
     Shutdown,
     TraceCollect,
     TraceSpans,
     TraceStart,
     TraceStarted,
-    decode,
-    encode,
     request_kind,
 )
 from workers.auth import secure

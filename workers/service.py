@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from pipeline.protocol import (
+from workers.protocol.messages import (
+    ROLES,
     DraftRequest,
     DraftResult,
     ErrorReply,
@@ -17,16 +18,12 @@ from pipeline.protocol import (
     VerifyNext,
     VerifyRequest,
     VerifyResult,
-    bytes_to_tensor,
-    tensor_to_bytes,
 )
 from workers.draft import DraftCore
 from workers.errors import SpecpipeError
 from workers.model.runner import ModelRunner
-from workers.request_checks import check_distributions, check_request
+from workers.request_checks import check_request
 from workers.target import TargetCore, Verdict
-
-ROLES = ("draft", "target")
 
 
 class WorkerService:
@@ -60,20 +57,18 @@ class WorkerService:
         if isinstance(message, DraftRequest) and self.role == "draft":
             draft = self.core.draft(message.seq_id, message.start, message.feed, message.count, message.sampling,
                                     message.alternatives)
-            return DraftResult(message.request_id, message.seq_id, draft.tokens, tensor_to_bytes(draft.probs),
+            return DraftResult(message.request_id, message.seq_id, draft.tokens, draft.probs,
                                draft.alternatives, draft.cached, time.perf_counter() - began)
         if isinstance(message, SpeculateRequest) and self.role == "draft":
             branches = self.core.speculate(message.seq_id, message.start, message.feed, message.forks, message.heads,
                                            message.bonus_guesses, message.count, message.sampling,
                                            message.alternatives)
             return SpeculateResult(message.request_id, message.seq_id, branches.heads, branches.tokens,
-                                   tensor_to_bytes(branches.probs), branches.alternatives, branches.cached,
+                                   branches.probs, branches.alternatives, branches.cached,
                                    time.perf_counter() - began)
         if isinstance(message, VerifyRequest) and self.role == "target":
-            probs = bytes_to_tensor(message.probs, message.drafted, self.runner.config.vocab_size)
-            check_distributions(probs)
             return self._verify(message.request_id, message.seq_id, message.start, message.feed, message.drafted,
-                                message.sampling, probs, began)
+                                message.sampling, message.probs, began)
         if isinstance(message, VerifyNext) and self.role == "target":
             return self._verify_next(message, began)
         if isinstance(message, Release):
@@ -104,9 +99,7 @@ class WorkerService:
         window = message.windows[branch]
         probs = None
         if message.probs is not None:
-            rows = bytes_to_tensor(message.probs, sum(map(len, message.windows)), self.runner.config.vocab_size)
             first = sum(len(w) for w in message.windows[:branch])
-            probs = rows[first : first + len(window)]
-            check_distributions(probs)
+            probs = message.probs[first : first + len(window)]
         return self._verify(message.request_id, message.seq_id, verdict.cached, [verdict.next_token] + window,
                             len(window), message.sampling, probs, began)

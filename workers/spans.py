@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.protocol import MAX_TRACE_SPANS, Span
+from workers.protocol.limits import MAX_TRACE_SPANS
+from workers.protocol.messages import Span
 
 
 class SpanRecorder:

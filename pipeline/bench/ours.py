@@ -10,8 +10,8 @@ from pipeline.bench.records import Generation, from_pipeline
 from pipeline.critical_path import split_target_time
 from pipeline.generation import generate
 from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
-from pipeline.protocol import MAX_TRACE_SPANS
-from pipeline.scheduler import DecodeConfig
+from workers.protocol.limits import MAX_TRACE_SPANS
+from pipeline.config import DecodeConfig
 from pipeline.tracing import ClockOffset, ProcessSpans, collect_spans, measure_offset, start_tracing
 from workers.spans import SpanRecorder
 from workers.spec import WorkerSpec

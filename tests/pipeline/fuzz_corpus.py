@@ -6,22 +6,21 @@ import random
 from collections.abc import Iterator
 
 import msgpack
+import torch
 
-from pipeline.protocol import (
+from workers.protocol.codec import ProtocolError, decode, encode
+from workers.protocol.messages import (
     PROTOCOL_VERSION,
     DraftRequest,
     ErrorReply,
     Hello,
     Ping,
-    ProtocolError,
     Ready,
     Release,
     Shutdown,
     SpeculateRequest,
     VerifyNext,
     VerifyRequest,
-    decode,
-    encode,
 )
 from workers.sampling import SamplingParams
 
@@ -32,6 +31,7 @@ SEEDS = [
     encode(DraftRequest(1, 0, 0, [1, 2, 3], 1)),
     encode(DraftRequest(2, 1, 0, [7], 2, SamplingParams(0.8, 5, 0.9, 3))),
     encode(VerifyRequest(3, 0, 0, [1, 2, 3], 1)),
+    encode(VerifyRequest(6, 0, 0, [1, 2, 3], 1, torch.full((1, 8), 0.125), SamplingParams(0.8))),
     encode(SpeculateRequest(4, 0, 0, [1, 2, 3], [1], [5], 2, 2)),
     encode(VerifyNext(5, 0, 3, [0, 1], [4, 6], [[7], [8, 9]])),
     encode(Ready("draft", 1, "m", 10, "h", 10, [0], "torch", "cpu", 1)),

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.curve import keygen
+from workers.curve import keygen
 
 
 def make_keys(directory: Path, *names: str) -> Path:

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.generation import generate
 from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
-from pipeline.protocol import Ping, Pong
-from pipeline.scheduler import DecodeConfig
+from workers.protocol.messages import Ping, Pong
+from pipeline.config import DecodeConfig
 from tests.pipeline.processes import read_some, start_launch, survivors, worker_pids
 from workers.models import DRAFT_DIR, TARGET_DIR
 from workers.spec import WorkerSpec

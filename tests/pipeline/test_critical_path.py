@@ -5,7 +5,7 @@ import random
 import pytest
 
 from pipeline.critical_path import intersect, length, merged, split_lines, split_target_time, subtract
-from pipeline.protocol import Span
+from workers.protocol.messages import Span
 
 MS = 1e-3
 

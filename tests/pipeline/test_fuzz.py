@@ -12,9 +12,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.engine import WorkerFailed
-from pipeline.protocol import (
-    MAX_MESSAGE_BYTES,
+from pipeline.errors import WorkerFailed
+from workers.protocol.codec import ProtocolError, decode, encode
+from workers.protocol.limits import MAX_MESSAGE_BYTES
+from workers.protocol.messages import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     DraftRequest,
@@ -23,10 +24,7 @@ from pipeline.protocol import (
     Hello,
     Ping,
     Pong,
-    ProtocolError,
     Ready,
-    decode,
-    encode,
 )
 from pipeline.transport import ZmqTransport
 from tests.pipeline.fuzz_corpus import is_shutdown, payloads

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
-from pipeline.scheduler import DecodeConfig
+from pipeline.config import DecodeConfig
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
 from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR

@@ -7,7 +7,8 @@ import time
 import pytest
 import zmq
 
-from pipeline.protocol import DraftRequest, DraftResult, ErrorReply, Hello, Ready, Release, Released, Shutdown, decode, encode
+from workers.protocol.codec import decode, encode
+from workers.protocol.messages import DraftRequest, DraftResult, ErrorReply, Hello, Ready, Release, Released, Shutdown
 from workers.models import DRAFT_DIR
 from workers.owner import OWNER_QUIET_S
 

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import workers.target
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
-from pipeline.scheduler import DecodeConfig
+from pipeline.config import DecodeConfig
 from workers.model import ModelRunner
 from workers.sampling import SamplingParams, greedy_accept, probabilities, rejection_accept, sample
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from pipeline.protocol import DraftRequest, DraftResult, Hello, Ready, decode, encode
+from workers.protocol.codec import decode, encode
+from workers.protocol.messages import DraftRequest, DraftResult, Hello, Ready
 from workers.models import DRAFT_DIR
 
 

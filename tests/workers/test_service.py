@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipeline.protocol import ErrorReply, Skipped, VerifyNext, VerifyRequest, VerifyResult, decode, encode
+from workers.protocol.codec import decode, encode
+from workers.protocol.messages import ErrorReply, Skipped, VerifyNext, VerifyRequest, VerifyResult
 from workers.model import ModelRunner
 from workers.models import TARGET_DIR
 from workers.service import WorkerService

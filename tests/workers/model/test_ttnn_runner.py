@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
-from pipeline.scheduler import DecodeConfig
+from pipeline.config import DecodeConfig
 from tests.workers.model.ttnn_standin import Device, Standin
 from workers.errors import CacheCapacityError, UnsupportedModelError
 from workers.model import ModelRunner

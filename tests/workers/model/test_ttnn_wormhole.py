@@ -20,7 +20,7 @@ import torch
 
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
-from pipeline.scheduler import DecodeConfig
+from pipeline.config import DecodeConfig
 from workers.backends.ttnn_device import pcie_chips
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer

@@ -6,17 +6,8 @@ import msgpack
 import pytest
 import torch
 
-from pipeline.protocol import (
-    PROTOCOL_VERSION,
-    DraftRequest,
-    Ready,
-    ProtocolError,
-    VerifyRequest,
-    bytes_to_tensor,
-    decode,
-    encode,
-    tensor_to_bytes,
-)
+from workers.protocol.codec import ProtocolError, decode, encode
+from workers.protocol.messages import PROTOCOL_VERSION, DraftRequest, Ready, SpeculateResult, VerifyRequest
 from workers.sampling import SamplingParams
 
 
@@ -25,7 +16,7 @@ def wire(body, type_name="Ping", version=PROTOCOL_VERSION):
 
 
 def test_round_trip_keeps_every_field():
-    message = VerifyRequest(7, 3, 10, [1, 2, 3], 2, tensor_to_bytes(torch.ones(2, 4)), SamplingParams(0.7, 5, 0.9, 11))
+    message = VerifyRequest(7, 3, 10, [1, 2, 3], 2, None, SamplingParams(0.7, 5, 0.9, 11))
     assert decode(encode(message)) == message
     ready = Ready("draft", 1, "m", 4096, "abc", 1024, [0], "torch", "cpu", 8)
     assert decode(encode(ready)) == ready
@@ -55,15 +46,29 @@ def test_bad_messages_raise_protocol_error(payload, message):
 
 
 def test_oversized_message_is_refused(monkeypatch):
-    import pipeline.protocol as protocol
+    import workers.protocol.limits as protocol
 
     monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", 64)
     with pytest.raises(ProtocolError, match="exceeds"):
         decode(wire({"nonce": 1}) + b"\x00" * 100)
 
 
-def test_distributions_travel_as_float32_bytes():
-    probs = torch.softmax(torch.randn(3, 10), -1)
-    assert torch.equal(bytes_to_tensor(tensor_to_bytes(probs), 3, 10), probs)
-    with pytest.raises(ProtocolError, match="3x11"):
-        bytes_to_tensor(tensor_to_bytes(probs), 3, 11)
+def test_distributions_travel_as_float32_tensors_of_their_own_shape():
+    probs = torch.softmax(torch.randn(2, 3, 10, dtype=torch.float64), -1)  # any float dtype goes as float32
+    received = decode(encode(SpeculateResult(1, 2, [5, 6], [[1, 2, 3]] * 2, probs, [[[]] * 3] * 2, 4, 0.5)))
+    assert received.probs.dtype == torch.float32 and torch.equal(received.probs, probs.float())
+    assert decode(encode(VerifyRequest(1, 2, 0, [3, 4], 1, torch.ones(1, 4)))).probs.shape == (1, 4)
+
+
+@pytest.mark.parametrize("tensor, message", [
+    ({"shape": [3, 10], "float32": b"\0" * 119}, "needs 120 bytes, got 119"),
+    ({"shape": [3, -1], "float32": b""}, "non-negative ints"),
+    ({"shape": [1] * 4, "float32": b"\0" * 4}, "1 to 3"),
+    ({"shape": [1], "float32": "abcd"}, "got str"),
+    ({"shape": [1], "float32": b"\0" * 4, "dtype": "float64"}, "exactly the keys"),
+    (b"\0" * 4, "tensor map"),
+])
+def test_malformed_tensors_are_refused(tensor, message):
+    body = {"request_id": 1, "seq_id": 2, "start": 0, "feed": [3, 4], "drafted": 1, "probs": tensor}
+    with pytest.raises(ProtocolError, match=message):
+        decode(wire(body, "VerifyRequest"))

@@ -7,8 +7,9 @@ import sys
 import pytest
 import zmq
 
-from pipeline.curve import ClientKeys, is_loopback, load_key_pair, load_public_key
-from pipeline.protocol import DraftRequest, DraftResult, Hello, Ready, Release, Released, decode, encode
+from workers.curve import ClientKeys, is_loopback, load_key_pair, load_public_key
+from workers.protocol.codec import decode, encode
+from workers.protocol.messages import DraftRequest, DraftResult, Hello, Ready, Release, Released
 from tests.pipeline.remote_workers import free_port, launch_json, make_keys, start_worker, stop
 from workers.models import DRAFT_DIR, TARGET_DIR
 
