@@ -26,8 +26,7 @@ class UserError(click.ClickException):
 
 
 def default_dtype(device: str) -> str:
-    from workers.model.llama import fbgemm_fp16_available
-    from workers.model.runner import FP16_WEIGHTS
+    from workers.backends.cpu_fp16 import FP16_WEIGHTS, fbgemm_fp16_available
 
     if device != "cpu":
         return "bfloat16"

@@ -82,7 +82,7 @@ def check_device(backend: str, device: str, option: str) -> None:
 
 def check_dtype(dtype: str) -> None:
     from workers.backends.torch_device import DTYPES
-    from workers.model.runner import FP16_WEIGHTS
+    from workers.backends.cpu_fp16 import FP16_WEIGHTS
 
     if dtype not in ("auto", FP16_WEIGHTS, *DTYPES):
         raise ValueError(f"--dtype {dtype!r} is not one of auto, {FP16_WEIGHTS}, {', '.join(DTYPES)}")

@@ -51,7 +51,7 @@ class DraftCore:
         start + len(feed) + len(tokens) - 1.
         """
         slot = self.slots.prepare(seq_id, start)
-        logits = self.runner.forward(feed, start, slot, last=1)
+        logits = self.runner.forward(feed, start, slot, last=1, prompt_pass=start == 0)  # from 0: a prompt
         generator = None if sampling.greedy else self.slots.generator(seq_id, sampling.seed)
         tokens: list[int] = []
         others: list[list[int]] = []
@@ -89,7 +89,7 @@ class DraftCore:
         holds C again.
         """
         slot = self.slots.prepare(seq_id, start)
-        logits = self.runner.forward(feed, start, slot, last=1)
+        logits = self.runner.forward(feed, start, slot, last=1, prompt_pass=start == 0)
         end = start + len(feed)
         if any(not 0 <= fork < end for fork in forks):
             raise ValueError(f"every fork must lie within the {end} positions read")

@@ -40,7 +40,10 @@ class TargetCore:
         if not 0 <= drafted < len(feed):
             raise ValueError(f"a window of {len(feed)} tokens cannot carry {drafted} drafted ones")
         slot = self.slots.prepare(seq_id, start)
-        logits = self.runner.forward(feed, start, slot, last=drafted + 1)
+        # A prompt's prefill is the one pass every mode sends alike, so only it may take a kernel whose rows
+        # depend on how many it multiplies; a window's rows must match target-only's one-token steps.
+        prompt_pass = start == 0 and drafted == 0
+        logits = self.runner.forward(feed, start, slot, last=drafted + 1, prompt_pass=prompt_pass)
         proposal = feed[len(feed) - drafted :]
         if sampling.greedy:
             accepted, next_token = greedy_accept(logits, proposal)

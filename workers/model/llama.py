@@ -12,10 +12,8 @@ stored [in, out] for `x @ W`, and each RMSNorm's gain folded into the matrix tha
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import math
-import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -103,80 +101,11 @@ def normalize(x: Tensor, eps_times_dim: Tensor) -> Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps_times_dim)
 
 
-# True while a runner reads a sequence's prompt from position 0: the one pass every mode sends alike.
-PROMPT_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("prompt_pass", default=False)
-
-
-class PackedFp16:
-    """A matrix packed for fbgemm's fp16-weight GEMM: y = x @ W + b, fp32 activations and accumulation.
-
-    On a CPU thread MKL's fp32 sgemm is slow for the 2-9 rows of a verification window; fbgemm's kernel
-    reads half the bytes and keeps a k-token pass close to a one-token pass. A prefill of many rows is
-    compute-bound instead. A prompt's pass (PROMPT_PASS) of PREFILL_ROWS rows or more therefore takes
-    oneDNN's bf16 GEMM where the CPU multiplies bf16 natively (AVX512-BF16: 200 rows of the bundled target
-    62 ms against 135 ms for MKL fp32), else MKL on an fp32 copy. Every mode reads a prompt in the same one
-    pass, so which kernel reads it changes nothing in how the modes compare.
-
-    Every other pass runs fbgemm, whatever its number of rows: its rows must come out exactly as they would
-    one at a time (target-only decodes each position alone), and fbgemm's do, while the two prefill
-    kernels' change with the number of rows. A verification window of 32 rows or more (k >= 31) taking
-    them made serial k=40 differ from target-only on 11 of 24 held-out prompts.
-    """
-
-    PREFILL_ROWS = 32
-
-    def __init__(self, weight_in_out: Tensor, bias: Tensor | None) -> None:
-        self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight_in_out.float().t().contiguous())
-        self.bias = torch.zeros(weight_in_out.shape[1]) if bias is None else bias.float()
-        self.has_bias = bias is not None
-        if native_bf16_gemm():
-            self.long_weight = torch.ops.mkldnn._reorder_linear_weight(weight_in_out.t().contiguous().bfloat16(), None)
-        else:
-            self.long_weight = weight_in_out.float().contiguous()  # [in, out], for MKL
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if x.shape[0] < self.PREFILL_ROWS or not PROMPT_PASS.get():
-            return torch.fbgemm_linear_fp16_weight(x, self.packed, self.bias)
-        if self.long_weight.dtype == torch.float32:
-            return torch.addmm(self.bias, x, self.long_weight)
-        y = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), self.long_weight, None, "none", [], "").float()
-        return y + self.bias if self.has_bias else y
-
-
-@functools.cache
-def native_bf16_gemm() -> bool:
-    """Whether oneDNN multiplies bf16 in hardware here (AVX512-BF16 or AMX), not by emulation."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                    and _cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    except (RuntimeError, AttributeError):
-        return False
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def fbgemm_fp16_available() -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            PackedFp16(torch.ones(8, 8), None)(torch.ones(1, 8))
-        return True
-    except (RuntimeError, AttributeError):
-        return False
-
-
-def project(x: Tensor, weight: Tensor | PackedFp16, bias: Tensor | None) -> Tensor:
-    if isinstance(weight, PackedFp16):
-        return weight(x)
+def project(x: Tensor, weight, bias: Tensor | None, prompt_pass: bool) -> Tensor:
+    # x: [T, in] @ weight [in, out]. A weight that is not a tensor is a backend's packed matrix (it holds its
+    # bias); `prompt_pass` lets it pick a kernel for a prompt's pass (see workers.backends.cpu_fp16).
+    if not isinstance(weight, Tensor):
+        return weight(x, prompt_pass)
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
 
@@ -202,11 +131,12 @@ class DecoderLayer(nn.Module):
         self.b_down = _weight(d) if config.mlp_bias else None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, mask: Tensor | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, mask: Tensor | None,
+        prompt_pass: bool,
     ) -> Tensor:
         # x: [T, d]; cos, sin: [T, 1, hd]; k_cache, v_cache: [kv_heads, max_seq_len, hd] (this slot's)
         T, hd, n_kv = x.shape[0], self.head_dim, self.n_kv_heads
-        qkv = project(normalize(x, self.eps_times_dim), self.wqkv, self.bqkv)
+        qkv = project(normalize(x, self.eps_times_dim), self.wqkv, self.bqkv, prompt_pass)
         qk = qkv[:, : self.q_width + self.kv_width].view(T, self.n_heads + n_kv, hd)
         # RoPE on queries and keys at once; rotate_half(x) = x[..., halves swapped] * [-1.., +1..] (in sin)
         qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)
@@ -229,11 +159,11 @@ class DecoderLayer(nn.Module):
             attn = attn.reshape(1, self.q_width)  # a view on CPU; CUDA kernels may return another layout
         else:
             attn = attn.view(n_kv, self.group, T, hd).permute(2, 0, 1, 3).reshape(T, self.q_width)
-        x = x + project(attn, self.wo, self.bo)
+        x = x + project(attn, self.wo, self.bo, prompt_pass)
 
-        gate_up = project(normalize(x, self.eps_times_dim), self.w_gate_up, self.b_gate_up)
+        gate_up = project(normalize(x, self.eps_times_dim), self.w_gate_up, self.b_gate_up, prompt_pass)
         hidden = F.silu(gate_up[:, : self.ffn_width]) * gate_up[:, self.ffn_width :]
-        return x + project(hidden, self.w_down, self.b_down)
+        return x + project(hidden, self.w_down, self.b_down, prompt_pass)
 
 
 class Transformer(nn.Module):
@@ -266,10 +196,11 @@ class Transformer(nn.Module):
         self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
 
     def forward(self, tokens: Tensor, start: int, slot: int, last: int | None = None,
-                positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, mask: Tensor | None = None, prompt_pass: bool = False) -> Tensor:
         # tokens: [T] at positions start..start+T-1 -> logits [last or T, vocab] for the final positions.
         # With `positions` [T] and `mask` [T, start+T] the rows need not be one sequence: row i still writes
         # cache index start+i but is rotated for positions[i] and sees the indices where mask[i] is True.
+        # `prompt_pass`: this pass reads a sequence's prompt from position 0 (a backend may pick its kernel by it).
         T = tokens.shape[0]
         end = start + T
         if positions is None:
@@ -282,22 +213,14 @@ class Transformer(nn.Module):
         x = F.embedding(tokens, self.embed)
         k_cache, v_cache = self.k_cache[:, slot], self.v_cache[:, slot]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, k_cache[i], v_cache[i], start, mask)
+            x = layer(x, cos, sin, k_cache[i], v_cache[i], start, mask, prompt_pass)
         if last is not None:
             x = x[-last:]  # a prefill needs one row of logits, not T: the LM head is 9-40 % of its FLOPs
-        return project(normalize(x, self.eps_times_dim), self.lm_head, None)
+        return project(normalize(x, self.eps_times_dim), self.lm_head, None, prompt_pass)
 
-    def pack_fp16_weights(self) -> None:
-        """Swaps every matrix (not the embedding) for its fbgemm fp16 packing; biases go with them."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch marks the fbgemm fp16 ops deprecated; they are still there
-            for layer in self.layers:
-                for weight, bias in (("wqkv", "bqkv"), ("wo", "bo"), ("w_gate_up", "b_gate_up"), ("w_down", "b_down")):
-                    packed = PackedFp16(getattr(layer, weight), getattr(layer, bias))
-                    for name in (weight, bias):
-                        layer._parameters.pop(name, None)
-                    setattr(layer, weight, packed)
-                    setattr(layer, bias, None)
-            packed = PackedFp16(self.lm_head, None)
-            self._parameters.pop("lm_head")
-            self.lm_head = packed
+    def matrices(self) -> Iterator[tuple[nn.Module, str, str | None]]:
+        """Every matrix a backend may repack (all but the embedding), as (module, weight name, bias name)."""
+        for layer in self.layers:
+            yield from ((layer, "wqkv", "bqkv"), (layer, "wo", "bo"), (layer, "w_gate_up", "b_gate_up"),
+                        (layer, "w_down", "b_down"))
+        yield self, "lm_head", None

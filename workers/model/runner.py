@@ -8,14 +8,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from workers.backends.cpu_fp16 import FP16_WEIGHTS, fbgemm_fp16_available, pack_fp16_weights
 from workers.backends.torch_device import resolve_device, resolve_dtype
 from workers.errors import CacheCapacityError, CheckpointError, DeviceError
 from workers.model.checkpoint import check_weight_names, read_config, read_hf_weights
 from workers.model.config import ModelConfig
-from workers.model.llama import PROMPT_PASS, Transformer, fbgemm_fp16_available, prepare_weights
-
-# Weights held in fp16 and multiplied by fbgemm with fp32 activations (CPU only); see llama.PackedFp16.
-FP16_WEIGHTS = "fp16-weights"
+from workers.model.llama import Transformer, prepare_weights
 
 
 class ModelRunner:
@@ -91,7 +89,7 @@ class ModelRunner:
         if missing or unexpected:
             raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if pack_fp16:
-            model.pack_fp16_weights()
+            pack_fp16_weights(model.matrices())
         model.setup_caches(n_slots, max_seq_len, torch_dtype, torch_device)
         model.requires_grad_(False).eval()
         return cls(config, model, torch_device, torch_dtype)
@@ -131,12 +129,19 @@ class ModelRunner:
         positions: Sequence[int] | Tensor | int,
         slot: int = 0,
         last: int | None = None,
+        *,
+        prompt_pass: bool = False,
     ) -> Tensor:
         """Logits [T, vocab] (float32) for T tokens at consecutive positions of `slot`.
 
         `positions` is the positions of the tokens, or just the first one. It may start before
         the slot's length (overwriting, i.e. an implicit truncate) but never after it. With `last`,
         only the final `last` positions get logits ([last, vocab]); the cache takes all T.
+
+        `prompt_pass` says this pass reads a sequence's prompt from position 0, as every mode does
+        alike: only such a pass may take a kernel whose rows depend on how many it multiplies at once
+        (`--dtype fp16-weights`' prefill GEMM). Every other pass must give each row exactly what
+        reading it alone would, or verification would drift from target-only decoding.
         """
         self._check_slot(slot)
         tokens = torch.as_tensor(tokens, dtype=torch.long)
@@ -157,12 +162,9 @@ class ModelRunner:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         if last is not None and not 1 <= last <= count:
             raise ValueError(f"last must be between 1 and the {count} tokens read, got {last}")
-        # a pass from position 0 reads a prompt: the same pass in every mode (see llama.PackedFp16)
-        prompt_pass = PROMPT_PASS.set(start == 0)
-        try:
-            logits = self.model(tokens.to(self.device, non_blocking=True), start, slot, last)
-        finally:
-            PROMPT_PASS.reset(prompt_pass)
+        if prompt_pass and start != 0:
+            raise ValueError(f"a prompt's pass starts at position 0, not {start}")
+        logits = self.model(tokens.to(self.device, non_blocking=True), start, slot, last, prompt_pass=prompt_pass)
         self.lengths[slot] = start + count
         return logits.float()
 

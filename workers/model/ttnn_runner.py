@@ -122,6 +122,8 @@ class TtnnRunner(ModelRunner):
         positions: Sequence[int] | Tensor | int,
         slot: int = 0,
         last: int | None = None,
+        *,
+        prompt_pass: bool = False,  # one kernel for every pass here: a window of 32 positions per tile
     ) -> Tensor:
         """Logits [T, vocab] (float32) for T tokens at consecutive positions of `slot`, or for the final
         `last` of them; as ModelRunner.forward."""

@@ -96,7 +96,7 @@ def test_bfloat16_runs_and_mostly_agrees(checkpoints, device):
 
 
 def test_fp16_weights_agree_with_float32(checkpoints):
-    from workers.model.llama import fbgemm_fp16_available
+    from workers.backends.cpu_fp16 import fbgemm_fp16_available
 
     if not fbgemm_fp16_available():
         pytest.skip("fbgemm's fp16 GEMM needs an AVX2 CPU")
@@ -115,7 +115,7 @@ def test_fp16_weights_long_prefill_agrees_with_float32():
     import json
 
     from workers.model.checkpoint import load_tokenizer
-    from workers.model.llama import PackedFp16, fbgemm_fp16_available
+    from workers.backends.cpu_fp16 import PackedFp16, fbgemm_fp16_available
     from workers.models import HELDOUT_PROMPTS, TARGET_DIR
 
     if not fbgemm_fp16_available():
@@ -123,8 +123,8 @@ def test_fp16_weights_long_prefill_agrees_with_float32():
     text = json.loads(HELDOUT_PROMPTS.read_text().splitlines()[0])
     ids = load_tokenizer(str(TARGET_DIR)).encode(text)
     assert len(ids) > 3 * PackedFp16.PREFILL_ROWS
-    got = ModelRunner.from_checkpoint(TARGET_DIR, dtype="fp16-weights", max_seq_len=512).forward(ids, 0)
-    expected = ModelRunner.from_checkpoint(TARGET_DIR, dtype="float32", max_seq_len=512).forward(ids, 0)
+    got = ModelRunner.from_checkpoint(TARGET_DIR, dtype="fp16-weights", max_seq_len=512).forward(ids, 0, prompt_pass=True)
+    expected = ModelRunner.from_checkpoint(TARGET_DIR, dtype="float32", max_seq_len=512).forward(ids, 0, prompt_pass=True)
     assert (got - expected).abs().max() < 0.15  # logits' std is about 2.4
     assert got[-1].argmax() == expected[-1].argmax()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
@@ -132,7 +132,7 @@ def test_fp16_weights_long_prefill_agrees_with_float32():
 
 @pytest.mark.parametrize("dtype", ["float32", "fp16-weights"])
 def test_logits_for_the_last_positions_only(checkpoints, dtype):
-    from workers.model.llama import fbgemm_fp16_available
+    from workers.backends.cpu_fp16 import fbgemm_fp16_available
 
     if dtype == "fp16-weights" and not fbgemm_fp16_available():
         pytest.skip("fbgemm's fp16 GEMM needs an AVX2 CPU")
@@ -140,8 +140,8 @@ def test_logits_for_the_last_positions_only(checkpoints, dtype):
     ids = torch.randint(0, 128, (46,), generator=torch.Generator().manual_seed(9))
     full = ModelRunner.from_checkpoint(directory, dtype=dtype)
     tail = ModelRunner.from_checkpoint(directory, dtype=dtype)
-    expected = torch.cat([full.forward(ids[:40], 0), full.forward(ids[40:], 40)])
-    got = torch.cat([tail.forward(ids[:40], 0, last=1), tail.forward(ids[40:], 40, last=4)])
+    expected = torch.cat([full.forward(ids[:40], 0, prompt_pass=True), full.forward(ids[40:], 40)])
+    got = torch.cat([tail.forward(ids[:40], 0, last=1, prompt_pass=True), tail.forward(ids[40:], 40, last=4)])
     assert got.shape == (5, expected.shape[-1]) and tail.lengths[0] == 46  # the cache took every token
     # fp16-weights: a 1-row LM head runs fbgemm on fp16, a 40-row one oneDNN on bf16 (or MKL on fp32 where
     # the CPU has no bf16 instructions; PackedFp16); these test weights are fp32, exact in neither
@@ -157,7 +157,7 @@ def test_fp16_weights_window_of_any_length_matches_decoding_it_token_by_token():
     # their number: a window of 32 rows or more (k >= 31) once took it too and moved logits by 0.06,
     # enough to change tokens on 11 of 24 held-out prompts at k=40. What is left, ~1e-5, is attention
     # with a mask against without one (a one-token step needs none), far below any argmax margin seen.
-    from workers.model.llama import PackedFp16, fbgemm_fp16_available
+    from workers.backends.cpu_fp16 import PackedFp16, fbgemm_fp16_available
     from workers.models import TARGET_DIR
 
     if not fbgemm_fp16_available():
@@ -166,8 +166,10 @@ def test_fp16_weights_window_of_any_length_matches_decoding_it_token_by_token():
     prompt, window = ids[:40], ids[40:]
     assert len(window) > PackedFp16.PREFILL_ROWS
     runner = ModelRunner.from_checkpoint(TARGET_DIR, dtype="fp16-weights", max_seq_len=128)
-    runner.forward(prompt, 0)
+    runner.forward(prompt, 0, prompt_pass=True)
     together = runner.forward(window, len(prompt))
+    with pytest.raises(ValueError, match="starts at position 0"):
+        runner.forward(window, len(prompt), prompt_pass=True)
     runner.truncate(0, len(prompt))
     alone = torch.cat([runner.forward([token], len(prompt) + i) for i, token in enumerate(window)])
     assert (together - alone).abs().max() < 1e-4
