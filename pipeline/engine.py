@@ -69,13 +69,12 @@ class Engine:
         self.releases_pending = 0
         self.busy_s = {role: 0.0 for role in DISPATCH_ORDER}  # time each worker reported computing
         self.overhead_s = {role: 0.0 for role in DISPATCH_ORDER}  # round trip minus compute: IPC, (de)serialization
-        self.requests = {role: 0 for role in DISPATCH_ORDER}
         self._startable_at: dict[int, float] = {}  # sent, or (queued behind another) when that one was answered
         self._queued: dict[str, list[int]] = {role: [] for role in DISPATCH_ORDER}  # unanswered requests, in order
         self._kinds: dict[int, tuple[str, int]] = {}
         self.trips: list[Trip] = []  # every draft and verify request, in the order answered
         # workers that may hold the CPU during this run: a draft spins between its requests
-        self.in_use = frozenset(DISPATCH_ORDER if scheduler.config.mode != "target-only" else ("target",))
+        self.in_use = frozenset(scheduler.roles)
 
     def run(self) -> None:
         """Runs until every sequence is finished and both workers have freed its slots."""
@@ -102,17 +101,9 @@ class Engine:
         Requests in flight are answered before the releases sent after them (a worker serves in
         order); their results are dropped. Returns once every worker confirmed, or after timeout_s.
         """
-        now = time.perf_counter()
-        scheduler = self.scheduler
-        for sequence in [*scheduler.sequences.values(), *scheduler.waiting]:
-            if sequence.finish_reason is None:
-                sequence.finish_reason = "cancelled"
-                sequence.stats.finished_at = now
-        scheduler.waiting.clear()
-        roles = ("target",) if scheduler.config.mode == "target-only" else DISPATCH_ORDER
-        for role in roles:
-            scheduler.control[role].clear()  # queued releases: all are re-sent below
-            for seq_id in scheduler.sequences:
+        admitted = self.scheduler.cancel()  # its queued releases are dropped: all are sent here
+        for role in self.scheduler.roles:
+            for seq_id in admitted:
                 self.transport.submit(role, Release(seq_id))
                 self.releases_pending += 1
         deadline = time.monotonic() + timeout_s
@@ -136,7 +127,6 @@ class Engine:
                 self.transport.submit(role, request)
                 if isinstance(request, REQUESTS):
                     self.busy[role] += 1
-                    self.requests[role] += 1
                 else:
                     self.releases_pending += 1
 

@@ -1,35 +1,43 @@
 """The coordinator's algorithm: which request each worker gets next, and what each reply means.
 
-It knows nothing of processes or sockets (vLLM's EngineCore split): `next_request(role)` hands out
-work for an idle worker, `on_reply(reply)` takes a worker's answer. Each worker runs one request
-at a time; the engine around this class moves the messages.
-
-For every sequence the scheduler mirrors the token ids whose keys and values each worker holds
-(`draft_view`, `target_view`), so every request says exactly where to roll back to and what to read.
+It knows nothing of processes, sockets or wire formats (vLLM's EngineCore split): `next_request(role)`
+hands out work for a worker, `on_reply(reply)` takes a worker's answer. Each worker runs one request
+at a time (the target may hold one VerifyNext queued behind it); the engine around this class moves
+the messages. Every sequence moves through the phases of `pipeline.sequence.Phase`.
 
 Modes:
   target-only  the target decodes one token per pass (the baseline, through the same worker);
   serial       draft k tokens, then verify them, then draft again;
   overlap      while the target verifies window i, the draft drafts window i+1 for the likeliest
-               outcomes of that verification at once, in one batched request (pre-speculating
-               verification outcomes, as SSD/Saguaro do): "all accepted, and the target's bonus
-               token is one of the draft's top guesses", and "rejected at position j, corrected to
-               one of the draft's runner-up tokens there", for every j. How many branches fit is
-               learnt as it runs: one more after a speculation that finished before the verification,
-               two fewer after one that outlasted it. When the verification returns, the branch whose
-               context equals the committed tokens hands its window to the target at once (a hit);
-               otherwise the draft drafts anew (a miss).
+               outcomes of that verification at once, in one batched request (`pipeline.drafting`).
+               When the drafted-ahead windows arrive before the verification ends, they follow it
+               to the target as a VerifyNext, and the target goes on with the one for the outcome it
+               finds; otherwise the coordinator hands over the window for the outcome (a hit), or the
+               draft drafts anew (a miss).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from pipeline.config import DecodeConfig
+from pipeline.drafting import (
+    EMPTY,
+    Branch,
+    BranchBudget,
+    Chain,
+    DraftAhead,
+    Drafted,
+    Outcomes,
+    Resolution,
+    Verification,
+    likeliest_outcomes,
+    resolve,
+)
+from pipeline.sequence import Phase, Sequence
 from workers.protocol.messages import (
     DraftRequest,
     DraftResult,
@@ -41,129 +49,8 @@ from workers.protocol.messages import (
     VerifyRequest,
     VerifyResult,
 )
+
 ALTERNATIVES = 3  # runner-up tokens the draft reports per drafted token: the corrections overlap bets on
-MAX_BONUS_GUESSES = 4  # guesses at the one token of a plain decode step
-
-
-@dataclass
-class SequenceStats:
-    drafted: int = 0  # drafted tokens sent for verification
-    accepted: int = 0
-    verifications: int = 0  # verifications that carried at least one drafted token
-    predraft_hits: int = 0  # verifications whose next window was ready (pre-drafted)
-    predraft_misses: int = 0
-    alt_hits: int = 0  # of the hits, those served by a rejected-at-j speculation
-    speculated_branches: list[int] = field(default_factory=list)  # outcomes drafted ahead, per verification
-    accepted_lengths: list[int] = field(default_factory=list)  # per verification with a window
-    window_sizes: list[int] = field(default_factory=list)
-    started: float = 0.0
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    token_times: list[float] = field(default_factory=list)  # when each generated token was committed
-
-
-@dataclass
-class Drafted:
-    """Drafted tokens with what the target needs to judge them."""
-
-    tokens: list[int]
-    probs: torch.Tensor | None  # the draft's distributions (sampling only)
-    alternatives: list[list[int]]  # the draft's next choices at each position, likeliest first
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def head(self, count: int) -> "Drafted":
-        return Drafted(self.tokens[:count], None if self.probs is None else self.probs[:count],
-                       self.alternatives[:count])
-
-
-EMPTY = Drafted([], None, [])
-
-
-@dataclass
-class Speculation:
-    """A window drafted ahead for one possible outcome of the verification in flight."""
-
-    context: list[int]  # the committed tokens this outcome leads to
-    drafted: Drafted
-    after_rejection: bool  # the outcome is a rejected token (not all accepted plus a bonus)
-
-
-@dataclass(frozen=True)
-class Outcomes:
-    """The outcomes a speculation request drafts for: rejections (fork position, corrected token),
-    then `bonus_guesses` guesses of the bonus token after the whole window."""
-
-    context: list[int]  # committed tokens + the window being verified
-    forks: list[int]
-    heads: list[int]
-    bonus_guesses: int
-
-
-def likeliest_outcomes(window: Drafted, committed: int, budget: int) -> tuple[list[tuple[int, int]], int]:
-    """Up to `budget` outcomes of verifying `window` after `committed` tokens, likeliest first:
-    all accepted with the draft's top bonus guess; then rejected at each position j with the draft's
-    runner-up there; the second bonus guess; third choices at each j; and so on. Returns the
-    rejections as (fork position, token) and the number of bonus guesses."""
-    if not any(window.alternatives):  # a plain decode (or prefill) step: its one token is the bonus
-        return [], min(budget, MAX_BONUS_GUESSES)
-    rejections: list[tuple[int, int]] = []
-    bonus = 1
-    rank = 0
-    while bonus + len(rejections) < budget:
-        level = [(committed + j, choices[rank]) for j, choices in enumerate(window.alternatives)
-                 if rank < len(choices)]
-        if not level:
-            break
-        rejections += level[: budget - bonus - len(rejections)]
-        if bonus + len(rejections) < budget:
-            bonus += 1
-        rank += 1
-    return rejections, bonus
-
-
-@dataclass
-class Sequence:
-    seq_id: int
-    prompt: list[int]
-    tokens: list[int]  # prompt + committed generated tokens
-    max_new_tokens: int
-    target_view: list[int] = field(default_factory=list)
-    draft_view: list[int] = field(default_factory=list)
-    window: Drafted | None = None  # drafted for context == tokens, awaiting the target
-    verifying: Drafted | None = None  # the window in flight at the target
-    verify_sent_at: float = 0.0
-    drafting: str | None = None  # "window" or "speculation" while the draft works for this sequence
-    outcomes: Outcomes | None = None  # what the speculation on the verification in flight drafts for
-    speculations: list[Speculation] = field(default_factory=list)  # its windows, once drafted
-    awaited: bool = False  # the verification came back before its speculation did
-    verify_request_id: int = 0  # the verification in flight
-    # the VerifyNext sent behind it: (accepted, next token) -> the speculation and window it continues with
-    chain: dict[tuple[int, int], tuple[Speculation, Drafted]] | None = None
-    chain_request_id: int = 0
-    finish_reason: str | None = None
-    stats: SequenceStats = field(default_factory=SequenceStats)
-    k: int = 0  # this sequence's current window size (the configured k unless adapting)
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[len(self.prompt) :]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix, by slice comparisons (C speed) and bisection."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n  # the usual case: one extends the other
-    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
-    while high - low > 1:
-        middle = (low + high) // 2
-        if a[low:middle] == b[low:middle]:
-            low = middle
-        else:
-            high = middle
-    return low
 
 
 class Scheduler:
@@ -177,22 +64,22 @@ class Scheduler:
         on_tokens: Callable[[Sequence, list[int]], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
         self.config = config
         self.vocab_size = vocab_size
         self.eos_ids = eos_ids
         self.max_context = max_context
-        if concurrency < 1:
-            raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
         self.concurrency = concurrency
         self.on_tokens = on_tokens
-        self.clock = clock
+        self.clock = clock  # stamps the statistics (TTFT, token times)
+        self.roles = ("draft", "target") if config.uses_draft else ("target",)
         self.sequences: dict[int, Sequence] = {}  # admitted, in order of admission
         self.waiting: list[Sequence] = []  # not yet admitted: at most `concurrency` run at once
         self.control: dict[str, list[object]] = {"draft": [], "target": []}  # releases to send
+        self.branch_budget = BranchBudget(config.max_branches)
         self._next_request_id = 0
         self._in_flight: dict[int, Sequence] = {}
-        # branches per speculation: grown while speculations finish inside their verification
-        self.branch_budget = min(4, config.max_branches)
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -212,6 +99,7 @@ class Scheduler:
         while self.waiting and len(self.active) < self.concurrency:
             sequence = self.waiting.pop(0)
             sequence.stats.started = self.clock()
+            sequence.phase, sequence.window = Phase.READY, EMPTY  # the prompt's prefill: a plain step
             self.sequences[sequence.seq_id] = sequence
 
     @property
@@ -219,13 +107,25 @@ class Scheduler:
         return (
             not self.waiting
             and not any(self.control.values())
-            and all(s.finish_reason is not None for s in self.sequences.values())
+            and all(s.phase is Phase.FINISHED for s in self.sequences.values())
             and not self._in_flight
         )
 
     @property
     def active(self) -> list[Sequence]:
-        return [s for s in self.sequences.values() if s.finish_reason is None]
+        return [s for s in self.sequences.values() if s.phase is not Phase.FINISHED]
+
+    def cancel(self) -> list[int]:
+        """Finishes every sequence as "cancelled" and forgets what is in flight; returns the admitted
+        sequences' ids (each worker must free their slots)."""
+        now = self.clock()
+        for sequence in [*self.sequences.values(), *self.waiting]:
+            if sequence.phase is not Phase.FINISHED:
+                self._finish(sequence, "cancelled", now, release=False)
+        self.waiting.clear()
+        self.control = {"draft": [], "target": []}
+        self._in_flight.clear()
+        return list(self.sequences)
 
     # --- handing out work -----------------------------------------------------------------------
 
@@ -248,106 +148,82 @@ class Scheduler:
         return max(0, min(sequence.k, remaining - 1, room))
 
     def _next_verify(self) -> VerifyRequest | None:
-        for sequence in self.active:
-            if sequence.verifying is not None:
-                continue
-            if self.config.mode == "target-only" or not sequence.generated:
-                window = EMPTY  # plain decode step (the first one is the prefill)
-            elif sequence.window is not None:
-                window = sequence.window
-            elif self._window_budget(sequence, len(sequence.tokens), len(sequence.generated)) == 0:
-                window = EMPTY  # one token left to make: no point drafting
-            else:
-                continue
-            sequence.window, sequence.verifying = None, window
-            sequence.verify_sent_at = self.clock()
-            start = min(common_prefix(sequence.target_view, sequence.tokens), len(sequence.tokens) - 1)
-            feed = sequence.tokens[start:] + window.tokens
-            sequence.target_view = sequence.target_view[:start] + feed  # provisional, trimmed on reply
-            request = VerifyRequest(self._new_id(), sequence.seq_id, start, feed, len(window),
-                                    window.probs, self.config.sampling)
-            sequence.verify_request_id = request.request_id
-            return self._issue(sequence, request)
-        return None
+        sequence = next((s for s in self.active if s.phase is Phase.READY), None)
+        if sequence is None:
+            return None
+        window, sequence.window = sequence.window, None
+        start, feed = sequence.target_cache.feed(sequence.tokens)
+        feed = feed + window.tokens
+        sequence.target_cache.extend(window.tokens)  # trimmed to what was accepted on reply
+        request = VerifyRequest(self._new_id(), sequence.seq_id, start, feed, len(window), window.probs,
+                                self.config.sampling)
+        sequence.phase, sequence.verification = Phase.VERIFYING, Verification(request.request_id, window)
+        return self._issue(sequence, request)
 
     def _next_chained(self) -> VerifyNext | None:
         """While the target verifies a window whose outcomes were drafted ahead, sends it those windows,
         so that it goes on with the right one as soon as it knows the outcome (no coordinator hop)."""
         for sequence in self.active:
-            if sequence.verifying is None or sequence.chain is not None or not sequence.speculations:
+            ahead = sequence.verification.ahead if sequence.phase is Phase.VERIFYING else None
+            if ahead is None or ahead.branches is None or ahead.chain is not None:
                 continue
-            chain = {}  # (accepted, next token) -> the speculation drafted for that outcome
+            windows = {}  # (accepted, next token) -> the branch drafted for that outcome, and its window
             committed = len(sequence.tokens)
-            for speculation in sequence.speculations:
-                new_tokens = speculation.context[committed:]
+            for branch in ahead.branches:
+                new_tokens = branch.context[committed:]
                 emitted = len(sequence.generated) + len(new_tokens)
-                count = self._window_budget(sequence, len(speculation.context), emitted)
+                count = self._window_budget(sequence, len(branch.context), emitted)
                 if count and emitted < sequence.max_new_tokens and not self.eos_ids.intersection(new_tokens):
-                    chain[(len(new_tokens) - 1, new_tokens[-1])] = (speculation, speculation.drafted.head(count))
-            sequence.chain = chain  # an empty one: no outcome to go on from without the coordinator
-            if not chain:
+                    windows[(len(new_tokens) - 1, new_tokens[-1])] = (branch, branch.drafted.head(count))
+            if not windows:  # no outcome to go on from without the coordinator
+                ahead.chain = Chain(None, {})
                 continue
-            windows = [window for _, window in chain.values()]
-            probs = None if windows[0].probs is None else torch.cat([w.probs for w in windows])
-            request = VerifyNext(self._new_id(), sequence.seq_id, sequence.verify_request_id,
-                                 [a for a, _ in chain], [t for _, t in chain], [w.tokens for w in windows],
+            sent = [window for _, window in windows.values()]
+            probs = None if sent[0].probs is None else torch.cat([w.probs for w in sent])
+            request = VerifyNext(self._new_id(), sequence.seq_id, sequence.verification.request_id,
+                                 [a for a, _ in windows], [t for _, t in windows], [w.tokens for w in sent],
                                  probs, self.config.sampling)
-            sequence.chain_request_id = request.request_id
+            ahead.chain = Chain(request.request_id, windows)
             return self._issue(sequence, request)
         return None
 
     def _next_draft(self) -> DraftRequest | SpeculateRequest | None:
-        if self.config.mode == "target-only":
-            return None
-        # First, windows the target is waiting for; then pre-drafts behind running verifications.
-        for sequence in self.active:
-            if sequence.drafting or sequence.verifying is not None or sequence.window is not None:
-                continue
-            if not sequence.generated:
-                continue  # the target's prefill comes first; overlap pre-drafts behind it
-            count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
-            if count:
-                return self._draft(sequence, count)
+        # First, windows the target is waiting for; then drafting ahead behind running verifications.
+        sequence = next((s for s in self.active if s.phase is Phase.DRAFT_NEEDED), None)
+        if sequence is not None:
+            return self._draft(sequence)
         if self.config.mode != "overlap":
             return None
         for sequence in self.active:
-            if sequence.drafting or sequence.verifying is None or sequence.outcomes is not None:
-                continue
-            speculation = self._speculate(sequence)
-            if speculation is not None:
-                return speculation
+            if sequence.phase is Phase.VERIFYING and sequence.verification.ahead is None:
+                request = self._draft_ahead(sequence)
+                if request is not None:
+                    return request
         return None
 
-    def _draft(self, sequence: Sequence, count: int) -> DraftRequest:
-        start, feed = self._draft_feed(sequence, sequence.tokens)
-        sequence.drafting = "window"
+    def _draft(self, sequence: Sequence) -> DraftRequest:
+        count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
+        start, feed = sequence.draft_cache.feed(sequence.tokens)
         alternatives = ALTERNATIVES if self.config.mode == "overlap" else 0
+        sequence.phase = Phase.DRAFTING
         return self._issue(sequence, DraftRequest(self._new_id(), sequence.seq_id, start, feed, count,
                                                   self.config.sampling, alternatives))
 
-    def _speculate(self, sequence: Sequence) -> SpeculateRequest | None:
+    def _draft_ahead(self, sequence: Sequence) -> SpeculateRequest | None:
         """Drafts ahead, in one request, for the likeliest outcomes of the verification in flight."""
-        window = sequence.verifying
+        window = sequence.verification.window
         context = sequence.tokens + window.tokens
-        generated = len(sequence.generated)
-        count = self._window_budget(sequence, len(context) + 1, generated + len(window) + 1)
+        count = self._window_budget(sequence, len(context) + 1, len(sequence.generated) + len(window) + 1)
         if not count or len(context) + count >= self.max_context:
             return None
-        rejections, bonus_guesses = likeliest_outcomes(window, len(sequence.tokens), self.branch_budget)
-        sequence.outcomes = Outcomes(context, [fork for fork, _ in rejections], [head for _, head in rejections],
-                                     bonus_guesses)
-        start, feed = self._draft_feed(sequence, context)
-        sequence.drafting = "speculation"
-        return self._issue(sequence, SpeculateRequest(
-            self._new_id(), sequence.seq_id, start, feed, sequence.outcomes.forks, sequence.outcomes.heads,
-            bonus_guesses, count, self.config.sampling, ALTERNATIVES))
-
-    def _draft_feed(self, sequence: Sequence, context: list[int]) -> tuple[int, list[int]]:
-        """Where the draft's cache must roll back to for `context`, and what it must read from there."""
-        start = min(common_prefix(sequence.draft_view, context), len(context) - 1)
-        feed = context[start:]
-        sequence.draft_view = sequence.draft_view[:start] + feed  # set from the reply
-        return start, feed
+        rejections, bonus_guesses = likeliest_outcomes(window, len(sequence.tokens), self.branch_budget.value)
+        outcomes = Outcomes(context, [fork for fork, _ in rejections], [head for _, head in rejections],
+                            bonus_guesses)
+        start, feed = sequence.draft_cache.feed(context)
+        request = SpeculateRequest(self._new_id(), sequence.seq_id, start, feed, outcomes.forks, outcomes.heads,
+                                   bonus_guesses, count, self.config.sampling, ALTERNATIVES)
+        sequence.verification.ahead = DraftAhead(request.request_id, outcomes)
+        return self._issue(sequence, request)
 
     def _issue(self, sequence: Sequence, request):
         self._in_flight[request.request_id] = sequence
@@ -365,129 +241,130 @@ class Scheduler:
             raise ValueError(f"reply to unknown request {reply.request_id}")
         if isinstance(reply, VerifyResult):
             self._on_verified(sequence, reply)
-        elif not isinstance(reply, Skipped):  # a Skipped VerifyNext was already counted as a miss
+        elif isinstance(reply, DraftResult):
             self._on_drafted(sequence, reply)
+        elif isinstance(reply, SpeculateResult):
+            self._on_drafted_ahead(sequence, reply)
+        # a Skipped VerifyNext: the verification before it was resolved as a miss already
 
-    def _on_drafted(self, sequence: Sequence, reply: DraftResult | SpeculateResult) -> None:
-        sequence.drafting = None
-        if isinstance(reply, SpeculateResult):
-            sequence.draft_view = sequence.draft_view[: reply.cached]
-        else:
-            sequence.draft_view = sequence.draft_view + reply.tokens[:-1]
-        if len(sequence.draft_view) != reply.cached:
-            raise RuntimeError(
-                f"draft cache of sequence {sequence.seq_id} holds {reply.cached} positions, expected "
-                f"{len(sequence.draft_view)}"
-            )
-        if sequence.finish_reason is not None:
+    def _on_drafted(self, sequence: Sequence, reply: DraftResult) -> None:
+        sequence.draft_cache.extend(reply.tokens[:-1])  # read back in, all but the last
+        sequence.draft_cache.settle(reply.cached, sequence.seq_id)
+        if sequence.phase is Phase.FINISHED:
             return
-        if isinstance(reply, DraftResult):
-            sequence.window = Drafted(reply.tokens, reply.probs,
-                                      reply.alternatives)
-            return
-        sequence.speculations = self._speculations(sequence.outcomes, reply)
-        if sequence.awaited:  # the verification came back first
-            sequence.awaited = False
-            self._use_or_miss(sequence)
+        self._check_probs(reply.probs, (len(reply.tokens), self.vocab_size))
+        sequence.phase, sequence.window = Phase.READY, Drafted(reply.tokens, reply.probs, reply.alternatives)
 
-    def _speculations(self, outcomes: Outcomes, reply: SpeculateResult) -> list[Speculation]:
+    def _on_drafted_ahead(self, sequence: Sequence, reply: SpeculateResult) -> None:
+        sequence.draft_cache.settle(reply.cached, sequence.seq_id)
+        if sequence.phase is Phase.FINISHED:
+            return
+        ahead = sequence.verification.ahead
+        ahead.branches = self._branches(ahead.outcomes, reply)
+        if sequence.phase is Phase.AWAITING_AHEAD:  # the verification came back first
+            self._after_verification(sequence)
+
+    def _branches(self, outcomes: Outcomes, reply: SpeculateResult) -> list[Branch]:
         branches, count = len(reply.heads), len(reply.tokens[0]) if reply.tokens else 0
-        if branches != len(outcomes.heads) + outcomes.bonus_guesses or any(len(t) != count for t in reply.tokens):
-            raise RuntimeError(f"the draft answered a speculation on {len(outcomes.heads) + outcomes.bonus_guesses} "
-                               f"outcomes with {branches} branches")
-        probs = None if reply.probs is None else reply.probs.reshape(branches * count, -1)
-        speculations = []
+        if branches != outcomes.branches or any(len(t) != count for t in reply.tokens):
+            raise RuntimeError(f"the draft answered a speculation on {outcomes.branches} outcomes with {branches} "
+                               "branches")
+        self._check_probs(reply.probs, (branches, count, self.vocab_size))
+        drafted = []
         for i, head in enumerate(reply.heads):
             rejected = i < len(outcomes.forks)
             context = (outcomes.context[: outcomes.forks[i]] if rejected else outcomes.context) + [head]
-            branch_probs = None if probs is None else probs[i * count : (i + 1) * count]
-            speculations.append(Speculation(context, Drafted(reply.tokens[i], branch_probs, reply.alternatives[i]),
-                                            rejected))
-        return speculations
+            probs = None if reply.probs is None else reply.probs[i]
+            drafted.append(Branch(context, Drafted(reply.tokens[i], probs, reply.alternatives[i]), rejected))
+        return drafted
+
+    def _check_probs(self, probs: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+        if (probs is None) != self.config.sampling.greedy or (probs is not None and tuple(probs.shape) != shape):
+            got = "none" if probs is None else "x".join(map(str, probs.shape))
+            raise RuntimeError(f"the draft sent distributions of shape {got}; expected "
+                               f"{'none (greedy)' if self.config.sampling.greedy else 'x'.join(map(str, shape))}")
 
     def _on_verified(self, sequence: Sequence, reply: VerifyResult) -> None:
-        window, sequence.verifying = sequence.verifying, None
-        sequence.target_view = sequence.target_view[: reply.cached]
-        if len(sequence.target_view) != reply.cached:
-            raise RuntimeError(f"target cache of sequence {sequence.seq_id} holds {reply.cached} positions")
-        stats = sequence.stats
-        if window.tokens and self.config.adaptive_k:
-            full = reply.accepted == len(window)
-            sequence.k = min(self.config.k, sequence.k + 1) if full else max(1, reply.accepted + 1)
+        sequence.target_cache.settle(reply.cached, sequence.seq_id)
+        if sequence.phase is Phase.FINISHED:
+            return
+        verification = sequence.verification
+        if reply.request_id != verification.request_id:
+            raise RuntimeError(f"sequence {sequence.seq_id}: verification {reply.request_id} came back while "
+                               f"{verification.request_id} was expected")
+        window = verification.window
         if window.tokens:
+            stats = sequence.stats
             stats.verifications += 1
             stats.drafted += len(window)
             stats.accepted += reply.accepted
             stats.accepted_lengths.append(reply.accepted)
             stats.window_sizes.append(len(window))
+            if self.config.adaptive_k:
+                full = reply.accepted == len(window)
+                sequence.k = min(self.config.k, sequence.k + 1) if full else max(1, reply.accepted + 1)
         self._commit(sequence, window.tokens[: reply.accepted] + [reply.next_token])
-        chain, sequence.chain = sequence.chain, None
-        if sequence.finish_reason is not None:
+        if sequence.phase is Phase.FINISHED:
             return  # a VerifyNext sent behind it is skipped: its outcomes all go on
-        if sequence.outcomes is None:
-            return
-        if sequence.drafting == "speculation":  # still drafting: it outlasted the verification
-            self.branch_budget = max(1, self.branch_budget - 2)
-            sequence.awaited = True
-            return
-        self.branch_budget = min(self.config.max_branches, self.branch_budget + 1)
-        if chain:  # the target goes on by itself with the window for this outcome, if it has one
-            self._go_on(sequence, chain.get((reply.accepted, reply.next_token)))
-        else:
-            self._use_or_miss(sequence)
+        if verification.ahead is not None:
+            if verification.ahead.branches is None:
+                self.branch_budget.outlasted()
+            else:
+                self.branch_budget.finished_in_time()
+        self._after_verification(sequence)
 
-    def _go_on(self, sequence: Sequence, chained: tuple[Speculation, Drafted] | None) -> None:
-        """The verification that VerifyNext continued came back: the target is now verifying the window
-        for its outcome (a hit), or skips (a miss, and the draft drafts anew)."""
-        speculations, sequence.speculations, sequence.outcomes = sequence.speculations, [], None
-        stats = sequence.stats
-        stats.speculated_branches.append(len(speculations))
-        if chained is None:
-            stats.predraft_misses += 1
+    def _after_verification(self, sequence: Sequence) -> None:
+        """The one place a verification's outcome decides the sequence's next phase."""
+        verification = sequence.verification
+        resolved = resolve(verification, sequence.tokens)
+        if resolved.how is Resolution.PENDING:
+            sequence.phase = Phase.AWAITING_AHEAD
             return
-        speculation, window = chained
-        stats.predraft_hits += 1
-        stats.alt_hits += speculation.after_rejection
-        sequence.verifying = window
-        sequence.verify_request_id = sequence.chain_request_id
-        sequence.verify_sent_at = self.clock()
-        sequence.target_view = sequence.target_view + [sequence.tokens[-1]] + window.tokens  # trimmed on reply
-
-    def _use_or_miss(self, sequence: Sequence) -> None:
-        """Hands the target the pre-drafted window for the outcome that happened, if one was drafted."""
-        speculations, sequence.speculations, sequence.outcomes = sequence.speculations, [], None
         stats = sequence.stats
-        stats.speculated_branches.append(len(speculations))
-        hit = next((s for s in speculations if s.context == sequence.tokens), None)
-        if hit is None:
-            stats.predraft_misses += 1
+        if resolved.how is not Resolution.NOT_DRAFTED_AHEAD:
+            stats.speculated_branches.append(len(verification.ahead.branches))
+            if resolved.how is Resolution.MISS:
+                stats.predraft_misses += 1
+            else:
+                stats.predraft_hits += 1
+                stats.alt_hits += resolved.branch.after_rejection
+        if resolved.how is Resolution.CHAINED:  # the target is verifying the hit's window already
+            sequence.phase = Phase.VERIFYING
+            sequence.verification = Verification(verification.ahead.chain.request_id, resolved.window)
+            sequence.target_cache.extend([sequence.tokens[-1], *resolved.window.tokens])  # trimmed on reply
             return
-        stats.predraft_hits += 1
-        stats.alt_hits += hit.after_rejection
+        sequence.verification = None
         count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
-        sequence.window = hit.drafted.head(count)
+        if resolved.how is Resolution.HIT:
+            sequence.phase, sequence.window = Phase.READY, resolved.branch.drafted.head(count)
+        elif self.config.mode == "target-only" or count == 0:
+            sequence.phase, sequence.window = Phase.READY, EMPTY  # a plain step: nothing worth drafting
+        else:
+            sequence.phase = Phase.DRAFT_NEEDED
 
     def _commit(self, sequence: Sequence, new_tokens: list[int]) -> None:
         now = self.clock()
+        finish_reason = None
         for i, token in enumerate(new_tokens):
             if token in self.eos_ids:
-                new_tokens = new_tokens[: i + 1]
-                sequence.finish_reason = "eos"
+                new_tokens, finish_reason = new_tokens[: i + 1], "eos"
                 break
         sequence.tokens.extend(new_tokens)
         stats = sequence.stats
         if stats.first_token_at is None:
             stats.first_token_at = now
         stats.token_times.extend([now] * len(new_tokens))
-        if sequence.finish_reason is None:
-            if len(sequence.generated) >= sequence.max_new_tokens:
-                sequence.finish_reason = "length"
-            elif len(sequence.tokens) >= self.max_context:
-                sequence.finish_reason = "length"  # the context is full
+        if finish_reason is None and (len(sequence.generated) >= sequence.max_new_tokens
+                                      or len(sequence.tokens) >= self.max_context):
+            finish_reason = "length"  # the tokens asked for, or the context is full
+        if finish_reason is not None:
+            self._finish(sequence, finish_reason, now)
         if self.on_tokens is not None:
             self.on_tokens(sequence, new_tokens)
-        if sequence.finish_reason is not None:
-            stats.finished_at = now
-            sequence.window, sequence.awaited, sequence.outcomes, sequence.speculations = None, False, None, []
-            for role in ("target",) if self.config.mode == "target-only" else ("draft", "target"):
+
+    def _finish(self, sequence: Sequence, reason: str, now: float, release: bool = True) -> None:
+        sequence.phase, sequence.finish_reason, sequence.stats.finished_at = Phase.FINISHED, reason, now
+        sequence.window = sequence.verification = None
+        if release:
+            for role in self.roles:
                 self.control[role].append(Release(sequence.seq_id))

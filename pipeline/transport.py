@@ -39,8 +39,6 @@ class ZmqTransport:
         self.health_check = health_check
         self.spin_s = spin_s  # busy-poll this long before blocking
         self.shares_core_with = shares_core_with  # workers on our core: no spinning while they are in use
-        self.bytes_sent = self.bytes_received = 0
-        self.wire_s = 0.0  # time spent encoding, decoding, sending and receiving
         self.spans = SpanRecorder()  # `specpipe profile` starts it
         self.addresses = dict(addresses)
         self.heartbeats = heartbeats
@@ -75,10 +73,7 @@ class ZmqTransport:
         self.sockets[role].send(payload, 0 if block else zmq.NOBLOCK)
         if not isinstance(message, Shutdown):
             self._outstanding[role].append(message)
-        self.bytes_sent += len(payload)
-        ended = time.perf_counter()
-        self.wire_s += ended - began
-        self.spans.add(f"send {role}", began, ended, getattr(message, "seq_id", -1))
+        self.spans.add(f"send {role}", began, time.perf_counter(), getattr(message, "seq_id", -1))
 
     def wait(self, timeout_s: float, busy: frozenset[str] = frozenset()) -> list[tuple[str, object]]:
         """Replies that arrived within `timeout_s`; `busy` names the workers in use (they may be on the CPU)."""
@@ -95,7 +90,6 @@ class ZmqTransport:
         began = time.perf_counter()
         self.spans.add("wait", waited_from, began)
         replies = self._receive(socket for socket in events if socket in self._role_of)
-        self.wire_s += time.perf_counter() - began
         if not replies and any(alarm in events for alarm in self._alarms):
             replies = self._on_alarm(exited=any(fd in events for fd in self._sentinels))
         return replies
@@ -110,7 +104,6 @@ class ZmqTransport:
                     payload = socket.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self.bytes_received += len(payload)
                 try:
                     reply = decode(payload)
                 except ProtocolError as error:

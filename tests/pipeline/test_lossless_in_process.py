@@ -1,4 +1,7 @@
-"""The decoding algorithm, all in one process: every mode emits the target's own greedy tokens."""
+"""The decoding algorithm, all in one process: every mode emits the target's own greedy tokens.
+
+The oracle is `pipeline.reference`: the whole algorithm as one synchronous loop over the two runners,
+no scheduler, no messages."""
 
 import json
 
@@ -6,10 +9,12 @@ import pytest
 
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
+from pipeline.reference import reference_decode
 from pipeline.config import DecodeConfig
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
 from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+from workers.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,25 @@ def run(pair, timing="target-first", **config):
 
 @pytest.fixture(scope="module")
 def baseline(pair):
-    return [s.generated for s in run(pair, mode="target-only", max_new_tokens=40)]
+    """The target's own greedy tokens, from the reference loop."""
+    draft, target, prompts, limits = pair
+    config = DecodeConfig(mode="target-only", max_new_tokens=40)
+    return [reference_decode(target, None, prompt, config, limits.eos_ids) for prompt in prompts]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_reference_loop_is_lossless_itself(pair, baseline, k):
+    draft, target, prompts, limits = pair
+    speculative = DecodeConfig(mode="serial", k=k, max_new_tokens=40)
+    assert [reference_decode(target, draft, p, speculative, limits.eos_ids) for p in prompts] == baseline
+    # sampling from top-1 is greedy: the rejection rule must then keep exactly the greedy tokens
+    top1 = DecodeConfig(mode="serial", k=k, max_new_tokens=40, sampling=SamplingParams(1.0, top_k=1, seed=3))
+    assert reference_decode(target, draft, prompts[0], top1, limits.eos_ids) == baseline[0]
+    assert draft.free_slot_count == draft.n_slots and target.free_slot_count == target.n_slots
+
+
+def test_target_only_through_the_pipeline_equals_the_reference(pair, baseline):
+    assert [s.generated for s in run(pair, mode="target-only", max_new_tokens=40)] == baseline
 
 
 @pytest.mark.parametrize("mode, timing", [("serial", "target-first"), ("overlap", "target-first"),
@@ -115,7 +138,7 @@ def test_prompt_that_fills_the_context(pair):
 def test_common_prefix_agrees_with_the_definition():
     import random
 
-    from pipeline.scheduler import common_prefix
+    from pipeline.sequence import common_prefix
 
     rng = random.Random(0)
     for _ in range(2000):
