@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from workers.protocol.codec import decode, encode
-from workers.model.runner import ModelRunner
+from workers.model.runner_base import RunnerBase
 from workers.service import WorkerService
 
 
@@ -15,7 +15,7 @@ class LocalTransport:
     the msgpack round trip it would make over a socket.
     """
 
-    def __init__(self, draft: ModelRunner | None, target: ModelRunner, through_wire: bool = True,
+    def __init__(self, draft: RunnerBase | None, target: RunnerBase, through_wire: bool = True,
                  draft_first: bool = False, one_at_a_time: bool = False) -> None:
         self.services = {"target": WorkerService("target", target)}
         if draft is not None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import DecodeConfig
-from workers.model.runner import ModelRunner
+from workers.model.runner_base import RunnerBase
 from workers.sampling import greedy_accept, probabilities, rejection_accept, sample
 
 
-def reference_decode(target: ModelRunner, draft: ModelRunner | None, prompt: list[int], config: DecodeConfig,
+def reference_decode(target: RunnerBase, draft: RunnerBase | None, prompt: list[int], config: DecodeConfig,
                      eos_ids: frozenset[int], max_context: int | None = None) -> list[int]:
     """The tokens generated after `prompt`: target-only decoding when config.mode is target-only (or no
     draft is given), speculative decoding with windows of config.k otherwise."""

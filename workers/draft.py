@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from workers.model.runner import ModelRunner
+from workers.model.runner_base import RunnerBase
 from workers.sampling import SamplingParams, probabilities, sample
 from workers.slots import SequenceSlots
 
@@ -32,7 +34,7 @@ class Branches:
 
 
 class DraftCore:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: RunnerBase) -> None:
         self.runner = runner
         self.slots = SequenceSlots(runner, role_salt=1)
 
@@ -108,7 +110,8 @@ class DraftCore:
     def _branches_batched(self, slot, forks, heads, count, sampling, generator, alternatives):
         # Step d feeds every branch's latest token; branch b's d-th row goes to scratch index
         # L + d*B + b and sees the shared cache before its fork plus its own earlier scratch rows.
-        B, L = len(heads), self.runner.lengths[slot]
+        runner = cast(ModelRunner, self.runner)  # speculate checked scratch_rows: only it has them
+        B, L = len(heads), runner.lengths[slot]
         columns = torch.arange(L + count * B)
         visible = columns[None, :] < torch.tensor(forks)[:, None]  # [B, L + count*B]
         scratch = columns[None, :] - L
@@ -117,8 +120,8 @@ class DraftCore:
         latest = list(heads)
         for d in range(count):
             write_at = L + d * B
-            logits = self.runner.scratch_forward(latest, [fork + d for fork in forks], slot, write_at,
-                                                 visible[:, : write_at + B])
+            logits = runner.scratch_forward(latest, [fork + d for fork in forks], slot, write_at,
+                                            visible[:, : write_at + B])
             for b, (token, row, next_choices) in enumerate(_pick(logits, sampling, generator, alternatives)):
                 tokens[b].append(token)
                 others[b].append(next_choices)

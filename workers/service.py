@@ -21,7 +21,7 @@ from workers.protocol.messages import (
 )
 from workers.draft import DraftCore
 from workers.errors import SpecpipeError
-from workers.model.runner import ModelRunner
+from workers.model.runner_base import RunnerBase
 from workers.request_checks import check_request
 from workers.target import TargetCore, Verdict
 
@@ -29,7 +29,7 @@ from workers.target import TargetCore, Verdict
 class WorkerService:
     """Answers protocol requests for one role with one model runner."""
 
-    def __init__(self, role: str, runner: ModelRunner) -> None:
+    def __init__(self, role: str, runner: RunnerBase) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; use draft or target")
         self.role = role

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from workers.model.runner import ModelRunner
+from workers.model.runner_base import RunnerBase
 
 
 class SequenceSlots:
     """Maps coordinator sequence ids to runner slots, allocating on first use, plus a seeded RNG each."""
 
-    def __init__(self, runner: ModelRunner, role_salt: int) -> None:
+    def __init__(self, runner: RunnerBase, role_salt: int) -> None:
         self.runner = runner
         self._slots: dict[int, int] = {}
         self._generators: dict[int, torch.Generator] = {}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from workers.model.runner import ModelRunner
+from workers.model.runner_base import RunnerBase
 from workers.sampling import SamplingParams, greedy_accept, probabilities, rejection_accept
 from workers.slots import SequenceSlots
 
@@ -19,7 +19,7 @@ class Verdict:
 
 
 class TargetCore:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: RunnerBase) -> None:
         self.runner = runner
         self.slots = SequenceSlots(runner, role_salt=2)
 

@@ -3,7 +3,7 @@
 On one CPU thread MKL's fp32 sgemm is slow for the 2-9 rows of a verification window; fbgemm's fp16
 kernel reads half the bytes and keeps a k-token pass close to a one-token pass. A prefill of many rows
 is compute-bound instead, so a prompt's pass of PREFILL_ROWS rows or more takes oneDNN's bf16 GEMM
-where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else MKL on an fp32 copy (measured in
+where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else MKL on an fp32 copy (figures in
 docs/notes.md).
 
 Losslessness rests on which kernel a pass takes. Target-only decodes each position alone, so every

@@ -49,10 +49,7 @@ def lower_priority(nice: int, autogroup: str = AUTOGROUP) -> None:
     and groups share a core by the group's nice value, not their tasks'. `launch` starts each worker in
     a session of its own, so a draft niced as a task alone still competes with the coordinator as an
     equal. A worker that leads its session therefore nices the session too (raising one's own session's
-    nice needs no privilege; without autogroup the file is absent and the task's nice is all there is).
-    Measured on the bundled pair (2-vCPU EPYC VM): the coordinator's sends, on the draft's core, took
-    p90 2-3 ms with the task's nice alone and 0.17 ms with the session's too; overlap k=2 went from
-    1.53x to 1.69x target-only, and the coordinator from 14% to 6% of the wall."""
+    nice needs no privilege; without autogroup the file is absent and the task's nice is all there is)."""
     os.nice(nice)
     if os.getsid(0) != os.getpid():
         return  # started from a shell: its session (the user's terminal) is not ours to nice
@@ -82,9 +79,7 @@ def pin_threads(cores: set[int] | list[int]) -> dict[int, set[int]]:
 
     sched_setaffinity(0, ...) moves the calling thread alone, and by the time a worker pins itself
     ZeroMQ's I/O thread, its reaper and the connection monitor are running, free to land on any core:
-    on the target's, each message they carry for the draft preempts the target. Pinning every thread
-    raised target-only from 165-174 to 205-208 tokens/s and overlap k=2 from 266-276 to 343 (bundled
-    pair, 2-vCPU EPYC VM, interleaved runs)."""
+    on the target's, each message they carry for the draft preempts the target."""
     before = {}
     for tid in _threads():
         try:
@@ -100,9 +95,7 @@ def pin_thread_ids(threads: set[int], cores: set[int] | list[int]) -> None:
 
     A worker that owns its core puts its ZeroMQ context's threads (the ones its first socket started)
     on the coordinator's instead: each message it sends wakes its I/O thread, which, sharing the core,
-    preempts the worker until the bytes are out. Target's wall spent on coordinator and IPC, bundled
-    pair, 2-vCPU Xeon VM, two alternated bench runs each: overlap k=3 4.1 % to 3.7-3.8 %, target-only
-    8.4-8.8 % to 6.8-7.0 %."""
+    preempts the worker until the bytes are out."""
     for tid in threads:
         try:
             os.sched_setaffinity(tid, cores)

@@ -215,7 +215,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, k_cache[i], v_cache[i], start, mask, prompt_pass)
         if last is not None:
-            x = x[-last:]  # a prefill needs one row of logits, not T: the LM head is 9-40 % of its FLOPs
+            x = x[-last:]  # a prefill needs one row of logits, not T: the LM head is a large share of its FLOPs
         return project(normalize(x, self.eps_times_dim), self.lm_head, None, prompt_pass)
 
     def matrices(self) -> Iterator[tuple[nn.Module, str, str | None]]:

@@ -1,6 +1,6 @@
-"""TtnnRunner: the ModelRunner interface over a model on a Tenstorrent device, decode replayed from a trace.
+"""TtnnRunner: a model on a Tenstorrent device over its KV slots, decode replayed from a trace.
 
-Slots, lengths and rollback are the torch runner's (inherited): `truncate` only moves a length. Each
+Slots, lengths, rollback and the argument checks are RunnerBase's: `truncate` only moves a length. Each
 slot also keeps its token ids on the host, because a forward re-feeds the start of its 32-position
 window (see ttnn_llama). Every forward that fits one window of 32 positions -- a one-token decode or
 a short verification -- is replayed from a trace captured for that slot and window: the first such
@@ -29,10 +29,10 @@ from workers.backends.ttnn_device import (
     open_device,
     parse_device,
 )
-from workers.errors import CacheCapacityError, DeviceError
+from workers.errors import DeviceError
 from workers.model.checkpoint import check_weight_names, read_config, read_hf_weights
 from workers.model.config import ModelConfig
-from workers.model.runner import ModelRunner, _first_position
+from workers.model.runner_base import RunnerBase
 from workers.model.ttnn_llama import TILE, TtModel, round_up
 from workers.spec import WorkerSpec
 
@@ -77,16 +77,14 @@ class _Trace:
     logits: Any  # its output tensor, rewritten by every replay
 
 
-class TtnnRunner(ModelRunner):
-    scratch_rows = False  # no batched branches on the device yet: the draft drafts them one by one
+class TtnnRunner(RunnerBase):
+    """The ttnn TtModel (ttnn_llama.py) over `n_slots` KV slots. No scratch rows (`scratch_rows` False):
+    a draft on the device drafts overlap's branches one by one."""
 
     def __init__(self, ttnn: Any, model: TtModel, n_slots: int, max_seq_len: int, *, device_name: str,
                  dtype: str, use_trace: bool = True, log: Callable[[str], None] | None = None) -> None:
-        self.ttnn, self.model, self.config = ttnn, model, model.config
-        self.device, self.dtype = device_name, dtype
-        self.max_seq_len, self.n_slots = max_seq_len, n_slots
-        self.lengths = [0] * n_slots
-        self._free_slots = list(range(n_slots - 1, -1, -1))
+        super().__init__(model.config, device_name, dtype, max_seq_len, n_slots)
+        self.ttnn, self.model = ttnn, model
         self.tokens = torch.zeros(n_slots, model.cache_len, dtype=torch.int32)  # what each slot's positions hold
         self.use_trace = use_trace
         self.timings = Timings()
@@ -101,10 +99,7 @@ class TtnnRunner(ModelRunner):
                         n_devices: int = 1, dtype: str = "bfloat16", n_slots: int = 1, max_seq_len: int | None = None,
                         device_name: str = "tt", use_trace: bool = True,
                         log: Callable[[str], None] | None = None) -> "TtnnRunner":
-        max_seq_len = max_seq_len or config.max_position_embeddings
-        if not 1 <= max_seq_len <= config.max_position_embeddings:
-            raise CacheCapacityError(f"max_seq_len {max_seq_len} must be between 1 and the model's "
-                                     f"max_position_embeddings ({config.max_position_embeddings})")
+        max_seq_len = cls.context_length(config, max_seq_len)
         dtype = weight_dtype(dtype)
         began = time.perf_counter()
         model = TtModel(ttnn, device, n_devices, config, hf_weights, getattr(ttnn, dtype), n_slots, max_seq_len)
@@ -125,30 +120,14 @@ class TtnnRunner(ModelRunner):
         *,
         prompt_pass: bool = False,  # one kernel for every pass here: a window of 32 positions per tile
     ) -> Tensor:
-        """Logits [T, vocab] (float32) for T tokens at consecutive positions of `slot`, or for the final
-        `last` of them; as ModelRunner.forward."""
-        self._check_slot(slot)
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        if tokens.ndim != 1 or tokens.numel() == 0:
-            raise ValueError(f"tokens must be a non-empty 1-D sequence, got shape {tuple(tokens.shape)}")
+        """As RunnerBase.forward."""
+        tokens, start = self.check_forward(tokens, positions, slot, last)
         count = tokens.numel()
-        start = _first_position(positions, count)
-        if start > self.lengths[slot]:
-            raise CacheCapacityError(f"position {start} would leave a gap: slot {slot} holds only "
-                                     f"{self.lengths[slot]} positions")
-        if start + count > self.max_seq_len:
-            raise CacheCapacityError(
-                f"positions {start}..{start + count - 1} are beyond the KV cache of {self.max_seq_len} positions "
-                f"(the model's context); shorten the prompt or generate fewer tokens")
-        if int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         self.tokens[slot, start : start + count] = tokens.to(torch.int32)
         base = start // TILE * TILE
         width = round_up(start + count - base)
         # positions past start+count in the window are padding: stale ids, written past the length
         host = self.model.host_inputs(self.tokens[slot, base : base + width], base)
-        if last is not None and not 1 <= last <= count:
-            raise ValueError(f"last must be between 1 and the {count} tokens read, got {last}")
         rows = slice(start - base + count - (last or count), start - base + count)
         began = time.perf_counter()
         if width == TILE and self.use_trace and self._warm:
@@ -160,7 +139,7 @@ class TtnnRunner(ModelRunner):
                 self._log(f"warm-up: first {TILE}-position window {self.timings.warmup_s:.2f} s (kernels compiled)")
             else:
                 self.timings.eager.append(time.perf_counter() - began)
-        self.lengths[slot] = start + count
+        self.slot_table.set_length(slot, start + count)
         return logits
 
     def _eager(self, slot: int, base: int, host: dict[str, Tensor], rows: slice) -> Tensor:

@@ -154,9 +154,8 @@ def test_logits_for_the_last_positions_only(checkpoints, dtype):
 def test_fp16_weights_window_of_any_length_matches_decoding_it_token_by_token():
     # Greedy identity across modes needs each row of a verification window to come out as target-only's
     # one-token decode of it. Only a prompt's pass may take the prefill kernel, whose rows change with
-    # their number: a window of 32 rows or more (k >= 31) once took it too and moved logits by 0.06,
-    # enough to change tokens on 11 of 24 held-out prompts at k=40. What is left, ~1e-5, is attention
-    # with a mask against without one (a one-token step needs none), far below any argmax margin seen.
+    # their number (docs/notes.md). What is left, ~1e-5, is attention with a mask against without one
+    # (a one-token step needs none), far below any argmax margin seen.
     from workers.backends.cpu_fp16 import PackedFp16, fbgemm_fp16_available
     from workers.models import TARGET_DIR
 
