@@ -1,15 +1,21 @@
 """What a user asks of the pipeline: frozen dataclasses, one per concern, one field per CLI option.
 
-`pipeline.options` defines each option once and maps it to its field here; commands build these
-objects and pass them down whole.
+`pipeline.options` defines each option once and names the field it fills (fields are named after
+their options, and a name occurs once in any command's config); commands build their config objects
+(LaunchConfig in pipeline.launch, BenchConfig, ProfileConfig) from these with
+`pipeline.option.config_from` and pass them down whole. The scheduler imports this module, so it
+holds no ZeroMQ: the liveness settings (LivenessConfig) live with the launcher.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from workers.models import DRAFT_DIR, TARGET_DIR
 from workers.protocol.limits import MAX_BRANCHES
 from workers.sampling import SamplingParams
+from workers.spec import AUTO_DTYPE
 
 MODES = ("overlap", "serial", "target-only")
 
@@ -44,3 +50,77 @@ class DecodeConfig:
     @property
     def uses_draft(self) -> bool:
         return self.mode != "target-only"
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """The draft and target checkpoints (Hugging Face layout); the coordinator tokenizes with the target's."""
+
+    draft_dir: Path = DRAFT_DIR
+    target_dir: Path = TARGET_DIR
+
+    def directory(self, role: str) -> Path:
+        return self.target_dir if role == "target" else self.draft_dir
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """How the workers a coordinator spawns run."""
+
+    backend: str = "torch"
+    draft_device: str = "cpu"
+    target_device: str = "cpu"
+    threads: int = 1  # per worker
+    dtype: str = AUTO_DTYPE  # resolved by each worker for its device (workers.spec.resolved_dtype)
+
+    def device(self, role: str) -> str:
+        return self.target_device if role == "target" else self.draft_device
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """Workers already running (`specpipe worker`), maybe on other hosts, and the CURVE keys to reach them."""
+
+    target_addr: str = ""  # "" = spawn the target here
+    draft_addr: str = ""
+    curve_secret_key: str = ""  # this coordinator's key pair (NAME.key_secret)
+    target_server_key: str = ""  # the public key of the worker at target_addr
+    draft_server_key: str = ""
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """role -> address of the workers that run already (not spawned here)."""
+        return {role: address for role, address in (("target", self.target_addr), ("draft", self.draft_addr))
+                if address}
+
+    @property
+    def server_keys(self) -> dict[str, str]:
+        """role -> its --ROLE-server-key ("" when not given)."""
+        return {"target": self.target_server_key, "draft": self.draft_server_key}
+
+
+MEASURED_PROMPTS = 8  # bench's and profile's --prompts
+WARMUP_PROMPTS = 1  # bench's and profile's --warmup
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """Which prompts run: the --prompt texts, then lines of --prompts-file (see pipeline.prompts)."""
+
+    texts: tuple[str, ...] = ()
+    file: Path | None = None  # one JSON string per line
+    count: int | None = None  # how many lines of the file (after the warm-up ones); None = all of them
+    warmup: int = 0  # lines of the file run first and reported apart
+
+    def validate(self) -> None:
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"--prompts must be at least 1, got {self.count}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup cannot be negative (0 = none), got {self.warmup}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What `specpipe launch` prints."""
+
+    json_lines: bool = False  # one JSON object per prompt on stdout instead of the text and a stats line

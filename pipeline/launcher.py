@@ -14,6 +14,7 @@ import zmq
 
 from pipeline.errors import WorkerFailed
 from pipeline.generation import ModelLimits
+from pipeline.config import ModelsConfig, RemoteConfig, WorkersConfig
 from pipeline.liveness import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     DEFAULT_HEARTBEAT_TIMEOUT_S,
@@ -21,8 +22,9 @@ from pipeline.liveness import (
     exit_description,
     process_sentinel,
 )
-from workers.protocol.messages import Hello, Ready, Shutdown
+from pipeline.preflight import Vocabulary, check_shared_vocabulary
 from pipeline.remote import ADDRESS_OPTIONS, client_keys
+from workers.protocol.messages import Hello, Ready, Shutdown
 from pipeline.transport import ZmqTransport
 from workers.backends.torch_device import pin_threads, restore_threads
 from workers.spec import WorkerSpec
@@ -35,30 +37,27 @@ def log(text: str) -> None:
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
-    target: WorkerSpec
-    draft: WorkerSpec | None  # None: target-only, no draft process
-    ready_timeout_s: float = 120.0
-    protect_target_core: bool = True  # see LocalCluster._start
-    target_spin_ms: float = 50.0
-    draft_nice: int = 19
-    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S  # libzmq pings each worker this often
-    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S  # and declares it hung after this much silence
-    target_addr: str = ""  # --target-addr: a running `specpipe worker` to use instead of spawning one
-    draft_addr: str = ""  # --draft-addr: likewise for the draft
-    curve_secret_key: str = ""  # --curve-secret-key: the coordinator's CURVE key pair, for remote workers
-    target_server_key: str = ""  # --target-server-key: the remote target's public key
-    draft_server_key: str = ""  # --draft-server-key: the remote draft's public key
+class LivenessConfig:
+    """How long the workers may take to load, and how their liveness is watched."""
 
-    @property
-    def remote(self) -> dict[str, str]:
-        """role -> address of the workers that are already running (not spawned here)."""
-        return {role: address for role, address in (("target", self.target_addr), ("draft", self.draft_addr))
-                if address}
+    ready_timeout_s: float = 120.0
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
 
     @property
     def heartbeats(self) -> Heartbeats:
         return Heartbeats(self.heartbeat_interval_s, self.heartbeat_timeout_s)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    target: WorkerSpec
+    draft: WorkerSpec | None  # None: target-only, no draft process
+    liveness: LivenessConfig = LivenessConfig()
+    remote: RemoteConfig = RemoteConfig()  # workers that run already: used instead of spawning them
+    protect_target_core: bool = True  # see LocalCluster._start
+    target_spin_ms: float = 50.0
+    draft_nice: int = 19
 
 
 def default_cores(threads: int, roles: int) -> list[tuple[int, ...]]:
@@ -69,21 +68,23 @@ def default_cores(threads: int, roles: int) -> list[tuple[int, ...]]:
     return [tuple(available[i * threads : (i + 1) * threads]) for i in range(roles)]
 
 
+def cluster_config(models: ModelsConfig, workers: WorkersConfig, mode: str, concurrency: int = 1,
+                   liveness: LivenessConfig = LivenessConfig(), remote: RemoteConfig = RemoteConfig()) -> ClusterConfig:
+    """The workers a pipeline in `mode` runs (no draft in target-only), each holding a KV slot per sequence
+    decoded at once and, on a CPU, pinned to a block of cores of its own when the machine has enough
+    (default_cores). `--dtype auto` travels as it is: each worker resolves it for its device."""
+    roles = ("draft", "target") if mode != "target-only" else ("target",)
+    on_cpu = {role: workers.device(role) == "cpu" for role in roles}
+    blocks = default_cores(workers.threads, len(roles)) if any(on_cpu.values()) else [()] * len(roles)
+    specs = {role: WorkerSpec(role, str(models.directory(role)), bind="", backend=workers.backend,
+                              device=workers.device(role), dtype=workers.dtype, threads=workers.threads,
+                              cores=cores if on_cpu[role] else (), slots=max(concurrency, 1))
+             for role, cores in zip(roles, blocks)}
+    return ClusterConfig(target=specs["target"], draft=specs.get("draft"), liveness=liveness, remote=remote)
+
+
 def ipc_address(directory: str, role: str) -> str:
     return f"ipc://{directory}/{role}.sock"
-
-
-def check_pair(ready: dict[str, Ready]) -> None:
-    """Refuses a draft/target pair that does not share one vocabulary."""
-    if "draft" not in ready:
-        return
-    draft, target = ready["draft"], ready["target"]
-    if draft.vocab_size != target.vocab_size or draft.tokenizer_hash != target.tokenizer_hash:
-        raise ValueError(
-            f"draft {draft.model!r} and target {target.model!r} do not share a vocabulary "
-            f"(draft: {draft.vocab_size} tokens, tokenizer {draft.tokenizer_hash}; target: {target.vocab_size} "
-            f"tokens, tokenizer {target.tokenizer_hash}); pick a --draft trained with the target's tokenizer"
-        )
 
 
 class LocalCluster:
@@ -102,7 +103,7 @@ class LocalCluster:
         self._saved_affinity: set[int] | None = None  # the coordinator's, before it pinned itself
         self._saved_thread_affinity: dict[int, set[int]] = {}
         self.coordinator_spin_s = 0.0
-        self.remote = config.remote  # role -> address of a worker that runs already: not ours to stop
+        self.remote = config.remote.addresses  # role -> address of a worker that runs already: not ours to stop
         self.coordinator_shares_core_with: frozenset[str] = frozenset()
 
     def __enter__(self) -> "LocalCluster":
@@ -120,10 +121,9 @@ class LocalCluster:
         specs = {"target": self.config.target}
         if self.config.draft is not None:
             specs["draft"] = self.config.draft
-        if self.config.draft is None and self.config.draft_addr:
+        if self.config.draft is None and self.config.remote.draft_addr:
             raise ValueError("--draft-addr is unused with --mode target-only; drop it or pick another --mode")
-        keys = client_keys(self.remote, self.config.curve_secret_key,
-                           {"target": self.config.target_server_key, "draft": self.config.draft_server_key})
+        keys = client_keys(self.remote, self.config.remote.curve_secret_key, self.config.remote.server_keys)
         specs = {role: replace(spec, bind=self.remote[role], cores=()) if role in self.remote
                  else replace(spec, bind=ipc_address(self.socket_dir, role)) for role, spec in specs.items()}
         # The target is the bottleneck. When it is pinned, it keeps its cores to itself and busy-polls
@@ -147,7 +147,7 @@ class LocalCluster:
                     specs["draft"] = replace(specs["draft"], nice=self.config.draft_nice,
                                              spin_ms=self.config.target_spin_ms)
                     self.coordinator_shares_core_with = frozenset({"draft"})
-        self.config.heartbeats.validate()
+        self.config.liveness.heartbeats.validate()
         for role, spec in specs.items():
             if role in self.remote:
                 continue  # running already: nothing to spawn, no process to watch (heartbeats only)
@@ -166,19 +166,21 @@ class LocalCluster:
             self._saved_affinity = os.sched_getaffinity(0)
             self._saved_thread_affinity = pin_threads(coordinator_cores)  # the tokenizer's and heartbeat threads too
         self.transport = ZmqTransport({role: spec.bind for role, spec in specs.items()}, self.check_alive,
-                                      spin_s=self.coordinator_spin_s, heartbeats=self.config.heartbeats,
+                                      spin_s=self.coordinator_spin_s, heartbeats=self.config.liveness.heartbeats,
                                       shares_core_with=self.coordinator_shares_core_with,
                                       sentinels=self.sentinels, curve=keys)
         began = time.perf_counter()
         try:
-            self.ready = self.transport.handshake(self.config.ready_timeout_s)
+            self.ready = self.transport.handshake(self.config.liveness.ready_timeout_s)
         except TimeoutError as error:
             if not self.remote:
                 raise
             raise TimeoutError(f"{error}; is `specpipe worker` listening at "
                                + " and ".join(f"{ADDRESS_OPTIONS[r]} {a}" for r, a in self.remote.items())
                                + " (and does it list this coordinator's key in --curve-clients)?") from None
-        check_pair(self.ready)
+        if "draft" in self.ready:
+            draft, target = (Vocabulary.of_worker(self.ready[role]) for role in ("draft", "target"))
+            check_shared_vocabulary(draft, target)
         log(f"workers ready in {time.perf_counter() - began:.1f} s: "
             + ", ".join(f"{role} pid {r.pid} ({r.model}, {r.device})" for role, r in self.ready.items()))
 

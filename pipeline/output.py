@@ -37,11 +37,11 @@ def result_record(sequence: Sequence, prompt: str, text: str, config: DecodeConf
 
 
 class ResultPrinter:
-    def __init__(self, tokenizer, prompts: list[str], config: DecodeConfig, as_json: bool, stream: bool) -> None:
+    def __init__(self, tokenizer, prompts: list[str], config: DecodeConfig, json_lines: bool, stream: bool) -> None:
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.config = config
-        self.as_json = as_json
+        self.json_lines = json_lines  # --json
         self.stream = stream
         self._shown: dict[int, int] = {}  # characters of each sequence's text already printed
 
@@ -64,7 +64,7 @@ class ResultPrinter:
     def finish(self, sequences: list[Sequence]) -> None:
         for sequence in sequences:
             record = result_record(sequence, self.prompts[sequence.seq_id], self.text(sequence), self.config)
-            if self.as_json:
+            if self.json_lines:
                 print(json.dumps(record), flush=True)
                 continue
             if not self.stream:

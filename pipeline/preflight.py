@@ -1,22 +1,46 @@
-"""Checks on what a user asked `specpipe launch` for, made before any worker process starts.
+"""Checks on what a user asked for, made before any worker process starts.
 
 Each failure is a ValueError whose message names the option to change; the CLI prints it as one line.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.liveness import Heartbeats
-from pipeline.config import DecodeConfig
+from pipeline.config import DecodeConfig, ModelsConfig, WorkersConfig
 from workers.errors import SpecpipeError
 from workers.model.checkpoint import TOKENIZER_FILES, read_config, tokenizer_fingerprint, weight_files
+from workers.protocol.messages import Ready
 
 
-def check_checkpoints(checkpoints: dict[str, Path]) -> int:
-    """`checkpoints` maps an option (--target, --draft) to its directory; returns the shared context
-    (the smaller max_position_embeddings). Refuses non-checkpoints and pairs that tokenize apart."""
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a model tokenizes with: read from its checkpoint here, or from its worker's Ready."""
+
+    model: str  # the checkpoint's directory, or the model a worker serves
+    size: int
+    tokenizer_hash: str
+
+    @classmethod
+    def of_worker(cls, ready: Ready) -> "Vocabulary":
+        return cls(ready.model, ready.vocab_size, ready.tokenizer_hash)
+
+
+def check_shared_vocabulary(draft: Vocabulary, target: Vocabulary) -> None:
+    """Refuses a draft/target pair that does not share one vocabulary (speculation compares token ids)."""
+    if draft.size != target.size or draft.tokenizer_hash != target.tokenizer_hash:
+        raise ValueError(
+            f"draft {draft.model!r} and target {target.model!r} do not share a vocabulary "
+            f"(draft: {draft.size} tokens, tokenizer {draft.tokenizer_hash}; target: {target.size} tokens, "
+            f"tokenizer {target.tokenizer_hash}); pick a --draft trained with the target's tokenizer"
+        )
+
+
+def check_checkpoints(models: ModelsConfig, uses_draft: bool) -> int:
+    """Refuses non-checkpoints and pairs that tokenize apart; returns the context both models hold (the
+    smaller max_position_embeddings)."""
+    checkpoints = {"--target": models.target_dir, **({"--draft": models.draft_dir} if uses_draft else {})}
     configs = {}
     for option, directory in checkpoints.items():
         try:
@@ -24,20 +48,24 @@ def check_checkpoints(checkpoints: dict[str, Path]) -> int:
             weight_files(Path(directory))
         except SpecpipeError as error:
             raise ValueError(f"{option}: {error}") from None
-        if option == "--target" and not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
-            # the coordinator tokenizes with the target's tokenizer
-            raise ValueError(f"--target: checkpoint {str(directory)!r} has no tokenizer files "
-                             f"({', '.join(TOKENIZER_FILES)})")
-    if "--draft" in configs and "--target" in configs:
-        draft, target = configs["--draft"], configs["--target"]
-        draft_hash, target_hash = (tokenizer_fingerprint(checkpoints[o]) for o in ("--draft", "--target"))
-        if draft.vocab_size != target.vocab_size or draft_hash != target_hash:
-            raise ValueError(
-                f"draft {str(checkpoints['--draft'])!r} and target {str(checkpoints['--target'])!r} do not share a "
-                f"vocabulary (draft: {draft.vocab_size} tokens, tokenizer {draft_hash}; target: {target.vocab_size} "
-                f"tokens, tokenizer {target_hash}); pick a --draft trained with the target's tokenizer"
-            )
+    if not any((Path(models.target_dir) / name).is_file() for name in TOKENIZER_FILES):
+        # the coordinator tokenizes with the target's tokenizer
+        raise ValueError(f"--target: checkpoint {str(models.target_dir)!r} has no tokenizer files "
+                         f"({', '.join(TOKENIZER_FILES)})")
+    if uses_draft:
+        draft, target = (Vocabulary(str(checkpoints[o]), configs[o].vocab_size, tokenizer_fingerprint(checkpoints[o]))
+                         for o in ("--draft", "--target"))
+        check_shared_vocabulary(draft, target)
     return min(config.max_position_embeddings for config in configs.values())
+
+
+def check_workers(workers: WorkersConfig) -> None:
+    """The dtype, thread count and devices of the workers to spawn."""
+    check_dtype(workers.dtype)
+    if workers.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {workers.threads}")
+    for role in ("target", "draft"):
+        check_device(workers.backend, workers.device(role), f"--{role}-device")
 
 
 def check_prompts(texts: list[str], prompt_ids: list[list[int]], context: int) -> None:
@@ -51,15 +79,10 @@ def check_prompts(texts: list[str], prompt_ids: list[list[int]], context: int) -
             )
 
 
-def check_settings(config: DecodeConfig, context: int, concurrency: int, threads: int, heartbeats: Heartbeats) -> None:
-    sampling = config.sampling
-    if not math.isfinite(sampling.temperature) or not math.isfinite(sampling.top_p):
-        raise ValueError("--temperature and --top-p must be finite numbers")
-    config.validate(context)
-    for value, option in ((concurrency, "--concurrency"), (threads, "--threads")):
-        if value < 1:
-            raise ValueError(f"{option} must be at least 1, got {value}")
-    heartbeats.validate()
+def check_settings(config: DecodeConfig, context: int, concurrency: int) -> None:
+    config.validate(context)  # sampling settings included (SamplingParams.validate)
+    if concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
 
 
 def check_device(backend: str, device: str, option: str) -> None:
@@ -83,6 +106,7 @@ def check_device(backend: str, device: str, option: str) -> None:
 def check_dtype(dtype: str) -> None:
     from workers.backends.torch_device import DTYPES
     from workers.backends.cpu_fp16 import FP16_WEIGHTS
+    from workers.spec import AUTO_DTYPE
 
-    if dtype not in ("auto", FP16_WEIGHTS, *DTYPES):
-        raise ValueError(f"--dtype {dtype!r} is not one of auto, {FP16_WEIGHTS}, {', '.join(DTYPES)}")
+    if dtype not in (AUTO_DTYPE, FP16_WEIGHTS, *DTYPES):
+        raise ValueError(f"--dtype {dtype!r} is not one of {AUTO_DTYPE}, {FP16_WEIGHTS}, {', '.join(DTYPES)}")

@@ -14,41 +14,48 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import (
+    MEASURED_PROMPTS,
+    WARMUP_PROMPTS,
+    DecodeConfig,
+    ModelsConfig,
+    PromptsConfig,
+    WorkersConfig,
+)
 from pipeline.critical_path import TargetTimeSplit, split_lines, split_target_time
 from pipeline.generation import generate
-from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
-from workers.protocol.limits import MAX_TRACE_SPANS
-from workers.protocol.messages import Span
-from pipeline.config import DecodeConfig
+from pipeline.launcher import LocalCluster, cluster_config
+from pipeline.preflight import check_checkpoints, check_settings, check_workers
+from pipeline.prompts import select_prompts
 from pipeline.scheduler import Sequence
 from pipeline.tracing import ProcessSpans, chrome_trace, collect_spans, measure_offset, start_tracing, write_trace
 from workers.model.checkpoint import load_tokenizer
+from workers.models import HELDOUT_PROMPTS
+from workers.protocol.limits import MAX_TRACE_SPANS
+from workers.protocol.messages import Span
 from workers.spans import SpanRecorder
-from workers.spec import WorkerSpec
 
 VERIFICATION = ("decode", "verify", "chained")  # the target's steps during which a draft can work ahead
-WARMUP_TOKENS = 8
 
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    draft_dir: Path
-    target_dir: Path
-    prompts: tuple[str, ...]
-    decode: DecodeConfig
-    trace_path: Path
-    dtype: str
+    """What `specpipe profile` runs: the concerns it shares with launch and bench, and its trace's options."""
+
+    models: ModelsConfig = ModelsConfig()
+    workers: WorkersConfig = WorkersConfig()  # profile's own workers run on the CPU
+    prompts: PromptsConfig = PromptsConfig(count=MEASURED_PROMPTS, warmup=WARMUP_PROMPTS)  # default: held-out
+    decode: DecodeConfig = DecodeConfig()
     concurrency: int = 1
-    capacity: int = MAX_TRACE_SPANS  # spans kept per process
-    warmup: bool = True  # one short untraced generation first: first calls allocate and fill caches
+    trace_path: Path = Path("specpipe-trace.json")
+    max_spans: int = MAX_TRACE_SPANS  # spans kept per process
 
     def validate(self) -> None:
-        if not self.prompts:
-            raise ValueError("no prompts to profile (--prompt or --prompts-file)")
+        self.prompts.validate()
         if self.concurrency < 1:
-            raise ValueError(f"--concurrency {self.concurrency} must be at least 1")
-        if not 1 <= self.capacity <= MAX_TRACE_SPANS:
-            raise ValueError(f"--max-spans {self.capacity} must be between 1 and {MAX_TRACE_SPANS}")
+            raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
+        if not 1 <= self.max_spans <= MAX_TRACE_SPANS:
+            raise ValueError(f"--max-spans {self.max_spans} must be between 1 and {MAX_TRACE_SPANS}")
 
 
 @dataclass
@@ -62,39 +69,38 @@ class Profile:
     k: int
 
 
-def start_cluster(config: ProfileConfig) -> LocalCluster:
-    """The workers as `specpipe launch` starts them on a CPU: one core each."""
-    use_draft = config.decode.mode != "target-only"
-    cores = default_cores(1, 2 if use_draft else 1)
-    slots = config.concurrency
-    return LocalCluster(ClusterConfig(
-        target=WorkerSpec("target", str(config.target_dir), "", dtype=config.dtype, cores=cores[-1], slots=slots),
-        draft=WorkerSpec("draft", str(config.draft_dir), "", dtype=config.dtype, cores=cores[0], slots=slots)
-        if use_draft else None,
-    ))
+def run_profile_command(config: ProfileConfig) -> None:
+    """Checks what was asked, profiles, prints the summary; bad input raises ValueError naming the option."""
+    config.validate()
+    check_workers(config.workers)
+    context = check_checkpoints(config.models, config.decode.uses_draft)
+    check_settings(config.decode, context, config.concurrency)
+    for line in summary_lines(run_profile(config), config.trace_path):
+        print(line)
 
 
 def run_profile(config: ProfileConfig) -> Profile:
     config.validate()
-    tokenizer = load_tokenizer(config.target_dir)
-    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in config.prompts]
-    with start_cluster(config) as cluster:
+    tokenizer = load_tokenizer(config.models.target_dir)
+    texts = select_prompts(config.prompts, HELDOUT_PROMPTS)
+    warm, prompts = ([tokenizer(text, add_special_tokens=False)["input_ids"] for text in selected]
+                     for selected in (texts.warmup, texts.measured))
+    decode = config.decode
+    with LocalCluster(cluster_config(config.models, config.workers, decode.mode, config.concurrency)) as cluster:
         transport, limits = cluster.transport, cluster.limits()
         roles = list(cluster.ready)
         warmup_s = None
-        if config.warmup:
+        if warm:  # untraced: first calls allocate and fill caches
             began = time.perf_counter()
-            short = DecodeConfig(config.decode.mode, config.decode.k, WARMUP_TOKENS, config.decode.sampling,
-                                 config.decode.adaptive_k)
-            generate(transport, prompts[:1], short, limits)
+            generate(transport, warm, decode, limits, config.concurrency)
             warmup_s = time.perf_counter() - began
         clocks = {role: measure_offset(transport, role) for role in roles}
         recorder = SpanRecorder()
         transport.spans = recorder
-        start_tracing(transport, roles, config.capacity)
-        recorder.start(config.capacity)
+        start_tracing(transport, roles, config.max_spans)
+        recorder.start(config.max_spans)
         origin = time.perf_counter()
-        sequences, _ = generate(transport, prompts, config.decode, limits, config.concurrency, spans=recorder)
+        sequences, _ = generate(transport, prompts, decode, limits, config.concurrency, spans=recorder)
         wall = time.perf_counter() - origin
         coordinator_spans, coordinator_dropped = recorder.collect()
         processes = [ProcessSpans("coord", os.getpid(), coordinator_spans, dropped=coordinator_dropped)]
@@ -102,7 +108,7 @@ def run_profile(config: ProfileConfig) -> Profile:
             if role in roles:
                 spans, dropped = collect_spans(transport, role)
                 processes.append(ProcessSpans(role, cluster.ready[role].pid, spans, clocks[role], dropped))
-    profile = Profile(processes, sequences, origin, wall, warmup_s, config.decode.mode, config.decode.k)
+    profile = Profile(processes, sequences, origin, wall, warmup_s, decode.mode, decode.k)
     write_trace(config.trace_path, chrome_trace(processes, origin, {
         "mode": profile.mode, "k": profile.k, "prompts": len(prompts), "wall_s": wall,
         "tokens": sum(len(s.generated) for s in sequences)}))

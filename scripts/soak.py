@@ -21,13 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import default_dtype
+from pipeline.config import DecodeConfig, ModelsConfig, WorkersConfig
 from pipeline.generation import generate
-from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
-from pipeline.config import DecodeConfig
+from pipeline.launcher import LocalCluster, cluster_config
 from workers.model.checkpoint import load_tokenizer
-from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
-from workers.spec import WorkerSpec
+from workers.models import HELDOUT_PROMPTS, TARGET_DIR
+from workers.spec import resolved_dtype
 
 
 def rss_mb(pid: int) -> float:
@@ -66,16 +65,11 @@ def main() -> int:
     if args.warmup % args.sample_every or args.requests % args.sample_every or args.warmup >= args.requests:
         parser.error("--warmup and --requests must be multiples of --sample-every, --warmup < --requests")
 
-    dtype = default_dtype("cpu") if args.dtype == "auto" else args.dtype
+    dtype = resolved_dtype(args.dtype, "cpu")  # what the workers make of it, for the report
     tokenizer = load_tokenizer(TARGET_DIR)
     texts = [json.loads(line) for line in HELDOUT_PROMPTS.read_text().splitlines()]
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"][: args.prompt_tokens] for t in texts]
-    draft_cores, target_cores = default_cores(1, 2)
-    slots = args.concurrency
-    config = ClusterConfig(
-        target=WorkerSpec("target", str(TARGET_DIR), "", dtype=dtype, cores=target_cores, slots=slots),
-        draft=WorkerSpec("draft", str(DRAFT_DIR), "", dtype=dtype, cores=draft_cores, slots=slots),
-    )
+    config = cluster_config(ModelsConfig(), WorkersConfig(dtype=args.dtype), args.mode, args.concurrency)
     decode = DecodeConfig(args.mode, args.k, args.new_tokens)
     began = time.perf_counter()
     samples: list[dict] = []

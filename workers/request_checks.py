@@ -7,14 +7,10 @@ ErrorReply instead.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from workers.protocol.limits import MAX_BRANCHES
 from workers.protocol.messages import DraftRequest, SpeculateRequest, VerifyNext, VerifyRequest
-from workers.sampling import SamplingParams
-
 
 
 def check_request(message: object, vocab_size: int, max_seq_len: int) -> None:
@@ -35,7 +31,7 @@ def check_request(message: object, vocab_size: int, max_seq_len: int) -> None:
         if not 0 <= message.drafted < len(message.feed):
             raise ValueError(f"a window of {len(message.feed)} tokens cannot carry {message.drafted} drafted ones")
         _check_distributions(message.probs, message.drafted, vocab_size)
-    _check_sampling(message.sampling, vocab_size)
+    message.sampling.validate(vocab_size)
 
 
 def _check_verify_next(message: VerifyNext, vocab_size: int, max_seq_len: int) -> None:
@@ -50,7 +46,7 @@ def _check_verify_next(message: VerifyNext, vocab_size: int, max_seq_len: int) -
     if sum(map(len, message.windows)) > max_seq_len:
         raise ValueError(f"the windows hold more tokens than the context of {max_seq_len}")
     _check_distributions(message.probs, sum(map(len, message.windows)), vocab_size)
-    _check_sampling(message.sampling, vocab_size)
+    message.sampling.validate(vocab_size)
 
 
 def _check_branches(message: SpeculateRequest, vocab_size: int, max_seq_len: int) -> None:
@@ -77,14 +73,6 @@ def _check_positions(start: int, feed: list[int], vocab_size: int, max_seq_len: 
         raise ValueError(f"positions {start}..{start + len(feed) - 1} lie outside the context of {max_seq_len}")
     if min(feed) < 0 or max(feed) >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size})")
-
-
-def _check_sampling(sampling: SamplingParams, vocab_size: int) -> None:
-    if not (math.isfinite(sampling.temperature) and math.isfinite(sampling.top_p)):
-        raise ValueError("temperature and top-p must be finite numbers")
-    sampling.validate()
-    if sampling.top_k > vocab_size or not 0 <= sampling.seed < 2**63:
-        raise ValueError(f"top-k must be at most {vocab_size} and the seed in [0, 2**63)")
 
 
 def _check_distributions(probs: torch.Tensor | None, rows: int, vocab_size: int) -> None:

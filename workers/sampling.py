@@ -7,6 +7,7 @@ Temperature 0 means greedy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor
 
 
 MIN_TEMPERATURE = 1e-6
+MAX_SEED = 2**63  # seeds travel as msgpack integers and seed torch generators
 
 
 @dataclass(frozen=True)
@@ -27,15 +29,23 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self) -> None:
+    def validate(self, vocab_size: int | None = None) -> None:
+        """The one check of sampling settings, at the coordinator (before any process starts) and at each
+        worker (for every request): finite numbers in range; top-k within the vocabulary when it is known."""
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise ValueError(f"--temperature and --top-p must be finite numbers, got {self.temperature} and "
+                             f"{self.top_p}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if 0 < self.temperature < MIN_TEMPERATURE:  # logits / temperature would overflow to inf, then NaN
-            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
+            raise ValueError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must lie in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+            raise ValueError(f"--top-p must lie in (0, 1] (1 = off), got {self.top_p}")
+        if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
+            bound = f" and at most the vocabulary's {vocab_size}" if vocab_size is not None else ""
+            raise ValueError(f"--top-k must be >= 0 (0 = off){bound}, got {self.top_k}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"--seed must lie in [0, 2**63), got {self.seed}")
 
 
 def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:

@@ -35,7 +35,7 @@ from workers.owner import Owner
 from workers.parent import exit_with_parent
 from workers.service import WorkerService
 from workers.spans import SpanRecorder
-from workers.spec import WorkerSpec
+from workers.spec import WorkerSpec, resolved_dtype
 
 
 def log(role: str, text: str) -> None:
@@ -58,7 +58,7 @@ def load(spec: WorkerSpec, zmq_threads: set[int] = frozenset()) -> tuple[WorkerS
         runner = open_runner(spec, lambda text: log(spec.role, text))
     if runner is None:
         runner = ModelRunner.from_checkpoint(
-            spec.checkpoint, device=spec.device, dtype=spec.dtype, n_slots=spec.slots,
+            spec.checkpoint, device=spec.device, dtype=resolved_dtype(spec.dtype, spec.device), n_slots=spec.slots,
             max_seq_len=spec.max_seq_len or None,
         )
     ready = Ready(

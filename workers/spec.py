@@ -1,8 +1,23 @@
-"""What a worker process is asked to be: one frozen dataclass, one field per `specpipe worker` option."""
+"""What a worker process is asked to be: one frozen dataclass, one field per `specpipe worker` option
+(and what its `--dtype auto` stands for)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+AUTO_DTYPE = "auto"
+
+
+def resolved_dtype(dtype: str, device: str) -> str:
+    """`--dtype auto` for a torch worker on `device`: fp16-weights on a CPU where fbgemm runs (else float32),
+    bfloat16 elsewhere (CUDA); any other dtype is itself. Each worker resolves it, one started by hand too."""
+    if dtype != AUTO_DTYPE:
+        return dtype
+    if device != "cpu":
+        return "bfloat16"
+    from workers.backends.cpu_fp16 import FP16_WEIGHTS, fbgemm_fp16_available  # imports torch
+
+    return FP16_WEIGHTS if fbgemm_fp16_available() else "float32"
 
 
 @dataclass(frozen=True)
@@ -12,7 +27,7 @@ class WorkerSpec:
     bind: str  # ZeroMQ address the worker listens on
     backend: str = "torch"
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = AUTO_DTYPE  # see resolved_dtype
     threads: int = 1
     cores: tuple[int, ...] = ()  # CPU cores to pin to; () = leave affinity alone
     io_cores: tuple[int, ...] = ()  # cores for ZeroMQ's I/O threads; () = wherever the rest are

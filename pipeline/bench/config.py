@@ -1,39 +1,43 @@
-"""What `specpipe bench` runs: one field per command-line option."""
+"""What `specpipe bench` runs: the concerns it shares with launch, and one field per option of its own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+from pipeline.config import MEASURED_PROMPTS, WARMUP_PROMPTS, ModelsConfig, PromptsConfig, WorkersConfig
+from workers.protocol.limits import MAX_BRANCHES
+
+
+@dataclass(frozen=True)
+class BenchOutput:
+    """What bench writes besides its table."""
+
+    json_out: Path | None = None  # every figure, as JSON
+    report_dir: Path | None = None  # a Markdown report with PNG plots
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    draft_dir: Path = DRAFT_DIR
-    target_dir: Path = TARGET_DIR
-    prompts_file: Path = HELDOUT_PROMPTS  # one JSON string per line; default: held-out code prompts
-    prompts: int = 8  # how many of them (after the warm-up ones)
-    ks: tuple[int, ...] = (2, 3, 5)  # window sizes for serial and overlap
+    models: ModelsConfig = ModelsConfig()
+    workers: WorkersConfig = WorkersConfig()  # bench's own workers run on the CPU
+    prompts: PromptsConfig = PromptsConfig(count=MEASURED_PROMPTS, warmup=WARMUP_PROMPTS)  # default: held-out
+    k: tuple[int, ...] = (3,)  # window sizes: serial and overlap run once per value
     max_branches: tuple[int, ...] = (12,)  # overlap runs once per value (see DecodeConfig.max_branches)
-    new_tokens: int = 128
+    max_new_tokens: int = 128
     repetitions: int = 1  # passes over the prompt set
-    warmup: int = 1  # prompts per configuration run first and not counted
     peers: bool = True  # also run transformers generate and assisted generation
-    dtype: str = "auto"  # our workers' --dtype (auto: fp16-weights on an AVX2 CPU)
-    json_path: Path | None = None
-    report_dir: Path | None = None
+    output: BenchOutput = BenchOutput()
 
     def validate(self) -> None:
-        if self.prompts < 1:
-            raise ValueError(f"--prompts must be at least 1, got {self.prompts}")
-        if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"--k takes window sizes of at least 1, e.g. 2,4,8; got {self.ks}")
-        if not self.max_branches or min(self.max_branches) < 1:
-            raise ValueError(f"--max-branches takes counts of at least 1, e.g. 1,12; got {self.max_branches}")
-        if self.new_tokens < 2:
-            raise ValueError(f"--new-tokens must be at least 2 (inter-token latency needs two), got {self.new_tokens}")
+        self.prompts.validate()
+        if not self.k or min(self.k) < 1:
+            raise ValueError(f"--k takes window sizes of at least 1, e.g. 2,3,5; got {','.join(map(str, self.k))}")
+        if not self.max_branches or not all(1 <= count <= MAX_BRANCHES for count in self.max_branches):
+            raise ValueError(f"--max-branches takes counts between 1 and {MAX_BRANCHES}, e.g. 1,12; got "
+                             f"{','.join(map(str, self.max_branches))}")
+        if self.max_new_tokens < 2:
+            raise ValueError(f"--max-new-tokens must be at least 2 for bench (inter-token latency needs two), got "
+                             f"{self.max_new_tokens}")
         if self.repetitions < 1:
             raise ValueError(f"--repetitions must be at least 1, got {self.repetitions}")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup cannot be negative, got {self.warmup}")

@@ -9,12 +9,11 @@ from pipeline.bench.config import BenchConfig
 from pipeline.bench.records import Generation, from_pipeline
 from pipeline.critical_path import split_target_time
 from pipeline.generation import generate
-from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
+from pipeline.launcher import LocalCluster, cluster_config
 from workers.protocol.limits import MAX_TRACE_SPANS
 from pipeline.config import DecodeConfig
 from pipeline.tracing import ClockOffset, ProcessSpans, collect_spans, measure_offset, start_tracing
 from workers.spans import SpanRecorder
-from workers.spec import WorkerSpec
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,8 @@ class Contender:
     max_branches: int | None = None  # overlap: outcomes drafted ahead at most
 
 
-def our_contenders(ks: tuple[int, ...], max_branches: tuple[int, ...] = (12,)) -> list[Contender]:
+def our_contenders(ks: tuple[int, ...],
+                   max_branches: tuple[int, ...] = (DecodeConfig.max_branches,)) -> list[Contender]:
     contenders = [Contender("target-only", "target-only", None)]
     for k in ks:
         contenders.append(Contender(f"serial k={k}", "serial", k))
@@ -37,13 +37,10 @@ def our_contenders(ks: tuple[int, ...], max_branches: tuple[int, ...] = (12,)) -
     return contenders
 
 
-def start_cluster(config: BenchConfig, dtype: str) -> LocalCluster:
-    """Both workers as `specpipe launch` starts them on a CPU: one core each, one KV slot."""
-    draft_cores, target_cores = default_cores(1, 2)
-    return LocalCluster(ClusterConfig(
-        target=WorkerSpec("target", str(config.target_dir), "", dtype=dtype, cores=target_cores, slots=1),
-        draft=WorkerSpec("draft", str(config.draft_dir), "", dtype=dtype, cores=draft_cores, slots=1),
-    ))
+def start_cluster(config: BenchConfig) -> LocalCluster:
+    """Both workers as `specpipe launch` starts them (cores of their own), one KV slot each: bench decodes one
+    prompt at a time."""
+    return LocalCluster(cluster_config(config.models, config.workers, "overlap"))
 
 
 def worker_clocks(cluster: LocalCluster) -> dict[str, ClockOffset]:
@@ -56,12 +53,12 @@ class PipelineRunner:
     (a few microseconds a request, the same in every mode), so that the target's wall can be split
     into compute, waiting for the draft, and coordinator and IPC (pipeline.critical_path)."""
 
-    def __init__(self, cluster: LocalCluster, contender: Contender, new_tokens: int,
+    def __init__(self, cluster: LocalCluster, contender: Contender, max_new_tokens: int,
                  clocks: dict[str, ClockOffset]) -> None:
         self.cluster = cluster
         self.contender = contender
         self.clocks = clocks
-        self.decode = DecodeConfig(contender.mode, contender.k or 1, new_tokens,
+        self.decode = DecodeConfig(contender.mode, contender.k or 1, max_new_tokens,
                                    max_branches=contender.max_branches or DecodeConfig.max_branches)
 
     def __call__(self, prompt: list[int]) -> Generation:

@@ -58,8 +58,9 @@ def describe(result: BenchResult) -> list[str]:
     """The lines under the table: setting, identity check, acceptance detail, warm-up."""
     s, m = result.settings, result.machine
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['date']}",
-             f"{s['prompts']} prompts x {s['repetitions']} repetition(s), {s['new_tokens']} new tokens, greedy, "
-             f"dtype {s['dtype']}, {s['placement']}; warm-up: {s['warmup']} prompt(s) per configuration, not counted",
+             f"{s['prompts']} prompts x {s['repetitions']} repetition(s), {s['max_new_tokens']} new tokens at most, "
+             f"greedy, dtype {s['dtype']}, {s['placement']}; warm-up: {s['warmup']} prompt(s) per configuration, "
+             "not counted",
              f"greedy outputs token-identical across all specpipe configurations: "
              f"{'yes' if result.identical_greedy_outputs else 'NO'}"]
     lines.append("target wall: each instant of the target's timeline (all three processes traced) put in one bucket: "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import sys
@@ -18,7 +17,10 @@ from pipeline.bench.ours import Contender, PipelineRunner, our_contenders, start
 from pipeline.bench.peers import HfRunner, load_models
 from pipeline.bench.records import Generation
 from pipeline.bench.theory import median_round_trip, predict
+from pipeline.prompts import select_prompts
 from workers.model.checkpoint import load_tokenizer
+from workers.models import HELDOUT_PROMPTS
+from workers.spec import resolved_dtype
 
 PEERS = (Contender("hf target-only", "hf-target-only", None), Contender("hf assisted", "hf-assisted", None))
 
@@ -45,33 +47,31 @@ def machine() -> dict[str, str]:
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
 
 
-def read_prompt_ids(config: BenchConfig) -> list[list[int]]:
-    texts = [json.loads(line) for line in config.prompts_file.read_text().splitlines() if line.strip()]
-    wanted = config.warmup + config.prompts
-    if len(texts) < wanted:
-        raise ValueError(f"{config.prompts_file} holds {len(texts)} prompts; --prompts {config.prompts} plus "
-                         f"--warmup {config.warmup} need {wanted}")
-    tokenizer = load_tokenizer(config.target_dir)
-    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts[:wanted]]
+def read_prompt_ids(config: BenchConfig) -> tuple[list[list[int]], list[list[int]]]:
+    """The warm-up prompts and the measured ones, as token ids."""
+    prompts = select_prompts(config.prompts, HELDOUT_PROMPTS)
+    tokenizer = load_tokenizer(config.models.target_dir)
+    warm, measured = ([tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+                      for texts in (prompts.warmup, prompts.measured))
+    return warm, measured
 
 
-def run_bench(config: BenchConfig, dtype: str, command: str = "", progress: bool = True) -> BenchResult:
+def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> BenchResult:
     config.validate()
-    prompts = read_prompt_ids(config)
-    warm, measured = prompts[: config.warmup], prompts[config.warmup :]
-    contenders = our_contenders(config.ks, config.max_branches) + (list(PEERS) if config.peers else [])
+    warm, measured = read_prompt_ids(config)
+    contenders = our_contenders(config.k, config.max_branches) + (list(PEERS) if config.peers else [])
     runs: dict[str, list[Generation]] = {c.name: [] for c in contenders}
     warmups: dict[str, list[Generation]] = {c.name: [] for c in contenders}
-    with start_cluster(config, dtype) as cluster:
+    with start_cluster(config) as cluster:
         clocks = worker_clocks(cluster)
-        runners = {c.name: PipelineRunner(cluster, c, config.new_tokens, clocks) for c in contenders
+        runners = {c.name: PipelineRunner(cluster, c, config.max_new_tokens, clocks) for c in contenders
                    if not c.mode.startswith("hf-")}
         if config.peers:
-            torch.set_num_threads(1)  # in this process, on the coordinator's core: one core, as each worker
-            target, draft = load_models(config.target_dir, config.draft_dir)
+            torch.set_num_threads(config.workers.threads)  # in this process, beside the draft: as each worker
+            target, draft = load_models(config.models.target_dir, config.models.draft_dir)
             eos = cluster.limits().eos_ids
-            runners["hf target-only"] = HfRunner(target, None, config.new_tokens, eos)
-            runners["hf assisted"] = HfRunner(target, draft, config.new_tokens, eos)
+            runners["hf target-only"] = HfRunner(target, None, config.max_new_tokens, eos)
+            runners["hf assisted"] = HfRunner(target, draft, config.max_new_tokens, eos)
         total = len(contenders) * (len(warm) + len(measured) * config.repetitions)
         with tqdm(total=total, desc="bench", unit="gen", file=sys.stderr, disable=not progress) as bar:
             for contender in contenders:
@@ -85,11 +85,11 @@ def run_bench(config: BenchConfig, dtype: str, command: str = "", progress: bool
                         bar.set_postfix_str(contender.name)
                         runs[contender.name].append(runners[contender.name](prompt))
                         bar.update()
-    return summarize(config, contenders, runs, warmups, dtype, command)
+    return summarize(config, contenders, runs, warmups, command)
 
 
 def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[str, list[Generation]],
-              warmups: dict[str, list[Generation]], dtype: str, command: str) -> BenchResult:
+              warmups: dict[str, list[Generation]], command: str) -> BenchResult:
     results = [figures(c.name, c.mode, c.k, "transformers" if c.mode.startswith("hf-") else "specpipe",
                        runs[c.name], warmups[c.name]) for c in contenders]
     by_name = {r.name: r for r in results}
@@ -106,9 +106,11 @@ def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[str, 
                     for c in contenders if not c.mode.startswith("hf-"))
     peers = {c.name: f"{sum(g.token_ids == r for g, r in zip(runs[c.name], reference))}/{len(reference)}"
              for c in contenders if c.mode.startswith("hf-")}
-    settings = {"prompts": config.prompts, "warmup": config.warmup, "repetitions": config.repetitions,
-                "new_tokens": config.new_tokens, "k": list(config.ks),
-                "max_branches": list(config.max_branches), "dtype": dtype,
-                "prompts_file": str(config.prompts_file), "command": command,
-                "placement": "one core per worker; peers on one core with one thread"}
+    threads = config.workers.threads
+    settings = {"prompts": config.prompts.count, "warmup": config.prompts.warmup,
+                "repetitions": config.repetitions, "max_new_tokens": config.max_new_tokens, "k": list(config.k),
+                "max_branches": list(config.max_branches), "threads": threads,
+                "dtype": resolved_dtype(config.workers.dtype, config.workers.target_device),
+                "prompts_file": str(config.prompts.file or HELDOUT_PROMPTS), "command": command,
+                "placement": f"{threads} core(s) per worker; peers in the coordinator with {threads} thread(s)"}
     return BenchResult(results, identical, peers, machine(), settings)

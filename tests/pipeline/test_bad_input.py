@@ -32,6 +32,12 @@ def long_prompts_file(tmp_path: Path) -> Path:
     return file
 
 
+def not_json_file(tmp_path: Path) -> Path:
+    file = tmp_path / "not.jsonl"
+    file.write_text("def f(x):\n")
+    return file
+
+
 def foreign_draft(tmp_path: Path, checkpoints) -> Path:
     """A checkpoint with the target's tokenizer files but a vocabulary of 128."""
     foreign = tmp_path / "foreign"
@@ -67,6 +73,15 @@ CASES = {
     "unknown dtype": (lambda t, c: ["--dtype", "int3"], "--dtype 'int3' is not one of"),
     "zero concurrency": (lambda t, c: ["--concurrency", "0"], "--concurrency must be at least 1"),
     "heartbeat timeout below its interval": (lambda t, c: ["--heartbeat-timeout", "0.2"], "--heartbeat-interval"),
+    "temperature not a number": (lambda t, c: ["--temperature", "nan"], "--temperature and --top-p must be finite"),
+    "negative seed": (lambda t, c: ["--seed", "-1"], "--seed must lie in [0, 2**63)"),
+    "zero threads": (lambda t, c: ["--threads", "0"], "--threads must be at least 1"),
+    "a list of k": (lambda t, c: ["--k", "2,3"], "'--k': '2,3' is a list"),
+    "not a number": (lambda t, c: ["--max-new-tokens", "many"], "'--max-new-tokens': 'many' is not a valid integer"),
+    "unknown mode": (lambda t, c: ["--mode", "eager"], "'--mode': 'eager' is not one of"),
+    "an option of another command": (lambda t, c: ["--warmup", "2"], "No such option '--warmup'"),
+    "prompts file not JSON": (lambda t, c: ["--prompts-file", str(not_json_file(t))],
+                              "not.jsonl:1 is not a JSON string"),
 }
 
 

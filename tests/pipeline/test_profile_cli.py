@@ -64,6 +64,7 @@ def test_overlap_trace_shows_every_process_and_drafting_during_verification(tmp_
 
     assert trace["otherData"]["tokens"] == 48 and trace["otherData"]["mode"] == "overlap"
     assert "overlap: the draft computed during" in result.stdout
+    assert "; warm-up " in result.stdout.splitlines()[0]  # --warmup 1 by default: one prompt, not traced
     wall_line = next(line for line in result.stdout.splitlines() if line.startswith("target's wall: "))
     shares = [float(part.rsplit(" ", 1)[1].rstrip("%")) for part in wall_line.split(": ", 1)[1].split(", ")]
     assert len(shares) == 3 and sum(shares) == pytest.approx(100, abs=0.2) and shares[0] > 50
@@ -72,7 +73,7 @@ def test_overlap_trace_shows_every_process_and_drafting_during_verification(tmp_
 
 @pytest.mark.slow
 def test_target_only_trace_has_no_draft_process(tmp_path):
-    result, trace = run_profile(tmp_path, "--mode", "target-only", "--no-warmup")
+    result, trace = run_profile(tmp_path, "--mode", "target-only", "--warmup", "0")
     pids, events = tracks(trace)
     assert set(pids) == {"coord", "target"}
     assert {"prefill", "decode"} <= {e["name"] for e in events[pids["target"]]}

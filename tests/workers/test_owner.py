@@ -19,3 +19,11 @@ def test_a_coordinator_silent_for_the_quiet_period_is_replaced():
     owner.take(b"a", pid=11, now=0.0)
     owner.saw(b"b", now=OWNER_QUIET_S)  # another client's messages do not keep the owner alive
     assert owner.refusal(b"b", held=1, now=OWNER_QUIET_S) is None
+
+
+def test_the_owner_is_kept_while_it_speaks_within_the_quiet_period_and_replaced_once_it_is_over():
+    owner = Owner()
+    owner.take(b"a", pid=11, now=0.0)
+    owner.saw(b"a", now=3.0)  # its own requests keep it the owner
+    assert owner.refusal(b"b", held=1, now=3.0 + OWNER_QUIET_S - 0.01) is not None
+    assert owner.refusal(b"b", held=1, now=3.0 + OWNER_QUIET_S) is None

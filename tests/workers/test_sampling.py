@@ -70,11 +70,23 @@ def test_top_k_and_top_p_filter_before_sampling():
     assert low[0, 0] > 0.5 and torch.allclose(low.sum(), torch.tensor(1.0))
 
 
-@pytest.mark.parametrize("params, message", [(SamplingParams(-1.0), "temperature"), (SamplingParams(1.0, top_p=0), "top-p"),
-                                             (SamplingParams(1.0, top_p=1.5), "top-p"), (SamplingParams(1.0, top_k=-1), "top-k")])
+@pytest.mark.parametrize("params, message", [
+    (SamplingParams(-1.0), "--temperature must be >= 0"), (SamplingParams(1e-9), "--temperature must be 0"),
+    (SamplingParams(float("nan")), "finite"), (SamplingParams(float("inf")), "finite"),
+    (SamplingParams(1.0, top_p=float("nan")), "finite"), (SamplingParams(1.0, top_p=0), "--top-p"),
+    (SamplingParams(1.0, top_p=1.5), "--top-p"), (SamplingParams(1.0, top_k=-1), "--top-k"),
+    (SamplingParams(1.0, seed=-1), "--seed"), (SamplingParams(1.0, seed=2**63), "--seed"),
+])
 def test_bad_sampling_settings(params, message):
     with pytest.raises(ValueError, match=message):
         params.validate()
+
+
+def test_top_k_is_held_to_the_vocabulary_where_it_is_known():
+    SamplingParams(1.0, top_k=4096).validate()  # the coordinator's check: no vocabulary yet
+    SamplingParams(1.0, top_k=4096).validate(vocab_size=4096)
+    with pytest.raises(ValueError, match="at most the vocabulary's 4096"):
+        SamplingParams(1.0, top_k=4097).validate(vocab_size=4096)
 
 
 # --- end to end: two tiny random models on an 8-token vocabulary, through the scheduler -----------

@@ -13,8 +13,8 @@ REQUIRED = {"name", "mode", "k", "tokens_per_s", "speedup_vs_target_only", "acce
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    command = [sys.executable, "-m", "pipeline.cli", "bench", "--prompts", "2", "--k", "2,3", "--new-tokens", "16",
-               "--json", str(out / "bench.json"), "--report", str(out / "report")]
+    command = [sys.executable, "-m", "pipeline.cli", "bench", "--prompts", "2", "--k", "2,3", "--max-new-tokens", "16",
+               "--json-out", str(out / "bench.json"), "--report", str(out / "report")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return result, json.loads((out / "bench.json").read_text()), out / "report"
@@ -30,6 +30,9 @@ def test_every_configuration_is_reported_with_the_required_figures(bench):
         assert REQUIRED <= config.keys()
         assert config["name"] in result.stdout  # the table names it too
     assert figures["identical_greedy_outputs"] is True
+    settings = figures["settings"]
+    assert (settings["k"], settings["max_branches"], settings["max_new_tokens"]) == ([2, 3], [12], 16)
+    assert (settings["prompts"], settings["warmup"], settings["threads"]) == (2, 1, 1)
     assert "greedy outputs token-identical across all specpipe configurations: yes" in result.stdout
 
 

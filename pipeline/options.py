@@ -1,0 +1,167 @@
+"""Every option of specpipe's commands, each defined once; the commands compose them (see pipeline.cli).
+
+An option fills the field of its name in the command's config (pipeline.launch's LaunchConfig,
+BenchConfig, ProfileConfig, the worker's WorkerSpec), and its default is that field's default
+(tests/pipeline/test_options.py holds them to it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.config import (
+    MEASURED_PROMPTS,
+    MODES,
+    WARMUP_PROMPTS,
+    DecodeConfig,
+    ModelsConfig,
+    WorkersConfig,
+)
+from pipeline.launcher import LivenessConfig
+from pipeline.option import CoreList, Option, options
+from workers.protocol.limits import MAX_BRANCHES, MAX_TRACE_SPANS
+from workers.sampling import SamplingParams
+from workers.spec import WorkerSpec
+
+CHECKPOINT_DIR = click.Path(path_type=Path)
+BACKENDS = click.Choice(["torch", "ttnn"])
+DEVICE_HELP = "cpu, cuda or cuda:N; with --backend ttnn, Tenstorrent chips: tt, tt:N, tt:0/1x2 (see README)."
+
+# --- models and prompts ----------------------------------------------------------------------------
+
+DRAFT = Option("--draft", "draft_dir", "Draft checkpoint directory (Hugging Face layout).", CHECKPOINT_DIR,
+               ModelsConfig.draft_dir, show_default="bundled draft")
+TARGET = Option("--target", "target_dir", "Target checkpoint directory (Hugging Face layout); the coordinator "
+                "tokenizes with its tokenizer.", CHECKPOINT_DIR, ModelsConfig.target_dir, show_default="bundled target")
+PROMPT = Option("--prompt", "texts", "A prompt; repeat for several.", click.STRING, multiple=True, show_default=False)
+PROMPTS_FILE = Option("--prompts-file", "file", "Prompts, one JSON string per line (launch and profile run them after "
+                      "any --prompt). bench and profile take --warmup of its lines first, then --prompts more; "
+                      "without it, of the bundled held-out code prompts.",
+                      click.Path(exists=True, dir_okay=False, path_type=Path))
+PROMPT_COUNT = Option("--prompts", "count", "How many prompts of --prompts-file (or of the bundled held-out code "
+                      "prompts) to run after the --warmup ones.", click.INT, MEASURED_PROMPTS)
+WARMUP = Option("--warmup", "warmup", "Prompts of --prompts-file (or of the bundled held-out code prompts) run first "
+                "and reported apart; 0 = none.", click.INT, WARMUP_PROMPTS)
+
+# --- decoding --------------------------------------------------------------------------------------
+
+MODE = Option("--mode", "mode", "overlap: the draft drafts ahead while the target verifies; serial: draft, then "
+              "verify; target-only: the target alone.", click.Choice(MODES), DecodeConfig.mode)
+K = Option("--k", "k", "Drafted tokens per verification.", click.INT, DecodeConfig.k, sweepable=True)
+MAX_NEW_TOKENS = Option("--max-new-tokens", "max_new_tokens", "New tokens per prompt, at most.", click.INT,
+                        DecodeConfig.max_new_tokens)
+ADAPTIVE_K = Option("--adaptive-k", "adaptive_k", "Adapt each sequence's window between 1 and --k as it goes.",
+                    default=DecodeConfig.adaptive_k, show_default=False)
+MAX_BRANCHES = Option("--max-branches", "max_branches", f"Overlap: at most this many outcomes of a verification "
+                      f"drafted ahead at once (1 = only 'all accepted, bonus guessed'; at most {MAX_BRANCHES}); how "
+                      "many fit is learnt while running.", click.INT, DecodeConfig.max_branches, sweepable=True)
+TEMPERATURE = Option("--temperature", "temperature", "0 = greedy.", click.FLOAT, SamplingParams.temperature)
+TOP_P = Option("--top-p", "top_p", "Sample from the likeliest tokens holding this much probability; 1 = off.",
+               click.FLOAT, SamplingParams.top_p)
+TOP_K = Option("--top-k", "top_k", "Sample from this many likeliest tokens; 0 = off.", click.INT, SamplingParams.top_k)
+SEED = Option("--seed", "seed", "Seed of the sampling (with --temperature above 0).", click.INT, SamplingParams.seed)
+CONCURRENCY = Option("--concurrency", "concurrency", "Prompts decoded at once.", click.INT, 1)
+
+# --- the workers -----------------------------------------------------------------------------------
+
+BACKEND = Option("--backend", "backend", "torch (CPU or CUDA), or ttnn (Tenstorrent chips).", BACKENDS,
+                 WorkersConfig.backend)
+DRAFT_DEVICE = Option("--draft-device", "draft_device", f"The draft worker's device: {DEVICE_HELP}", click.STRING,
+                      WorkersConfig.draft_device)
+TARGET_DEVICE = Option("--target-device", "target_device", f"The target worker's device: {DEVICE_HELP}", click.STRING,
+                       WorkersConfig.target_device)
+THREADS = Option("--threads", "threads", "CPU threads per worker; the workers a command starts are pinned to cores of "
+                 "their own when the machine has enough.", click.INT, WorkersConfig.threads)
+DTYPE = Option("--dtype", "dtype", "float32, bfloat16, or fp16-weights (CPU: fp16 weights, fp32 maths, via fbgemm); "
+               "auto = fp16-weights on a CPU where fbgemm runs (else float32), bfloat16 on CUDA, as each worker finds.",
+               click.STRING, WorkersConfig.dtype, metavar="auto|float32|bfloat16|fp16-weights")
+READY_TIMEOUT = Option("--ready-timeout", "ready_timeout_s", "Seconds to wait for the workers to load.", click.FLOAT,
+                       LivenessConfig.ready_timeout_s)
+HEARTBEAT_INTERVAL = Option("--heartbeat-interval", "heartbeat_interval_s", "Seconds between heartbeats to each worker "
+                            "(answered by ZeroMQ itself, even mid-forward-pass).", click.FLOAT,
+                            LivenessConfig.heartbeat_interval_s)
+HEARTBEAT_TIMEOUT = Option("--heartbeat-timeout", "heartbeat_timeout_s", "Seconds of silence after which a worker "
+                           "counts as hung and the launch fails.", click.FLOAT, LivenessConfig.heartbeat_timeout_s)
+
+# --- workers started by hand, maybe on other hosts -------------------------------------------------
+
+TARGET_ADDR = Option("--target-addr", "target_addr", "Use the `specpipe worker --role target` already listening at "
+                     "ADDR (tcp://HOST:PORT) instead of spawning one; --target then only provides the tokenizer.",
+                     click.STRING, "", show_default=False, metavar="ADDR")
+DRAFT_ADDR = Option("--draft-addr", "draft_addr", "Likewise for the draft worker.", click.STRING, "",
+                    show_default=False, metavar="ADDR")
+CURVE_SECRET_KEY = Option("--curve-secret-key", "curve_secret_key", "This process's CURVE key pair (NAME.key_secret "
+                          "from `specpipe keygen`). A worker encrypts and authenticates every connection with it "
+                          "(without it, it binds only loopback or ipc://); a launch needs it for any worker given by "
+                          "an address off this host.", click.STRING, "", show_default=False, metavar="FILE")
+TARGET_SERVER_KEY = Option("--target-server-key", "target_server_key", "The public key (NAME.key) of the worker at "
+                           "--target-addr.", click.STRING, "", show_default=False, metavar="FILE")
+DRAFT_SERVER_KEY = Option("--draft-server-key", "draft_server_key", "The public key (NAME.key) of the worker at "
+                          "--draft-addr.", click.STRING, "", show_default=False, metavar="FILE")
+
+# --- what is written -------------------------------------------------------------------------------
+
+JSON = Option("--json", "json_lines", "One JSON object per prompt on stdout.", default=False, show_default=False)
+JSON_OUT = Option("--json-out", "json_out", "Write every figure to this JSON file.",
+                  click.Path(dir_okay=False, path_type=Path), metavar="FILE")
+REPORT = Option("--report", "report_dir", "Write a Markdown report with PNG plots into this directory.",
+                click.Path(file_okay=False, path_type=Path), metavar="DIR")
+REPETITIONS = Option("--repetitions", "repetitions", "Passes over the prompts.", click.INT, 1)
+PEERS = Option("--peers/--no-peers", "peers", "Also run transformers generate and assisted generation on the same "
+               "models.", default=True)
+TRACE = Option("--trace", "trace_path", "Where to write the Chrome / Perfetto trace (trace-event JSON).",
+               click.Path(dir_okay=False, path_type=Path), Path("specpipe-trace.json"))
+MAX_SPANS = Option("--max-spans", "max_spans", "Spans kept per process.", click.INT, MAX_TRACE_SPANS)
+
+# --- `specpipe worker` -----------------------------------------------------------------------------
+
+ROLE = Option("--role", "role", "Which model it serves.", click.Choice(["draft", "target"]), required=True,
+              show_default=False)
+CHECKPOINT = Option("--checkpoint", "checkpoint", "Checkpoint directory (Hugging Face layout).", click.STRING,
+                    required=True, show_default=False)
+BIND = Option("--bind", "bind", "ZeroMQ address to listen on, e.g. ipc:///tmp/w.sock or tcp://127.0.0.1:5555.",
+              click.STRING, required=True, show_default=False)
+DEVICE = Option("--device", "device", f"Its device: {DEVICE_HELP}", click.STRING, WorkerSpec.device)
+CORES = Option("--cores", "cores", "Comma-separated CPU cores to pin to.", CoreList(), "", show_default=False)
+IO_CORES = Option("--io-cores", "io_cores", "Comma-separated CPU cores for ZeroMQ's I/O threads (default: with the "
+                  "rest); launch puts a pinned target's on the coordinator's cores.", CoreList(), "",
+                  show_default=False)
+SLOTS = Option("--slots", "slots", "Sequences held at once.", click.INT, WorkerSpec.slots)
+MAX_SEQ_LEN = Option("--max-seq-len", "max_seq_len", "0 = the model's context.", click.INT, WorkerSpec.max_seq_len)
+SPIN_MS = Option("--spin-ms", "spin_ms", "Busy-poll this long for the next request before sleeping (only on a core "
+                 "of its own).", click.FLOAT, WorkerSpec.spin_ms)
+NICE = Option("--nice", "nice", "Niceness to add (yield the core to others); a worker that leads its session, as "
+              "launch starts them, nices the session too (autogroup scheduling shares a core between sessions by "
+              "theirs).", click.INT, WorkerSpec.nice)
+PARENT_PID = Option("--parent-pid", "parent_pid", "Exit when this process is gone (set by launch for the workers it "
+                    "spawns); 0 = never.", click.INT, WorkerSpec.parent_pid)
+CURVE_CLIENTS = Option("--curve-clients", "curve_clients", "Public key file (NAME.key) of a coordinator allowed to "
+                       "connect, or a directory of them; repeat for several. Every other client is refused.",
+                       click.STRING, multiple=True, show_default=False, metavar="PATH")
+
+# --- `specpipe keygen` -----------------------------------------------------------------------------
+
+KEY_NAME = Option("--name", "name", "Base name: writes DIRECTORY/NAME.key (public) and NAME.key_secret.",
+                  click.STRING, required=True, show_default=False)
+
+# --- the groups the commands compose ---------------------------------------------------------------
+
+models_options = options(DRAFT, TARGET)
+sampling_options = options(TEMPERATURE, TOP_P, TOP_K, SEED)
+liveness_options = options(READY_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT)
+remote_options = options(TARGET_ADDR, DRAFT_ADDR, CURVE_SECRET_KEY, TARGET_SERVER_KEY, DRAFT_SERVER_KEY)
+
+launch_options = options(
+    models_options, PROMPT, PROMPTS_FILE, MAX_NEW_TOKENS, K, MODE, ADAPTIVE_K, MAX_BRANCHES, sampling_options,
+    CONCURRENCY, BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DTYPE, liveness_options, remote_options, JSON)
+bench_options = options(
+    models_options, PROMPTS_FILE, PROMPT_COUNT, WARMUP, K.sweep(), MAX_BRANCHES.sweep(), MAX_NEW_TOKENS, REPETITIONS,
+    PEERS, THREADS, DTYPE, JSON_OUT, REPORT)
+profile_options = options(
+    models_options, PROMPT, PROMPTS_FILE, PROMPT_COUNT, WARMUP, MAX_NEW_TOKENS, K, MODE, CONCURRENCY,
+    THREADS, DTYPE, TRACE, MAX_SPANS)
+worker_options = options(
+    ROLE, CHECKPOINT, BIND, BACKEND, DEVICE, DTYPE, THREADS, CORES, IO_CORES, SLOTS, MAX_SEQ_LEN, SPIN_MS, NICE,
+    PARENT_PID, CURVE_SECRET_KEY, CURVE_CLIENTS)
