@@ -36,6 +36,8 @@ def copy_of_the_tree(tmp_path):
     ("pipeline/scheduler.py", "import zmq", "the scheduler imports no ZeroMQ"),
     ("pipeline/scheduler.py", "from pipeline.transport import ZmqTransport", "the scheduler imports no ZeroMQ"),
     ("workers/model/llama.py", "from workers.protocol.messages import Ready", "the model runner imports no message"),
+    ("pipeline/scheduler.py", "from pipeline.engine import Engine", "within pipeline/"),
+    ("workers/model/runner.py", "from workers.slots import SequenceSlots", "within workers/"),
 ])
 def test_a_shortcut_across_the_layers_breaks_a_contract(copy_of_the_tree, module, line, broken):
     path = copy_of_the_tree / module
