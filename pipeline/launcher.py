@@ -26,10 +26,9 @@ from pipeline.preflight import Vocabulary, check_shared_vocabulary
 from pipeline.remote import ADDRESS_OPTIONS, client_keys
 from workers.protocol.messages import Hello, Ready, Shutdown
 from pipeline.transport import ZmqTransport
+from pipeline.worker_process import OutputTail, worker_command
 from workers.backends.torch_device import pin_threads, restore_threads
 from workers.spec import WorkerSpec
-
-STDERR_FD = 2  # the file descriptor, not sys.stderr: that may be a Python object without one (under pytest)
 
 
 def log(text: str) -> None:
@@ -97,6 +96,7 @@ class LocalCluster:
         self.config = config
         self.socket_dir = tempfile.mkdtemp(prefix="specpipe-")
         self.processes: dict[str, subprocess.Popen] = {}
+        self.output: dict[str, OutputTail] = {}  # role -> what its process wrote, copied to our stderr
         self.sentinels: dict[str, int] = {}  # role -> pidfd of its process
         self.transport: ZmqTransport | None = None
         self.ready: dict[str, Ready] = {}
@@ -152,13 +152,14 @@ class LocalCluster:
             if role in self.remote:
                 continue  # running already: nothing to spawn, no process to watch (heartbeats only)
             env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
-            command = [sys.executable, "-m", "pipeline.cli", "worker", *replace(spec, parent_pid=os.getpid()).argv()]
+            command = worker_command(replace(spec, parent_pid=os.getpid()).argv())
             # A session of its own: a Ctrl-C at the terminal reaches the coordinator alone, which then
             # winds the workers down in order (and the worker exits by itself if we die: --parent-pid).
-            # A worker's stdout goes to our stderr: its results travel over ZeroMQ, and what a library writes
+            # A worker's output goes to our stderr: its results travel over ZeroMQ, and what a library writes
             # to stdout (tt-metal logs there) must not land among the text or the --json records.
-            self.processes[role] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=STDERR_FD,
-                                                    start_new_session=True)
+            self.processes[role] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.output[role] = OutputTail(self.processes[role])
             sentinel = process_sentinel(self.processes[role].pid)
             if sentinel is not None:
                 self.sentinels[role] = sentinel
@@ -194,8 +195,11 @@ class LocalCluster:
             code = process.poll()
             if code is not None:
                 doing = self.transport.activity(role) if self.transport is not None else ""
+                # a worker that exits with an error code said why last (a traceback ends with the exception)
+                last_words = self.output[role].last_line() if code > 0 else ""
                 raise WorkerFailed(f"[{role}] the {role} worker (pid {process.pid}, {self.config_of(role).checkpoint}) "
-                                   f"{exit_description(code)} {doing}".rstrip())
+                                   f"{exit_description(code)} {doing}".rstrip()
+                                   + (f"; its last line: {last_words}" if last_words else ""))
 
     def _leave_remote_workers(self, timeout_s: float = 1.0) -> None:
         """Remote workers keep running for the next launch; a Hello makes each free every KV slot

@@ -3,7 +3,8 @@
 SPECPIPE_TEST_FAULT="ROLE:KIND:AFTER[:SECONDS]" makes the ROLE worker's model misbehave on its
 forward call number AFTER (counting from 1):
   raise  raises RuntimeError("injected fault ..."), as a broken model or device would;
-  spin   holds the GIL in a busy loop for SECONDS first, as a long forward pass would.
+  spin   holds the GIL in a busy loop for SECONDS first, as a long forward pass would;
+  load   (AFTER ignored) raises RuntimeError as the worker starts, before it loads anything.
 Nothing happens in any other process, or when the variable is unset.
 """
 
@@ -39,6 +40,8 @@ def _configure() -> None:
     role, kind, after, *seconds = fault.split(":")
     argv = sys.argv
     if "--role" in argv and argv[argv.index("--role") + 1] == role:
+        if kind == "load":
+            raise RuntimeError(f"injected fault while the {role} worker starts")
         _install(role, kind, int(after), float(seconds[0]) if seconds else 0.0)
 
 
