@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from pipeline.errors import WorkerFailed
+from pipeline.scheduler import Scheduler
 from workers.protocol.messages import (
     DraftRequest,
     DraftResult,
@@ -21,8 +23,6 @@ from workers.protocol.messages import (
     VerifyResult,
     request_kind,
 )
-from pipeline.errors import WorkerFailed
-from pipeline.scheduler import Scheduler
 from workers.spans import SpanRecorder
 
 DISPATCH_ORDER = ("target", "draft")  # the target is the bottleneck: it gets its next request first

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.engine import Engine, Transport
 from pipeline.config import DecodeConfig
+from pipeline.engine import Engine, Transport
 from pipeline.scheduler import Scheduler, Sequence
 from workers.spans import SpanRecorder
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 
 import zmq
 
+from pipeline.config import ModelsConfig, RemoteConfig, WorkersConfig
 from pipeline.errors import WorkerFailed
 from pipeline.generation import ModelLimits
-from pipeline.config import ModelsConfig, RemoteConfig, WorkersConfig
 from pipeline.liveness import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     DEFAULT_HEARTBEAT_TIMEOUT_S,
@@ -24,10 +24,10 @@ from pipeline.liveness import (
 )
 from pipeline.preflight import Vocabulary, check_shared_vocabulary
 from pipeline.remote import ADDRESS_OPTIONS, client_keys
-from workers.protocol.messages import Hello, Ready, Shutdown
 from pipeline.transport import ZmqTransport
 from pipeline.worker_process import OutputTail, worker_command
 from workers.backends.torch_device import pin_threads, restore_threads
+from workers.protocol.messages import Hello, Ready, Shutdown
 from workers.spec import WorkerSpec
 
 

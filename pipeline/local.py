@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workers.protocol.codec import decode, encode
 from workers.model.runner_base import RunnerBase
+from workers.protocol.codec import decode, encode
 from workers.service import WorkerService
 
 

@@ -104,8 +104,8 @@ def check_device(backend: str, device: str, option: str) -> None:
 
 
 def check_dtype(dtype: str) -> None:
-    from workers.backends.torch_device import DTYPES
     from workers.backends.cpu_fp16 import FP16_WEIGHTS
+    from workers.backends.torch_device import DTYPES
     from workers.spec import AUTO_DTYPE
 
     if dtype not in (AUTO_DTYPE, FP16_WEIGHTS, *DTYPES):

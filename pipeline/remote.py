@@ -7,8 +7,8 @@ every KV slot freed. It has no process to watch, so their liveness rests on hear
 from __future__ import annotations
 
 from workers.curve import ClientKeys, is_loopback, load_key_pair, load_public_key
-from workers.protocol.messages import Ready
 from workers.model.checkpoint import tokenizer_fingerprint
+from workers.protocol.messages import Ready
 
 ADDRESS_OPTIONS = {"target": "--target-addr", "draft": "--draft-addr"}
 SERVER_KEY_OPTIONS = {"target": "--target-server-key", "draft": "--draft-server-key"}

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.transport import ZmqTransport
 from workers.protocol.messages import (
     ClockProbe,
     ClockReading,
@@ -27,7 +28,6 @@ from workers.protocol.messages import (
     TraceStart,
     TraceStarted,
 )
-from pipeline.transport import ZmqTransport
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import zmq
 
-from workers.curve import ClientKeys
 from pipeline.errors import WorkerFailed
 from pipeline.liveness import ConnectionWatch, Heartbeats, describe_activity
+from workers.curve import ClientKeys
 from workers.protocol.codec import ProtocolError, decode, encode
 from workers.protocol.limits import MAX_MESSAGE_BYTES
 from workers.protocol.messages import ErrorReply, Hello, Ready, Shutdown

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
 MIN_TEMPERATURE = 1e-6
 MAX_SEED = 2**63  # seeds travel as msgpack integers and seed torch generators
 

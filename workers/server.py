@@ -10,6 +10,14 @@ from pathlib import Path
 
 import zmq
 
+from workers.auth import secure
+from workers.backends.torch_device import lower_priority, pin_thread_ids, running_threads, set_cpu_threads
+from workers.connection_log import log_connection_events
+from workers.errors import SpecpipeError
+from workers.model.checkpoint import tokenizer_fingerprint
+from workers.model.runner import ModelRunner
+from workers.owner import Owner
+from workers.parent import exit_with_parent
 from workers.protocol.codec import ProtocolError, decode, encode
 from workers.protocol.limits import MAX_MESSAGE_BYTES
 from workers.protocol.messages import (
@@ -25,14 +33,6 @@ from workers.protocol.messages import (
     TraceStarted,
     request_kind,
 )
-from workers.auth import secure
-from workers.backends.torch_device import lower_priority, pin_thread_ids, running_threads, set_cpu_threads
-from workers.connection_log import log_connection_events
-from workers.errors import SpecpipeError
-from workers.model.checkpoint import tokenizer_fingerprint
-from workers.model.runner import ModelRunner
-from workers.owner import Owner
-from workers.parent import exit_with_parent
 from workers.service import WorkerService
 from workers.spans import SpanRecorder
 from workers.spec import WorkerSpec, resolved_dtype

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import time
+
+from workers.draft import DraftCore
+from workers.errors import SpecpipeError
+from workers.model.runner_base import RunnerBase
 from workers.protocol.messages import (
     ROLES,
     DraftRequest,
@@ -19,9 +23,6 @@ from workers.protocol.messages import (
     VerifyRequest,
     VerifyResult,
 )
-from workers.draft import DraftCore
-from workers.errors import SpecpipeError
-from workers.model.runner_base import RunnerBase
 from workers.request_checks import check_request
 from workers.target import TargetCore, Verdict
 

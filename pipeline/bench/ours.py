@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.records import Generation, from_pipeline
+from pipeline.config import DecodeConfig
 from pipeline.critical_path import split_target_time
 from pipeline.generation import generate
 from pipeline.launcher import LocalCluster, cluster_config
-from workers.protocol.limits import MAX_TRACE_SPANS
-from pipeline.config import DecodeConfig
 from pipeline.tracing import ClockOffset, ProcessSpans, collect_spans, measure_offset, start_tracing
+from workers.protocol.limits import MAX_TRACE_SPANS
 from workers.spans import SpanRecorder
 
 

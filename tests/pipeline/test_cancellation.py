@@ -6,12 +6,12 @@ import time
 
 import pytest
 
+from pipeline.config import DecodeConfig
 from pipeline.generation import generate
 from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
-from workers.protocol.messages import Ping, Pong
-from pipeline.config import DecodeConfig
 from tests.pipeline.processes import read_some, start_launch, survivors, worker_pids
 from workers.models import DRAFT_DIR, TARGET_DIR
+from workers.protocol.messages import Ping, Pong
 from workers.spec import WorkerSpec
 
 pytestmark = pytest.mark.slow

@@ -13,6 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import WorkerFailed
+from pipeline.transport import ZmqTransport
+from tests.pipeline.fuzz_corpus import is_shutdown, payloads
+from workers.models import DRAFT_DIR
 from workers.protocol.codec import ProtocolError, decode, encode
 from workers.protocol.limits import MAX_MESSAGE_BYTES
 from workers.protocol.messages import (
@@ -26,9 +29,6 @@ from workers.protocol.messages import (
     Pong,
     Ready,
 )
-from pipeline.transport import ZmqTransport
-from tests.pipeline.fuzz_corpus import is_shutdown, payloads
-from workers.models import DRAFT_DIR
 from workers.sampling import SamplingParams
 
 MUTATED = 12_000  # messages of the seeded mutation loop, per target

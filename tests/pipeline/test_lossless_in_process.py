@@ -7,10 +7,10 @@ import json
 
 import pytest
 
+from pipeline.config import DecodeConfig
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
 from pipeline.reference import reference_decode
-from pipeline.config import DecodeConfig
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
 from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR

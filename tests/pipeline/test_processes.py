@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from pipeline.config import DecodeConfig
 from pipeline.generation import generate
 from pipeline.launcher import ClusterConfig, LocalCluster, default_cores
-from pipeline.config import DecodeConfig
 from workers.model.checkpoint import load_tokenizer
 from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.spec import WorkerSpec

@@ -9,9 +9,9 @@ import sys
 import pytest
 import zmq
 
+from workers.models import DRAFT_DIR
 from workers.protocol.codec import decode, encode
 from workers.protocol.messages import DraftRequest, DraftResult, ErrorReply, Hello, Ready, Release, Released, Shutdown
-from workers.models import DRAFT_DIR
 
 
 def ask(socket: zmq.Socket, message: object, timeout_ms: int = 120_000) -> object:

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from pipeline.profile import overlap_length, self_times, union_length
+from pipeline.tracing import ClockOffset, ProcessSpans, chrome_trace, estimate_offset
 from workers.protocol.codec import decode, encode
 from workers.protocol.limits import MAX_TRACE_SPANS
 from workers.protocol.messages import Span, TraceSpans
-from pipeline.tracing import ClockOffset, ProcessSpans, chrome_trace, estimate_offset
 from workers.spans import SpanRecorder
 
 

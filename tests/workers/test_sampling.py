@@ -1,14 +1,15 @@
 """Speculative sampling emits tokens distributed exactly as the target's own sampling."""
 
 import itertools
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import workers.target
+from pipeline.config import DecodeConfig
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
-from pipeline.config import DecodeConfig
 from workers.model import ModelRunner
 from workers.sampling import SamplingParams, greedy_accept, probabilities, rejection_accept, sample
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import zmq
 
+from workers.models import DRAFT_DIR
 from workers.protocol.codec import decode, encode
 from workers.protocol.messages import DraftRequest, DraftResult, Hello, Ready
-from workers.models import DRAFT_DIR
 
 
 def ask(socket: zmq.Socket, message: object) -> object:

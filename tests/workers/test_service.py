@@ -2,10 +2,10 @@
 
 import pytest
 
-from workers.protocol.codec import decode, encode
-from workers.protocol.messages import ErrorReply, Skipped, VerifyNext, VerifyRequest, VerifyResult
 from workers.model import ModelRunner
 from workers.models import TARGET_DIR
+from workers.protocol.codec import decode, encode
+from workers.protocol.messages import ErrorReply, Skipped, VerifyNext, VerifyRequest, VerifyResult
 from workers.service import WorkerService
 
 PROMPT = [12, 873, 45, 9, 301, 77]

@@ -114,8 +114,8 @@ def test_fp16_weights_long_prefill_agrees_with_float32():
     # else MKL on fp32); on the bundled target's trained weights it stays within bf16's reach of float32.
     import json
 
-    from workers.model.checkpoint import load_tokenizer
     from workers.backends.cpu_fp16 import PackedFp16, fbgemm_fp16_available
+    from workers.model.checkpoint import load_tokenizer
     from workers.models import HELDOUT_PROMPTS, TARGET_DIR
 
     if not fbgemm_fp16_available():

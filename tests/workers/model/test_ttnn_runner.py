@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from pipeline.config import DecodeConfig
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
-from pipeline.config import DecodeConfig
 from tests.workers.model.ttnn_standin import Device, Standin
 from workers.errors import CacheCapacityError, UnsupportedModelError
 from workers.model import ModelRunner

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import DecodeConfig
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
-from pipeline.config import DecodeConfig
 from workers.backends.ttnn_device import pcie_chips
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
