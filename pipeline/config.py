@@ -20,6 +20,11 @@ from workers.spec import AUTO_DTYPE
 MODES = ("overlap", "serial", "target-only")
 
 
+def worker_roles(mode: str) -> tuple[str, ...]:
+    """The workers a pipeline in `mode` runs: target-only has no draft."""
+    return ("target",) if mode == "target-only" else ("draft", "target")
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """How sequences are decoded (the scheduler's settings)."""
@@ -48,8 +53,12 @@ class DecodeConfig:
         self.sampling.validate()
 
     @property
+    def roles(self) -> tuple[str, ...]:
+        return worker_roles(self.mode)
+
+    @property
     def uses_draft(self) -> bool:
-        return self.mode != "target-only"
+        return "draft" in self.roles
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import zmq
 
-from pipeline.config import ModelsConfig, RemoteConfig, WorkersConfig
+from pipeline.config import ModelsConfig, RemoteConfig, WorkersConfig, worker_roles
 from pipeline.errors import WorkerFailed
 from pipeline.generation import ModelLimits
 from pipeline.liveness import (
@@ -72,7 +72,7 @@ def cluster_config(models: ModelsConfig, workers: WorkersConfig, mode: str, conc
     """The workers a pipeline in `mode` runs (no draft in target-only), each holding a KV slot per sequence
     decoded at once and, on a CPU, pinned to a block of cores of its own when the machine has enough
     (default_cores). `--dtype auto` travels as it is: each worker resolves it for its device."""
-    roles = ("draft", "target") if mode != "target-only" else ("target",)
+    roles = worker_roles(mode)
     on_cpu = {role: workers.device(role) == "cpu" for role in roles}
     blocks = default_cores(workers.threads, len(roles)) if any(on_cpu.values()) else [()] * len(roles)
     specs = {role: WorkerSpec(role, str(models.directory(role)), bind="", backend=workers.backend,

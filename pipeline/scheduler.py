@@ -73,7 +73,7 @@ class Scheduler:
         self.concurrency = concurrency
         self.on_tokens = on_tokens
         self.clock = clock  # stamps the statistics (TTFT, token times)
-        self.roles = ("draft", "target") if config.uses_draft else ("target",)
+        self.roles = config.roles  # the workers that hold its sequences' KV slots
         self.sequences: dict[int, Sequence] = {}  # admitted, in order of admission
         self.waiting: list[Sequence] = []  # not yet admitted: at most `concurrency` run at once
         self.control: dict[str, list[object]] = {"draft": [], "target": []}  # releases to send
@@ -337,7 +337,7 @@ class Scheduler:
         count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
         if resolved.how is Resolution.HIT:
             sequence.phase, sequence.window = Phase.READY, resolved.branch.drafted.head(count)
-        elif self.config.mode == "target-only" or count == 0:
+        elif not self.config.uses_draft or count == 0:
             sequence.phase, sequence.window = Phase.READY, EMPTY  # a plain step: nothing worth drafting
         else:
             sequence.phase = Phase.DRAFT_NEEDED
