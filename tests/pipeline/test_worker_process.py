@@ -14,14 +14,18 @@ SPECPIPE = Path(sys.executable).parent / "specpipe"  # the console script, as a 
 SHADOWING = ("queue.py", "struct.py", "types.py", "token.py", "profile.py")  # names of modules workers import
 
 
-def test_the_users_directory_and_pythonpath_cannot_shadow_what_a_worker_imports(tmp_path):
+def test_the_users_directory_and_pythonpath_cannot_shadow_what_a_worker_imports(tmp_path, monkeypatch):
     (tmp_path / "queue.py").write_text('raise ImportError("the user\'s queue.py was imported")\n')
+    # a coordinator that found something on the user's PYTHONPATH: that directory is on its sys.path, first
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     command = worker_command(["--role", "draft"])
+    monkeypatch.undo()
     assert command[:3] == [sys.executable, "-I", "-c"] and command[-3:] == ["worker", "--role", "draft"]
+    assert repr(str(tmp_path)) in command[3]  # the worker can still import what only that directory holds
     # the worker's bootstrap, up to where it would start the worker: which queue does it get?
     probe = command[3].replace("from pipeline.cli import run\nrun()\n", "import queue\nprint(queue.__file__)\n")
     for env in ({}, {"PYTHONPATH": str(tmp_path)}):
-        done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+        done = subprocess.run([*command[:3], probe], capture_output=True, text=True, cwd=tmp_path,
                               env=dict(os.environ, **env), timeout=60)
         assert done.returncode == 0, done.stderr
         assert Path(done.stdout.strip()).parent == Path(os.__file__).parent  # the standard library's
