@@ -6,11 +6,12 @@ is compute-bound instead, so a prompt's pass of PREFILL_ROWS rows or more takes 
 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else MKL on an fp32 copy (figures in
 docs/notes.md).
 
-Losslessness rests on which kernel a pass takes. Target-only decodes each position alone, so every
-row of a verification window must come out exactly as it would one at a time: fbgemm's rows do at
-any row count, the two prefill kernels' change with the number of rows. So only a pass the caller
-marks as a prompt's (`prompt_pass`: the prompt read from position 0, which every mode sends alike)
-may take the prefill kernel; every other pass runs fbgemm, however many rows it has.
+Losslessness rests on which kernel a row takes. Target-only decodes each position alone, so every
+row of a verification window, and of a batch of many sequences, must come out exactly as it would
+alone: fbgemm's rows do at any row count. The prefill kernels' rows change with the number of rows
+multiplied at once, so they only ever multiply tiles of exactly PREFILL_TILE rows (the last one
+padded), tiled from the start of each prompt chunk the caller marks (`prompt_rows`); every other row
+runs fbgemm. A prompt then comes out the same whatever else shares its passes.
 """
 
 from __future__ import annotations
@@ -28,24 +29,47 @@ FP16_WEIGHTS = "fp16-weights"  # the --dtype that selects this backend
 class PackedFp16:
     """A matrix packed for fbgemm's fp16-weight GEMM: y = x @ W + b, fp32 activations and accumulation."""
 
-    PREFILL_ROWS = 32
+    PREFILL_ROWS = 32  # a prompt tile with fewer rows is cheaper through fbgemm
+    PREFILL_TILE = 64  # the prefill kernel always multiplies exactly this many rows, padded
 
     def __init__(self, weight_in_out: Tensor, bias: Tensor | None) -> None:
         self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight_in_out.float().t().contiguous())
         self.bias = torch.zeros(weight_in_out.shape[1]) if bias is None else bias.float()
         self.has_bias = bias is not None
+        self.out_features = weight_in_out.shape[1]
         if native_bf16_gemm():
             self.long_weight = torch.ops.mkldnn._reorder_linear_weight(weight_in_out.t().contiguous().bfloat16(), None)
         else:
             self.long_weight = weight_in_out.float().contiguous()  # [in, out], for MKL
 
-    def __call__(self, x: Tensor, prompt_pass: bool = False) -> Tensor:
-        # x: [rows, in] -> [rows, out]
-        if x.shape[0] < self.PREFILL_ROWS or not prompt_pass:
+    def __call__(self, x: Tensor, prompt_rows: tuple[tuple[int, int], ...] = ()) -> Tensor:
+        # x: [rows, in] -> [rows, out]; prompt_rows: (first, end) ranges of x that are prompt chunks
+        tiles = [(a, min(a + self.PREFILL_TILE, end)) for first, end in prompt_rows
+                 for a in range(first, end, self.PREFILL_TILE)]
+        tiles = [(a, b) for a, b in tiles if b - a >= self.PREFILL_ROWS]
+        if not tiles:
             return torch.fbgemm_linear_fp16_weight(x, self.packed, self.bias)
+        if len(tiles) == 1 and tiles[0] == (0, x.shape[0]):
+            return self._prefill_tile(x)
+        y = x.new_empty(x.shape[0], self.out_features)
+        short = torch.ones(x.shape[0], dtype=torch.bool)
+        for a, b in tiles:
+            y[a:b] = self._prefill_tile(x[a:b])
+            short[a:b] = False
+        if short.any():
+            rows = short.nonzero().squeeze(1)
+            y[rows] = torch.fbgemm_linear_fp16_weight(x[rows], self.packed, self.bias)
+        return y
+
+    def _prefill_tile(self, x: Tensor) -> Tensor:
+        # Up to PREFILL_TILE rows, padded to exactly that many: the kernel's blocking (and so each row's
+        # rounding) changes with the row count, and a fixed count makes a row's result its own alone.
+        count = x.shape[0]
+        if count < self.PREFILL_TILE:
+            x = torch.cat((x, x.new_zeros(self.PREFILL_TILE - count, x.shape[1])))
         if self.long_weight.dtype == torch.float32:
-            return torch.addmm(self.bias, x, self.long_weight)
-        y = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), self.long_weight, None, "none", [], "").float()
+            return torch.addmm(self.bias, x, self.long_weight)[:count]
+        y = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), self.long_weight, None, "none", [], "").float()[:count]
         return y + self.bias if self.has_bias else y
 
 

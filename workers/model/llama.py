@@ -1,8 +1,8 @@
 """A Llama-family decoder for inference, in the manner of gpt-fast's model.py.
 
-One sequence per call: `forward(tokens, start, slot)` runs T tokens at positions start..start+T-1
-of KV slot `slot` and returns logits for all T. Prefill, one-token decode and k-token verification
-are the same call. The KV cache is preallocated, so rolling a sequence back is just moving its
+One call runs a batch of segments (workers.model.segment): each sequence's rows at its own positions
+of its own KV slot, all multiplied together, each attending to its own cache. Prefill chunks,
+one-token decode steps, k-token verifications and drafted-ahead branches are the same call. The KV cache is preallocated, so rolling a sequence back is just moving its
 length (the runner's job): stale entries past the length are never attended and get overwritten.
 
 On a CPU thread a small model's decode is bound by memory traffic and per-op overhead, so the
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.model.config import ModelConfig, RopeScaling
+from workers.model.segment import Segment
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> Tensor:
@@ -101,16 +103,38 @@ def normalize(x: Tensor, eps_times_dim: Tensor) -> Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps_times_dim)
 
 
-def project(x: Tensor, weight, bias: Tensor | None, prompt_pass: bool) -> Tensor:
-    # x: [T, in] @ weight [in, out]. A weight that is not a tensor is a backend's packed matrix (it holds its
-    # bias); `prompt_pass` lets it pick a kernel for a prompt's pass (see workers.backends.cpu_fp16).
+PromptRows = tuple[tuple[int, int], ...]  # (first, end) row ranges of a batch that are prompt chunks
+
+
+def project(x: Tensor, weight, bias: Tensor | None, prompt_rows: PromptRows = ()) -> Tensor:
+    # x: [R, in] @ weight [in, out]. A weight that is not a tensor is a backend's packed matrix (it holds its
+    # bias); `prompt_rows` lets it pick its prefill kernel for them (see workers.backends.cpu_fp16).
     if not isinstance(weight, Tensor):
-        return weight(x, prompt_pass)
+        return weight(x, prompt_rows)
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        # MKL multiplies one row by its GEMV kernel and two or more by its GEMM kernel, whose rows differ in
+        # the last bits: every pass takes the GEMM, so a row's result never depends on how many share the call.
+        return _matmul(torch.cat((x, x)), weight, bias)[:1]
+    return _matmul(x, weight, bias)
+
+
+def _matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
 
 def _weight(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape), requires_grad=False)
+
+
+@dataclass
+class BatchLayout:
+    """Where each segment's rows lie in a batched pass, worked out once for all layers."""
+
+    ranges: list[tuple[int, int]]  # per segment, its rows [first, end) of the batch
+    masks: list[Tensor | None]  # per segment, [group*T, write_at+T] (None: one decode row, no mask)
+    slots: Tensor | None  # [R] each row's slot, for one indexed cache write (None: a single segment)
+    indices: Tensor | None  # [R] each row's cache index
+    prompt_rows: PromptRows
 
 
 class DecoderLayer(nn.Module):
@@ -130,40 +154,51 @@ class DecoderLayer(nn.Module):
         self.b_gate_up = _weight(2 * f) if config.mlp_bias else None
         self.b_down = _weight(d) if config.mlp_bias else None
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, mask: Tensor | None,
-        prompt_pass: bool,
-    ) -> Tensor:
-        # x: [T, d]; cos, sin: [T, 1, hd]; k_cache, v_cache: [kv_heads, max_seq_len, hd] (this slot's)
-        T, hd, n_kv = x.shape[0], self.head_dim, self.n_kv_heads
-        qkv = project(normalize(x, self.eps_times_dim), self.wqkv, self.bqkv, prompt_pass)
-        qk = qkv[:, : self.q_width + self.kv_width].view(T, self.n_heads + n_kv, hd)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                segments: list[Segment], layout: BatchLayout) -> Tensor:
+        # x: [R, d], the rows of every segment; cos, sin: [R, 1, hd]; k_cache, v_cache: [slots, kv_heads, max_seq_len, hd]
+        R, hd, n_kv = x.shape[0], self.head_dim, self.n_kv_heads
+        prompt_rows = layout.prompt_rows
+        qkv = project(normalize(x, self.eps_times_dim), self.wqkv, self.bqkv, prompt_rows)
+        qk = qkv[:, : self.q_width + self.kv_width].view(R, self.n_heads + n_kv, hd)
         # RoPE on queries and keys at once; rotate_half(x) = x[..., halves swapped] * [-1.., +1..] (in sin)
         qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
-        v = qkv[:, self.q_width + self.kv_width :].view(T, n_kv, hd)
+        v = qkv[:, self.q_width + self.kv_width :].view(R, n_kv, hd)
 
-        end = start + T
-        k_cache[:, start:end] = k.transpose(0, 1)
-        v_cache[:, start:end] = v.transpose(0, 1)
+        if layout.slots is None:  # one segment: a slice of its slot
+            segment = segments[0]
+            end = segment.write_at + R
+            k_cache[segment.slot, :, segment.write_at : end] = k.transpose(0, 1)
+            v_cache[segment.slot, :, segment.write_at : end] = v.transpose(0, 1)
+        else:  # every row to its own slot and index, in one indexed write
+            k_cache[layout.slots, :, layout.indices] = k
+            v_cache[layout.slots, :, layout.indices] = v
 
+        outputs = []
+        for segment, (first, last), mask in zip(segments, layout.ranges, layout.masks):
+            outputs.append(self._attend(q[first:last], k_cache[segment.slot], v_cache[segment.slot],
+                                        segment.write_at + last - first, mask))
+        attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        x = x + project(attn, self.wo, self.bo, prompt_rows)
+
+        gate_up = project(normalize(x, self.eps_times_dim), self.w_gate_up, self.b_gate_up, prompt_rows)
+        hidden = F.silu(gate_up[:, : self.ffn_width]) * gate_up[:, self.ffn_width :]
+        return x + project(hidden, self.w_down, self.b_down, prompt_rows)
+
+    def _attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, end: int, mask: Tensor | None) -> Tensor:
+        # One segment's queries q [T, heads, hd] against its slot's cache [kv_heads, max_seq_len, hd] up to `end`.
         # Grouped-query attention without repeating K/V: each KV head serves its group's query heads
         # as group*T query rows. Head h belongs to KV head h // group.
-        if T == 1 and mask is None:
-            q = q.view(1, n_kv, self.group, hd)
+        T, hd, n_kv = q.shape[0], self.head_dim, self.n_kv_heads
+        if mask is None:  # one decode row
+            q = q.reshape(1, n_kv, self.group, hd)
         else:
             q = q.reshape(T, n_kv, self.group, hd).permute(1, 2, 0, 3).reshape(1, n_kv, self.group * T, hd)
-            mask = mask.repeat(self.group, 1)  # [group*T, end]: row g*T + t is query t
         attn = F.scaled_dot_product_attention(q, k_cache[None, :, :end], v_cache[None, :, :end], attn_mask=mask)
-        if T == 1 and mask is None:
-            attn = attn.reshape(1, self.q_width)  # a view on CPU; CUDA kernels may return another layout
-        else:
-            attn = attn.view(n_kv, self.group, T, hd).permute(2, 0, 1, 3).reshape(T, self.q_width)
-        x = x + project(attn, self.wo, self.bo, prompt_pass)
-
-        gate_up = project(normalize(x, self.eps_times_dim), self.w_gate_up, self.b_gate_up, prompt_pass)
-        hidden = F.silu(gate_up[:, : self.ffn_width]) * gate_up[:, self.ffn_width :]
-        return x + project(hidden, self.w_down, self.b_down, prompt_pass)
+        if mask is None:
+            return attn.reshape(1, self.q_width)  # a view on CPU; CUDA kernels may return another layout
+        return attn.view(n_kv, self.group, T, hd).permute(2, 0, 1, 3).reshape(T, self.q_width)
 
 
 class Transformer(nn.Module):
@@ -195,28 +230,58 @@ class Transformer(nn.Module):
         # causal[i, j]: position i may attend to position j
         self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
 
-    def forward(self, tokens: Tensor, start: int, slot: int, last: int | None = None,
-                positions: Tensor | None = None, mask: Tensor | None = None, prompt_pass: bool = False) -> Tensor:
-        # tokens: [T] at positions start..start+T-1 -> logits [last or T, vocab] for the final positions.
-        # With `positions` [T] and `mask` [T, start+T] the rows need not be one sequence: row i still writes
-        # cache index start+i but is rotated for positions[i] and sees the indices where mask[i] is True.
-        # `prompt_pass`: this pass reads a sequence's prompt from position 0 (a backend may pick its kernel by it).
-        T = tokens.shape[0]
-        end = start + T
-        if positions is None:
-            cos = self.cos[start:end].unsqueeze(1)
-            sin = self.sin[start:end].unsqueeze(1)
-            mask = None if T == 1 else self.causal[start:end, :end]
-        else:
-            cos = self.cos[positions].unsqueeze(1)
-            sin = self.sin[positions].unsqueeze(1)
-        x = F.embedding(tokens, self.embed)
-        k_cache, v_cache = self.k_cache[:, slot], self.v_cache[:, slot]
+    def forward(self, segments: list[Segment]) -> list[Tensor]:
+        """Logits [segment.logits, vocab] per segment (the rows of its final positions), all in one pass."""
+        x, cos, sin = self._embed(segments)
+        layout = self._layout(segments)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, k_cache[i], v_cache[i], start, mask, prompt_pass)
-        if last is not None:
-            x = x[-last:]  # a prefill needs one row of logits, not T: the LM head is a large share of its FLOPs
-        return project(normalize(x, self.eps_times_dim), self.lm_head, None, prompt_pass)
+            x = layer(x, cos, sin, self.k_cache[i], self.v_cache[i], segments, layout)
+        # Only the rows whose logits are wanted reach the LM head: it is a large share of a prefill's FLOPs.
+        wanted = [(last - s.logits, last) for s, (_, last) in zip(segments, layout.ranges) if s.logits]
+        if not wanted:
+            return [x.new_empty(0, self.config.vocab_size) for _ in segments]
+        if len(segments) == 1:
+            rows = x[wanted[0][0] :]
+        else:
+            rows = torch.cat([x[first:last] for first, last in wanted])
+        logits = project(normalize(rows, self.eps_times_dim), self.lm_head, None)
+        out, taken = [], 0
+        for segment in segments:
+            out.append(logits[taken : taken + segment.logits])
+            taken += segment.logits
+        return out
+
+    def _embed(self, segments: list[Segment]) -> tuple[Tensor, Tensor, Tensor]:
+        # The tokens' embeddings [R, d] and their rotations cos, sin [R, 1, hd].
+        if len(segments) == 1 and segments[0].positions is None:
+            segment = segments[0]
+            start, end = segment.write_at, segment.write_at + segment.rows
+            return F.embedding(segment.tokens, self.embed), self.cos[start:end, None], self.sin[start:end, None]
+        tokens = torch.cat([s.tokens for s in segments])
+        positions = torch.cat([s.positions if s.positions is not None
+                               else torch.arange(s.write_at, s.write_at + s.rows, device=tokens.device)
+                               for s in segments])
+        return F.embedding(tokens, self.embed), self.cos[positions, None], self.sin[positions, None]
+
+    def _layout(self, segments: list[Segment]) -> BatchLayout:
+        group = self.config.num_heads // self.config.num_kv_heads
+        ranges, masks, prompt_rows, first = [], [], [], 0
+        for segment in segments:
+            T, start = segment.rows, segment.write_at
+            ranges.append((first, first + T))
+            if segment.prompt_pass:
+                prompt_rows.append((first, first + T))
+            mask = segment.mask
+            if mask is None and T > 1:
+                mask = self.causal[start : start + T, : start + T]
+            masks.append(None if mask is None else mask.repeat(group, 1))  # [group*T, end]: row g*T + t is query t
+            first += T
+        if len(segments) == 1:
+            return BatchLayout(ranges, masks, None, None, tuple(prompt_rows))
+        device = self.k_cache.device
+        slots = torch.cat([torch.full((s.rows,), s.slot, dtype=torch.long) for s in segments]).to(device)
+        indices = torch.cat([torch.arange(s.write_at, s.write_at + s.rows) for s in segments]).to(device)
+        return BatchLayout(ranges, masks, slots, indices, tuple(prompt_rows))
 
     def matrices(self) -> Iterator[tuple[nn.Module, str, str | None]]:
         """Every matrix a backend may repack (all but the embedding), as (module, weight name, bias name)."""

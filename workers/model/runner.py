@@ -10,11 +10,12 @@ from torch import Tensor
 
 from workers.backends.cpu_fp16 import FP16_WEIGHTS, fbgemm_fp16_available, pack_fp16_weights
 from workers.backends.torch_device import resolve_device, resolve_dtype
-from workers.errors import CacheCapacityError, CheckpointError, DeviceError
+from workers.errors import CheckpointError, DeviceError
 from workers.model.checkpoint import check_weight_names, read_config, read_hf_weights
 from workers.model.config import ModelConfig
 from workers.model.llama import Transformer, prepare_weights
 from workers.model.runner_base import RunnerBase
+from workers.model.segment import Segment
 
 
 class ModelRunner(RunnerBase):
@@ -89,18 +90,31 @@ class ModelRunner(RunnerBase):
         *,
         prompt_pass: bool = False,
     ) -> Tensor:
-        """As RunnerBase.forward; a prompt's pass may take `--dtype fp16-weights`' prefill GEMM."""
+        """As RunnerBase.forward: one appended segment."""
         tokens, start = self.check_forward(tokens, positions, slot, last)
-        if prompt_pass and start != 0:
-            raise ValueError(f"a prompt's pass starts at position 0, not {start}")
-        logits = self.model(tokens.to(self.device, non_blocking=True), start, slot, last, prompt_pass=prompt_pass)
-        self.slot_table.set_length(slot, start + tokens.numel())
-        return logits.float()
+        return self.forward_batch([Segment(slot, tokens, start, logits=last or tokens.numel(),
+                                           prompt_pass=prompt_pass)])[0]
 
     @torch.inference_mode()
+    def forward_batch(self, segments: Sequence[Segment]) -> list[Tensor]:
+        """Every segment in one pass: the weights are read once for all their rows (continuous batching), each
+        segment attends to its own slot, and each row comes out exactly as it would in a pass of its own."""
+        segments = self.check_segments(segments)
+        device = self.device
+        on_device = [Segment(s.slot, s.tokens.to(device, non_blocking=True), s.write_at,
+                             None if s.positions is None else s.positions.to(device),
+                             None if s.mask is None else s.mask.to(device), s.logits, s.prompt_pass)
+                     for s in segments]
+        logits = self.model(on_device)
+        for segment in segments:
+            if not segment.scratch:
+                self.slot_table.set_length(segment.slot, segment.write_at + segment.rows)
+        return [rows.float() for rows in logits]
+
     def scratch_forward(self, tokens: Sequence[int], positions: Sequence[int], slot: int, write_at: int,
                         mask: Tensor) -> Tensor:
-        """Logits [T, vocab] for T tokens that need not form one sequence (a step of several drafted branches).
+        """Logits [T, vocab] for T tokens that need not form one sequence (a step of several drafted branches):
+        one scratch segment (see workers.model.segment).
 
         Token i is rotated for position positions[i], writes its keys and values to cache index
         write_at + i and attends to the indices where mask[i] is True (mask [T, write_at + T], bool).
@@ -108,19 +122,6 @@ class ModelRunner(RunnerBase):
         that later calls overwrite, so a caller drafting step after step writes each step at the next
         indices and widens its mask to see the earlier ones.
         """
-        self.slot_table.check(slot)
         tokens = self.check_tokens(tokens)
-        count = tokens.numel()
-        if len(positions) != count:
-            raise ValueError(f"got {count} tokens but {len(positions)} positions")
-        if write_at < self.lengths[slot] or write_at + count > self.max_seq_len:
-            raise CacheCapacityError(f"scratch indices {write_at}..{write_at + count - 1} must lie between the "
-                                     f"slot's length {self.lengths[slot]} and the cache's {self.max_seq_len}")
-        if tuple(mask.shape) != (count, write_at + count) or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be bool [{count}, {write_at + count}], got {tuple(mask.shape)} {mask.dtype}")
-        positions = torch.as_tensor(positions, dtype=torch.long)
-        if int(positions.min()) < 0 or int(positions.max()) >= self.max_seq_len:
-            raise CacheCapacityError(f"positions must lie in [0, {self.max_seq_len})")
-        logits = self.model(tokens.to(self.device), write_at, slot, positions=positions.to(self.device),
-                            mask=mask.to(self.device))
-        return logits.float()
+        return self.forward_batch([Segment(slot, tokens, write_at, torch.as_tensor(positions, dtype=torch.long),
+                                           mask, logits=tokens.numel())])[0]

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from workers.errors import CacheCapacityError
 from workers.model.config import ModelConfig
+from workers.model.segment import Segment
 from workers.model.slot_table import SlotTable
 
 
@@ -21,7 +22,7 @@ class RunnerBase(ABC):
     so rejecting drafted tokens costs nothing.
     """
 
-    scratch_rows = False  # whether the runner has `scratch_forward`: several drafted branches in one forward
+    scratch_rows = False  # whether `forward_batch` takes scratch segments: several drafted branches in one forward
 
     def __init__(self, config: ModelConfig, device: torch.device | str, dtype: torch.dtype | str, max_seq_len: int,
                  n_slots: int) -> None:
@@ -76,7 +77,52 @@ class RunnerBase(ABC):
         from target-only decoding.
         """
 
+    def forward_batch(self, segments: Sequence[Segment]) -> list[Tensor]:
+        """Logits [segment.logits, vocab] (float32) per segment; each appended segment's slot then holds the
+        positions up to its last row. This runner has no batched pass: one `forward` per segment (a runner
+        that batches overrides it, and takes scratch segments where `scratch_rows`)."""
+        out = []
+        for segment in segments:
+            if segment.scratch:
+                raise ValueError(f"{type(self).__name__} has no scratch rows")
+            logits = self.forward(segment.tokens, segment.write_at, segment.slot, last=max(1, segment.logits),
+                                  prompt_pass=segment.prompt_pass)
+            out.append(logits[logits.shape[0] - segment.logits :])
+        return out
+
     # --- checks ------------------------------------------------------------------------------
+
+    def check_segments(self, segments: Sequence[Segment]) -> list[Segment]:
+        """`forward_batch`'s segments checked, tokens as int64 tensors. Each slot appears once; an appended
+        segment obeys `check_forward`'s rules; a scratch one writes at or past its slot's length with a mask
+        [T, write_at + T] and positions [T] within the cache."""
+        if not segments:
+            raise ValueError("a batched forward needs at least one segment")
+        slots = [segment.slot for segment in segments]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot may appear once in a batched forward, got slots {slots}")
+        return [self._check_segment(segment) for segment in segments]
+
+    def _check_segment(self, segment: Segment) -> Segment:
+        if segment.mask is None:
+            tokens, start = self.check_forward(segment.tokens, segment.write_at, segment.slot, None)
+        else:
+            self.slot_table.check(segment.slot)
+            tokens, start = self.check_tokens(segment.tokens), segment.write_at
+            count, mask, positions = tokens.numel(), segment.mask, segment.positions
+            if start < self.lengths[segment.slot] or start + count > self.max_seq_len:
+                raise CacheCapacityError(f"scratch indices {start}..{start + count - 1} must lie between the slot's "
+                                         f"length {self.lengths[segment.slot]} and the cache's {self.max_seq_len}")
+            if tuple(mask.shape) != (count, start + count) or mask.dtype != torch.bool:
+                raise ValueError(f"mask must be bool [{count}, {start + count}], got {tuple(mask.shape)} {mask.dtype}")
+            if positions is None or positions.numel() != count:
+                raise ValueError(f"got {count} tokens but {0 if positions is None else positions.numel()} positions")
+            if int(positions.min()) < 0 or int(positions.max()) >= self.max_seq_len:
+                raise CacheCapacityError(f"positions must lie in [0, {self.max_seq_len})")
+        if not 0 <= segment.logits <= tokens.numel():
+            raise ValueError(f"logits must be between 0 and the {tokens.numel()} tokens read, got {segment.logits}")
+        return Segment(segment.slot, tokens, start, segment.positions, segment.mask, segment.logits,
+                       segment.prompt_pass)
 
     def check_forward(self, tokens: Sequence[int] | Tensor, positions: Sequence[int] | Tensor | int, slot: int,
                       last: int | None) -> tuple[Tensor, int]:
