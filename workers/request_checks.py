@@ -10,16 +10,19 @@ from __future__ import annotations
 import torch
 
 from workers.protocol.limits import MAX_BRANCHES
-from workers.protocol.messages import DraftRequest, SpeculateRequest, VerifyNext, VerifyRequest
+from workers.protocol.messages import DraftRequest, PrefillChunk, SpeculateRequest, VerifyNext, VerifyRequest
 
 
 def check_request(message: object, vocab_size: int, max_seq_len: int) -> None:
-    """Raises ValueError if a Draft/Speculate/VerifyRequest or VerifyNext cannot be served by a model of this size."""
+    """Raises ValueError if a Draft/Speculate/VerifyRequest, PrefillChunk or VerifyNext cannot be served by a model
+    of this size (a batch's items are checked one by one)."""
     if isinstance(message, VerifyNext):
         return _check_verify_next(message, vocab_size, max_seq_len)
-    if not isinstance(message, (DraftRequest, SpeculateRequest, VerifyRequest)):
+    if not isinstance(message, (DraftRequest, SpeculateRequest, VerifyRequest, PrefillChunk)):
         return
     _check_positions(message.start, message.feed, vocab_size, max_seq_len)
+    if isinstance(message, PrefillChunk):
+        return
     if isinstance(message, (DraftRequest, SpeculateRequest)):
         if not 1 <= message.count <= max_seq_len:
             raise ValueError(f"count must lie in [1, {max_seq_len}], got {message.count}")

@@ -32,6 +32,7 @@ from workers.protocol.messages import (
     TraceStart,
     TraceStarted,
     request_kind,
+    request_sequence,
 )
 from workers.service import WorkerService
 from workers.spans import SpanRecorder
@@ -149,7 +150,7 @@ def serve(spec: WorkerSpec) -> int:
             socket.send_multipart([identity, data])
             if spans.active:
                 sent = time.perf_counter()
-                seq_id = getattr(message, "seq_id", -1)
+                seq_id = request_sequence(message)
                 kind, size = request_kind(message)
                 spans.add("idle", idle_from, arrived)
                 spans.add("recv", arrived, received, seq_id)

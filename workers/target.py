@@ -1,4 +1,4 @@
-"""The target worker's algorithm: verify a drafted window in one forward pass, process-agnostic."""
+"""The target worker's algorithm: verify drafted windows, several sequences in one forward pass, process-agnostic."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from workers.errors import SpecpipeError
 from workers.model.runner_base import RunnerBase
+from workers.model.segment import Segment
 from workers.sampling import SamplingParams, greedy_accept, probabilities, rejection_accept
 from workers.slots import SequenceSlots
 
@@ -18,41 +20,83 @@ class Verdict:
     cached: int  # positions of the sequence now in the target's KV cache
 
 
+@dataclass(frozen=True)
+class Window:
+    """What one sequence asks of a target pass: read `feed` at `start`; its last `drafted` tokens are the
+    draft's proposal (0: a plain decode step). `prompt`: feed is a prompt chunk; `final`: it wants a verdict
+    (every window but a prompt's chunks before its last)."""
+
+    seq_id: int
+    start: int
+    feed: list[int]
+    drafted: int = 0
+    sampling: SamplingParams = SamplingParams()
+    draft_probs: Tensor | None = None  # [drafted, vocab] when sampling
+    prompt: bool = False
+    final: bool = True
+
+
 class TargetCore:
     def __init__(self, runner: RunnerBase) -> None:
         self.runner = runner
         self.slots = SequenceSlots(runner, role_salt=2)
 
-    def verify(
-        self,
-        seq_id: int,
-        start: int,
-        feed: list[int],
-        drafted: int,
-        sampling: SamplingParams,
-        draft_probs: Tensor | None = None,
-    ) -> Verdict:
-        """Reads `feed` at `start` (its last `drafted` tokens are the draft's proposal) in one pass.
+    def verify(self, seq_id: int, start: int, feed: list[int], drafted: int, sampling: SamplingParams,
+               draft_probs: Tensor | None = None, prompt: bool | None = None) -> Verdict:
+        """One sequence's window alone (see `verify_batch`); `prompt` defaults to "a pass from position 0
+        with nothing drafted"."""
+        prompt = start == 0 and drafted == 0 if prompt is None else prompt
+        (verdict,) = self.verify_batch([Window(seq_id, start, feed, drafted, sampling, draft_probs, prompt)])
+        if isinstance(verdict, Exception):
+            raise verdict
+        return verdict
 
-        With drafted == 0 this is a plain decode (or prefill) step. Rejected tokens are rolled
-        back, so the cache ends just before `next_token`.
-        """
-        if not 0 <= drafted < len(feed):
-            raise ValueError(f"a window of {len(feed)} tokens cannot carry {drafted} drafted ones")
-        slot = self.slots.prepare(seq_id, start)
-        # A prompt's prefill is the one pass every mode sends alike, so only it may take a kernel whose rows
-        # depend on how many it multiplies; a window's rows must match target-only's one-token steps.
-        prompt_pass = start == 0 and drafted == 0
-        logits = self.runner.forward(feed, start, slot, last=drafted + 1, prompt_pass=prompt_pass)
-        proposal = feed[len(feed) - drafted :]
-        if sampling.greedy:
+    def verify_batch(self, windows: list[Window]) -> list[Verdict | int | Exception]:
+        """Every window in one forward pass; per window, in order: its Verdict, or for a prompt chunk that is
+        not final the positions now cached, or the ValueError that failed that window alone.
+
+        Rejected tokens are rolled back, so each cache ends just before its `next_token`."""
+        results: list[Verdict | int | Exception | None] = [None] * len(windows)
+        segments, taken, seen = [], [], set()
+        for i, window in enumerate(windows):
+            try:
+                if window.seq_id in seen:
+                    raise ValueError(f"sequence {window.seq_id} appears twice in one target batch")
+                seen.add(window.seq_id)
+                segments.append(self._segment(window))
+                taken.append(i)
+            except (ValueError, SpecpipeError) as error:  # this item's alone
+                results[i] = error
+        if segments:
+            for i, segment, logits in zip(taken, segments, self.runner.forward_batch(segments)):
+                results[i] = self._judge(windows[i], segment.slot, logits)
+        return results  # type: ignore[return-value]
+
+    def _segment(self, window: Window) -> Segment:
+        if not 0 <= window.drafted < len(window.feed):
+            raise ValueError(f"a window of {len(window.feed)} tokens cannot carry {window.drafted} drafted ones")
+        if window.drafted and not window.sampling.greedy and (
+                window.draft_probs is None
+                or tuple(window.draft_probs.shape) != (window.drafted, self.runner.config.vocab_size)):
+            raise ValueError(f"sampling needs the draft's distributions for all {window.drafted} drafted tokens")
+        slot = self.slots.prepare(window.seq_id, window.start)
+        # A prompt's chunks are what every mode sends alike, so only they may take a kernel whose rows depend on
+        # how many it multiplies (the backend tiles them alike); a window's rows must match one-token steps.
+        tokens, start = self.runner.check_forward(window.feed, window.start, slot, None)
+        return Segment(slot, tokens, start, logits=window.drafted + 1 if window.final else 0, prompt_pass=window.prompt)
+
+    def _judge(self, window: Window, slot: int, logits: Tensor) -> Verdict | int:
+        if not window.final:
+            return self.runner.lengths[slot]
+        drafted = window.drafted
+        proposal = window.feed[len(window.feed) - drafted :]
+        if window.sampling.greedy:
             accepted, next_token = greedy_accept(logits, proposal)
         else:
-            if drafted and (draft_probs is None or draft_probs.shape != (drafted, logits.shape[-1])):
-                raise ValueError(f"sampling needs the draft's distributions for all {drafted} drafted tokens")
-            generator = self.slots.generator(seq_id, sampling.seed)
-            accepted, next_token = rejection_accept(probabilities(logits, sampling), proposal, draft_probs, generator)
-        cached = start + len(feed) - drafted + accepted
+            generator = self.slots.generator(window.seq_id, window.sampling.seed)
+            accepted, next_token = rejection_accept(probabilities(logits, window.sampling), proposal,
+                                                    window.draft_probs, generator)
+        cached = window.start + len(window.feed) - drafted + accepted
         self.runner.truncate(slot, cached)
         return Verdict(accepted, next_token, cached)
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from workers.sampling import SamplingParams as Sampling
 
-PROTOCOL_VERSION = 3  # 3: distributions travel as typed tensors (shape + float32 bytes), not bare bytes
+PROTOCOL_VERSION = 4  # 4: batched requests (TargetBatch, DraftBatch) and prompt chunks; 3: typed tensors
 ROLES = ("draft", "target")  # the two kinds of worker (Ready.role, `specpipe worker --role`)
 
 
@@ -112,6 +112,25 @@ class VerifyRequest:
     drafted: int
     probs: Tensor | None = None  # the draft's [drafted, vocab] distributions, when sampling
     sampling: Sampling = field(default_factory=Sampling)
+    prompt: bool = False  # feed is (the last chunk of) the prompt: the pass may take the prefill kernel
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Read `feed`, a chunk of the prompt before its last one, at `start`: nothing is proposed or answered
+    but how much is cached (the prompt's last chunk is a VerifyRequest with `prompt` set)."""
+
+    request_id: int
+    seq_id: int
+    start: int
+    feed: list[int]
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    request_id: int
+    seq_id: int
+    cached: int
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,51 @@ class Skipped:
 
     request_id: int
     seq_id: int
+
+
+@dataclass(frozen=True)
+class TargetBatch:
+    """Work for several sequences in one target pass (continuous batching), each in its own KV slot at its own
+    positions: prompt chunks, windows to verify (0 drafted tokens = a plain decode step), or windows that
+    continue verifications of the batch before it (VerifyNext). Answered by one TargetBatchResult that says
+    per sequence what happened; a sequence's bad request fails it alone."""
+
+    request_id: int
+    prefills: list[PrefillChunk]
+    verifies: list[VerifyRequest]
+    continues: list[VerifyNext]
+
+
+@dataclass(frozen=True)
+class TargetBatchResult:
+    request_id: int
+    prefilled: list[Prefilled]
+    verified: list[VerifyResult]
+    skipped: list[Skipped]  # continues whose verification had none of their outcomes
+    errors: list[ErrorReply]  # per failed item, with the item's request_id
+    rows: int  # rows of the pass (the cost grows with them)
+    busy_s: float
+
+
+@dataclass(frozen=True)
+class DraftBatch:
+    """Drafting for several sequences at once: every running sequence advances by one drafted token per
+    pass, each speculation's branches being scratch rows of the same pass. Answered by DraftBatchResult."""
+
+    request_id: int
+    drafts: list[DraftRequest]
+    speculations: list[SpeculateRequest]
+
+
+@dataclass(frozen=True)
+class DraftBatchResult:
+    request_id: int
+    drafted: list[DraftResult]
+    speculated: list[SpeculateResult]
+    errors: list[ErrorReply]
+    rows: int  # rows of all its passes
+    steps: int  # passes
+    busy_s: float
 
 
 @dataclass(frozen=True)
@@ -238,7 +302,8 @@ class ErrorReply:
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Hello, Ready, DraftRequest, DraftResult, SpeculateRequest, SpeculateResult, VerifyRequest,
-                VerifyResult, VerifyNext, Skipped, Release, Released, Ping, Pong,
+                VerifyResult, VerifyNext, Skipped, PrefillChunk, Prefilled, TargetBatch, TargetBatchResult, DraftBatch,
+                DraftBatchResult, Release, Released, Ping, Pong,
                 ClockProbe, ClockReading, TraceStart, TraceStarted, TraceCollect, TraceSpans, Shutdown, ErrorReply)
 }
 Message = typing.Union[tuple(MESSAGE_TYPES.values())]  # type: ignore[valid-type]
@@ -246,16 +311,45 @@ Message = typing.Union[tuple(MESSAGE_TYPES.values())]  # type: ignore[valid-type
 
 def request_kind(request: object) -> tuple[str, int]:
     """What a request asks of a worker, as (kind, size): ("draft", tokens asked), ("speculate",
-    branches), ("chained", branches), ("verify", tokens drafted), ("decode", 0) for one token without a proposal, ("prefill",
-    tokens read), or the message's own name and 0."""
+    branches), ("chained", branches), ("verify", tokens drafted), ("decode", 0) for one token without a
+    proposal, ("prefill", tokens read), or the message's own name and 0. A batch is named by the most any
+    of its items asks (a batch with a drafted token is a "verify"), its size summed over them."""
     if isinstance(request, DraftRequest):
         return "draft", request.count
     if isinstance(request, SpeculateRequest):
         return "speculate", len(request.heads) + request.bonus_guesses  # branches drafted
     if isinstance(request, VerifyNext):
         return "chained", len(request.windows)  # branches it may continue with
+    if isinstance(request, TargetBatch):  # named by the most a pass does: its cost grows with its rows
+        items = [*request.prefills, *request.verifies]
+        drafted = sum(r.drafted for r in request.verifies)
+        if not items:
+            return "chained", sum(len(r.windows) for r in request.continues)
+        if drafted or request.continues:
+            return "verify", drafted + sum(max(map(len, r.windows), default=0) for r in request.continues)
+        if request.prefills or any(len(r.feed) > 1 for r in items):
+            return "prefill", sum(len(r.feed) for r in items)
+        return "decode", 0
+    if isinstance(request, DraftBatch):
+        if request.speculations:
+            return "speculate", sum(len(r.heads) + r.bonus_guesses for r in request.speculations)
+        return "draft", max((r.count for r in request.drafts), default=0)
+    if isinstance(request, PrefillChunk):
+        return "prefill", len(request.feed)
     if isinstance(request, VerifyRequest):
         if request.drafted:
             return "verify", request.drafted
         return ("decode", 0) if len(request.feed) == 1 else ("prefill", len(request.feed))
     return type(request).__name__.lower(), 0
+
+
+def request_sequence(request: object) -> int:
+    """The sequence a request is for: its seq_id, a batch's one sequence, or -1 (a batch of several, or none)."""
+    if isinstance(request, TargetBatch):
+        items = [*request.prefills, *request.verifies, *request.continues]
+    elif isinstance(request, DraftBatch):
+        items = [*request.drafts, *request.speculations]
+    else:
+        return getattr(request, "seq_id", -1)
+    seq_ids = {item.seq_id for item in items}
+    return next(iter(seq_ids)) if len(seq_ids) == 1 else -1

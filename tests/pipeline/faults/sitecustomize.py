@@ -1,7 +1,7 @@
 """Test-only fault injection for worker processes, loaded through PYTHONPATH by tests that want it.
 
 SPECPIPE_TEST_FAULT="ROLE:KIND:AFTER[:SECONDS]" makes the ROLE worker's model misbehave on its
-forward call number AFTER (counting from 1):
+forward pass number AFTER (counting from 1; every pass, batched or not, goes through forward_batch):
   raise  raises RuntimeError("injected fault ..."), as a broken model or device would;
   spin   holds the GIL in a busy loop for SECONDS first, as a long forward pass would;
   load   (AFTER ignored) raises RuntimeError as the worker starts, before it loads anything.
@@ -16,7 +16,7 @@ import time
 def _install(role: str, kind: str, after: int, seconds: float) -> None:
     from workers.model.runner import ModelRunner
 
-    forward = ModelRunner.forward
+    forward = ModelRunner.forward_batch
     calls = 0
 
     def faulty_forward(self, *args, **kwargs):
@@ -30,7 +30,7 @@ def _install(role: str, kind: str, after: int, seconds: float) -> None:
                 pass
         return forward(self, *args, **kwargs)
 
-    ModelRunner.forward = faulty_forward
+    ModelRunner.forward_batch = faulty_forward
 
 
 def _configure() -> None:
