@@ -18,6 +18,9 @@ from workers.sampling import SamplingParams
 from workers.spec import AUTO_DTYPE
 
 MODES = ("overlap", "serial", "target-only")
+# How each sequence's window size is chosen (--k-policy): always --k; adapted per sequence between 1 and
+# --k (assisted generation's schedule); or by the goodput controller, between 0 and --k (pipeline.speculation).
+K_POLICIES = ("fixed", "adaptive", "goodput")
 
 
 def worker_roles(mode: str) -> tuple[str, ...]:
@@ -33,13 +36,23 @@ class DecodeConfig:
     k: int = 3
     max_new_tokens: int = 128
     sampling: SamplingParams = SamplingParams()
-    # Adapt each sequence's window between 1 and k: one longer after a fully accepted window, down
-    # to accepted + 1 after a rejection (the schedule of transformers' assisted generation, PEARL's
-    # adaptive draft length in spirit).
-    adaptive_k: bool = False
+    # fixed: every window drafts k. adaptive: one longer after a fully accepted window, down to accepted + 1
+    # after a rejection (transformers' assisted generation, PEARL's adaptive draft length in spirit).
+    # goodput: per step and sequence, 0..k, whatever maximises the batch's expected tokens per second.
+    k_policy: str = "fixed"
     # Overlap: at most this many branches (outcomes of a verification) drafted ahead per window;
     # 1 is the classic optimistic pre-draft (all accepted, the bonus guessed by the draft's argmax).
     max_branches: int = 12
+    # Sequences decoded at once, at most (each holds a KV slot of the whole context in both workers); the
+    # rest wait in order.
+    max_seqs: int = 16
+    # A prompt is prefilled in chunks of this many tokens, one chunk per target step beside the running
+    # sequences' windows, so a long prompt never stalls them for its whole length; 0 = the whole prompt at once.
+    prefill_chunk: int = 64
+
+    def slots(self, concurrency: int) -> int:
+        """KV slots each worker needs for `concurrency` prompts at once: as many, up to --max-seqs."""
+        return max(1, min(concurrency, self.max_seqs))
 
     def validate(self, max_context: int) -> None:
         if self.mode not in MODES:
@@ -48,6 +61,12 @@ class DecodeConfig:
             raise ValueError(f"--k must be between 1 and {max_context - 1} (the context), got {self.k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.k_policy not in K_POLICIES:
+            raise ValueError(f"unknown k policy {self.k_policy!r}; --k-policy takes one of {', '.join(K_POLICIES)}")
+        if self.max_seqs < 1:
+            raise ValueError(f"--max-seqs must be at least 1, got {self.max_seqs}")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"--prefill-chunk must be 0 (whole prompts) or a chunk size, got {self.prefill_chunk}")
         if not 1 <= self.max_branches <= MAX_BRANCHES:
             raise ValueError(f"--max-branches must be between 1 and {MAX_BRANCHES}, got {self.max_branches}")
         self.sampling.validate()

@@ -10,35 +10,35 @@ from typing import Protocol
 from pipeline.errors import WorkerFailed
 from pipeline.scheduler import Scheduler
 from workers.protocol.messages import (
-    DraftRequest,
-    DraftResult,
+    DraftBatch,
+    DraftBatchResult,
     ErrorReply,
     Release,
     Released,
-    Skipped,
-    SpeculateRequest,
-    SpeculateResult,
-    VerifyNext,
-    VerifyRequest,
-    VerifyResult,
+    TargetBatch,
+    TargetBatchResult,
     request_kind,
+    request_sequence,
 )
 from workers.spans import SpanRecorder
 
 DISPATCH_ORDER = ("target", "draft")  # the target is the bottleneck: it gets its next request first
-REQUESTS = (DraftRequest, SpeculateRequest, VerifyRequest, VerifyNext)  # work for a model
-RESULTS = (DraftResult, SpeculateResult, VerifyResult)
+REQUESTS = (TargetBatch, DraftBatch)  # work for a model: every sequence's, one batch at a time
+RESULTS = (TargetBatchResult, DraftBatchResult)
 
 
 @dataclass(frozen=True)
 class Trip:
-    """One request's way to a worker and back, as the coordinator saw it."""
+    """One batch's way to a worker and back, as the coordinator saw it."""
 
     role: str
-    kind: str  # "prefill", "decode" (a verification without drafted tokens), "verify" or "draft"
-    size: int  # drafted tokens verified, tokens asked of the draft, or prompt tokens read
+    kind: str  # "prefill", "decode" (no drafted tokens), "verify", "chained", "draft" or "speculate"
+    size: int  # drafted tokens verified, tokens asked of the draft, or prompt tokens read (see request_kind)
     busy_s: float  # the worker's compute, as it reported
     round_trip_s: float  # send to reply: compute plus IPC, (de)serialization and queueing
+    sequences: int = 1  # in the batch
+    rows: int = 0  # rows of all its forward passes
+    steps: int = 1  # forward passes
 
 
 class Transport(Protocol):
@@ -52,8 +52,9 @@ class Transport(Protocol):
 
 
 class Engine:
-    """Keeps each worker busy as the scheduler directs: one request at a time, plus, at the target, a
-    VerifyNext queued behind the verification it continues."""
+    """Keeps each worker busy as the scheduler directs: one batch at a time, plus, at the target, a batch of
+    VerifyNexts queued behind the verifications they continue. Each batch's measured round trip goes back
+    to the scheduler (the goodput controller's costs); an item that fails fails its sequence alone."""
 
     def __init__(
         self, scheduler: Scheduler, transport: Transport, poll_s: float = 0.5, stop: Callable[[], bool] | None = None,
@@ -71,8 +72,9 @@ class Engine:
         self.overhead_s = {role: 0.0 for role in DISPATCH_ORDER}  # round trip minus compute: IPC, (de)serialization
         self._startable_at: dict[int, float] = {}  # sent, or (queued behind another) when that one was answered
         self._queued: dict[str, list[int]] = {role: [] for role in DISPATCH_ORDER}  # unanswered requests, in order
-        self._kinds: dict[int, tuple[str, int]] = {}
-        self.trips: list[Trip] = []  # every draft and verify request, in the order answered
+        self._kinds: dict[int, tuple[str, int, int, int]] = {}  # kind, size, sequences, one sequence's id
+        self.trips: list[Trip] = []  # every batch, in the order answered
+        self.failures: list[str] = []  # "[role] sequence N: what the worker said", per failed item
         # workers that may hold the CPU during this run: a draft spins between its requests
         self.in_use = frozenset(scheduler.roles)
 
@@ -109,7 +111,7 @@ class Engine:
         deadline = time.monotonic() + timeout_s
         while (self.releases_pending or any(self.busy.values())) and time.monotonic() < deadline:
             for role, reply in self.transport.wait(max(0.0, deadline - time.monotonic())):
-                if isinstance(reply, (*RESULTS, Skipped)):
+                if isinstance(reply, RESULTS):
                     self.busy[role] -= 1
                 else:
                     self._take(role, reply)
@@ -121,7 +123,7 @@ class Engine:
                 if request is None:
                     break
                 if isinstance(request, REQUESTS):
-                    self._kinds[request.request_id] = request_kind(request)
+                    self._kinds[request.request_id] = (*request_kind(request), _sequences(request), request_sequence(request))
                     self._startable_at[request.request_id] = time.perf_counter()
                     self._queued[role].append(request.request_id)
                 self.transport.submit(role, request)
@@ -141,19 +143,18 @@ class Engine:
             now = time.perf_counter()
             started = self._startable_at.pop(reply.request_id)  # the queueing is not the worker's
             round_trip = now - started
-            kind, size = self._kinds.pop(reply.request_id)
-            self.trips.append(Trip(role, kind, size, reply.busy_s, round_trip))
+            kind, size, sequences, seq_id = self._kinds.pop(reply.request_id)
+            steps = reply.steps if isinstance(reply, DraftBatchResult) else 1
+            self.trips.append(Trip(role, kind, size, reply.busy_s, round_trip, sequences, reply.rows, steps))
             # a chained verification's own lane: the target began it before we heard of the one it follows
             lane = f"{role} requests" + (" (chained)" if kind == "chained" else "")
-            self.spans.add(kind, started, now, reply.seq_id, size, lane=lane)
+            self.spans.add(kind, started, now, seq_id, size, lane=lane)
             self.busy_s[role] += reply.busy_s
             self.overhead_s[role] += max(0.0, round_trip - reply.busy_s)
             self._answered(role, reply.request_id, now)
-            self.scheduler.on_reply(reply)
-        elif isinstance(reply, Skipped):
-            for bookkeeping in (self._startable_at, self._kinds):
-                bookkeeping.pop(reply.request_id)
-            self._answered(role, reply.request_id, time.perf_counter())
+            for error in reply.errors:
+                self.failures.append(f"[{role}] request {error.request_id}: {error.message}")
+            self.scheduler.observe_pass(role, reply.rows, steps, round_trip)
             self.scheduler.on_reply(reply)
         elif isinstance(reply, Released):
             self.releases_pending -= 1
@@ -161,3 +162,10 @@ class Engine:
             raise WorkerFailed(f"[{role}] {reply.message}")
         else:
             raise WorkerFailed(f"[{role}] unexpected reply {type(reply).__name__}")
+
+
+def _sequences(batch: TargetBatch | DraftBatch) -> int:
+    """How many sequences the batch is for."""
+    items = [*batch.prefills, *batch.verifies, *batch.continues] if isinstance(batch, TargetBatch) else [
+        *batch.drafts, *batch.speculations]
+    return len({item.seq_id for item in items})

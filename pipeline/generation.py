@@ -29,14 +29,17 @@ def generate(
     on_tokens: Callable[[Sequence, list[int]], None] | None = None,
     stop: Callable[[], bool] | None = None,
     spans: SpanRecorder | None = None,
+    on_event: Callable[[str], None] | None = None,
 ) -> tuple[list[Sequence], Engine]:
     """Generates for every prompt; returns the sequences in prompt order and the engine (for its timings).
 
     When `stop()` turns True the generation is cancelled: unfinished sequences end with finish_reason
     "cancelled", holding what was generated so far, and both workers have freed their slots.
-    `spans`, when started, records the coordinator's side of the run (see `specpipe profile`)."""
+    `spans`, when started, records the coordinator's side of the run (see `specpipe profile`); `on_event` gets
+    a line each time the goodput controller switches speculation off or on."""
     config.validate(limits.max_context)
-    scheduler = Scheduler(config, limits.vocab_size, set(limits.eos_ids), limits.max_context, concurrency, on_tokens)
+    scheduler = Scheduler(config, limits.vocab_size, set(limits.eos_ids), limits.max_context, concurrency, on_tokens,
+                          on_event=on_event)
     sequences = [scheduler.add(seq_id, prompt) for seq_id, prompt in enumerate(prompts)]
     engine = Engine(scheduler, transport, stop=stop, spans=spans)
     engine.run()

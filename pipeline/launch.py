@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pipeline.cancellation import CancelOnSignal, interrupt_on_sigterm
 from pipeline.config import DecodeConfig, ModelsConfig, OutputConfig, PromptsConfig, RemoteConfig, WorkersConfig
 from pipeline.generation import generate
-from pipeline.launcher import LivenessConfig, LocalCluster, cluster_config
+from pipeline.launcher import LivenessConfig, LocalCluster, cluster_config, log
 from pipeline.output import ResultPrinter
 from pipeline.preflight import check_checkpoints, check_prompts, check_settings, check_workers
 from pipeline.prompts import select_prompts
@@ -49,16 +49,18 @@ def run_launch(config: LaunchConfig) -> int:
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     check_prompts(texts, prompt_ids, context)
 
-    workers = cluster_config(models, config.workers, decode.mode, config.concurrency, config.liveness, config.remote)
+    workers = cluster_config(models, config.workers, decode.mode, decode.slots(config.concurrency), config.liveness,
+                             config.remote)
     json_lines = config.output.json_lines
     printer = ResultPrinter(tokenizer, texts, decode, json_lines, stream=config.concurrency == 1 and not json_lines)
     interrupt_on_sigterm()  # while starting: stop the workers on the way out, like Ctrl-C
     try:
         with LocalCluster(workers) as cluster:
-            check_remote_workers(cluster.ready, cluster.remote, str(models.target_dir), config.concurrency)
+            check_remote_workers(cluster.ready, cluster.remote, str(models.target_dir),
+                                 decode.slots(config.concurrency))
             with CancelOnSignal() as cancel:
                 sequences, _ = generate(cluster.transport, prompt_ids, decode, cluster.limits(), config.concurrency,
-                                        on_tokens=printer.on_tokens, stop=cancel.requested)
+                                        on_tokens=printer.on_tokens, stop=cancel.requested, on_event=log)
             printer.finish(sequences)
     except KeyboardInterrupt:
         print("specpipe: interrupted; workers stopped", file=sys.stderr, flush=True)

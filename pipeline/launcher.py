@@ -67,17 +67,17 @@ def default_cores(threads: int, roles: int) -> list[tuple[int, ...]]:
     return [tuple(available[i * threads : (i + 1) * threads]) for i in range(roles)]
 
 
-def cluster_config(models: ModelsConfig, workers: WorkersConfig, mode: str, concurrency: int = 1,
+def cluster_config(models: ModelsConfig, workers: WorkersConfig, mode: str, slots: int = 1,
                    liveness: LivenessConfig = LivenessConfig(), remote: RemoteConfig = RemoteConfig()) -> ClusterConfig:
-    """The workers a pipeline in `mode` runs (no draft in target-only), each holding a KV slot per sequence
-    decoded at once and, on a CPU, pinned to a block of cores of its own when the machine has enough
+    """The workers a pipeline in `mode` runs (no draft in target-only), each holding `slots` KV slots (one per
+    sequence decoded at once: DecodeConfig.slots) and, on a CPU, pinned to a block of cores of its own when the machine has enough
     (default_cores). `--dtype auto` travels as it is: each worker resolves it for its device."""
     roles = worker_roles(mode)
     on_cpu = {role: workers.device(role) == "cpu" for role in roles}
     blocks = default_cores(workers.threads, len(roles)) if any(on_cpu.values()) else [()] * len(roles)
     specs = {role: WorkerSpec(role, str(models.directory(role)), bind="", backend=workers.backend,
                               device=workers.device(role), dtype=workers.dtype, threads=workers.threads,
-                              cores=cores if on_cpu[role] else (), slots=max(concurrency, 1))
+                              cores=cores if on_cpu[role] else (), slots=max(slots, 1))
              for role, cores in zip(roles, blocks)}
     return ClusterConfig(target=specs["target"], draft=specs.get("draft"), liveness=liveness, remote=remote)
 

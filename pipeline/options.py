@@ -13,6 +13,7 @@ import click
 
 from pipeline.config import (
     MEASURED_PROMPTS,
+    K_POLICIES,
     MODES,
     WARMUP_PROMPTS,
     DecodeConfig,
@@ -52,8 +53,11 @@ MODE = Option("--mode", "mode", "overlap: the draft drafts ahead while the targe
 K = Option("--k", "k", "Drafted tokens per verification.", click.INT, DecodeConfig.k, sweepable=True)
 MAX_NEW_TOKENS = Option("--max-new-tokens", "max_new_tokens", "New tokens per prompt, at most.", click.INT,
                         DecodeConfig.max_new_tokens)
-ADAPTIVE_K = Option("--adaptive-k", "adaptive_k", "Adapt each sequence's window between 1 and --k as it goes.",
-                    default=DecodeConfig.adaptive_k, show_default=False)
+K_POLICY = Option("--k-policy", "k_policy", "How many tokens each window drafts: fixed = always --k; adaptive = "
+                  "between 1 and --k, one more after a fully accepted window, down to what was accepted after a "
+                  "rejection; goodput = between 0 and --k per step and sequence, whatever the measured acceptance "
+                  "and forward-pass costs say maximises the batch's tokens per second (0 stops speculating).",
+                  click.Choice(K_POLICIES), DecodeConfig.k_policy)
 MAX_BRANCHES = Option("--max-branches", "max_branches", f"Overlap: at most this many outcomes of a verification "
                       f"drafted ahead at once (1 = only 'all accepted, bonus guessed'; at most {MAX_BRANCHES}); how "
                       "many fit is learnt while running.", click.INT, DecodeConfig.max_branches, sweepable=True)
@@ -62,7 +66,12 @@ TOP_P = Option("--top-p", "top_p", "Sample from the likeliest tokens holding thi
                click.FLOAT, SamplingParams.top_p)
 TOP_K = Option("--top-k", "top_k", "Sample from this many likeliest tokens; 0 = off.", click.INT, SamplingParams.top_k)
 SEED = Option("--seed", "seed", "Seed of the sampling (with --temperature above 0).", click.INT, SamplingParams.seed)
-CONCURRENCY = Option("--concurrency", "concurrency", "Prompts decoded at once.", click.INT, 1)
+CONCURRENCY = Option("--concurrency", "concurrency", "Prompts decoded at once.", click.INT, 1, sweepable=True)
+MAX_SEQS = Option("--max-seqs", "max_seqs", "Sequences the workers hold at once (a KV slot of the whole context "
+                  "each, in both workers); more prompts than this wait in order.", click.INT, DecodeConfig.max_seqs)
+PREFILL_CHUNK = Option("--prefill-chunk", "prefill_chunk", "Prefill prompts this many tokens per target step, beside "
+                       "the running sequences' windows; 0 = a whole prompt in one step.", click.INT,
+                       DecodeConfig.prefill_chunk)
 
 # --- the workers -----------------------------------------------------------------------------------
 
@@ -154,14 +163,14 @@ liveness_options = options(READY_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT)
 remote_options = options(TARGET_ADDR, DRAFT_ADDR, CURVE_SECRET_KEY, TARGET_SERVER_KEY, DRAFT_SERVER_KEY)
 
 launch_options = options(
-    models_options, PROMPT, PROMPTS_FILE, MAX_NEW_TOKENS, K, MODE, ADAPTIVE_K, MAX_BRANCHES, sampling_options,
-    CONCURRENCY, BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DTYPE, liveness_options, remote_options, JSON)
+    models_options, PROMPT, PROMPTS_FILE, MAX_NEW_TOKENS, K, MODE, K_POLICY, MAX_BRANCHES, sampling_options,
+    CONCURRENCY, MAX_SEQS, PREFILL_CHUNK, BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DTYPE, liveness_options, remote_options, JSON)
 bench_options = options(
-    models_options, PROMPTS_FILE, PROMPT_COUNT, WARMUP, K.sweep(), MAX_BRANCHES.sweep(), MAX_NEW_TOKENS, REPETITIONS,
-    PEERS, THREADS, DTYPE, JSON_OUT, REPORT)
+    models_options, PROMPTS_FILE, PROMPT_COUNT, WARMUP, K.sweep(), MAX_BRANCHES.sweep(), CONCURRENCY.sweep(),
+    MAX_NEW_TOKENS, PREFILL_CHUNK, REPETITIONS, PEERS, THREADS, DTYPE, JSON_OUT, REPORT)
 profile_options = options(
-    models_options, PROMPT, PROMPTS_FILE, PROMPT_COUNT, WARMUP, MAX_NEW_TOKENS, K, MODE, CONCURRENCY,
-    THREADS, DTYPE, TRACE, MAX_SPANS)
+    models_options, PROMPT, PROMPTS_FILE, PROMPT_COUNT, WARMUP, MAX_NEW_TOKENS, K, MODE, K_POLICY, CONCURRENCY,
+    MAX_SEQS, PREFILL_CHUNK, THREADS, DTYPE, TRACE, MAX_SPANS)
 worker_options = options(
     ROLE, CHECKPOINT, BIND, BACKEND, DEVICE, DTYPE, THREADS, CORES, IO_CORES, SLOTS, MAX_SEQ_LEN, SPIN_MS, NICE,
     PARENT_PID, CURVE_SECRET_KEY, CURVE_CLIENTS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import (
@@ -67,6 +67,8 @@ class Profile:
     warmup_s: float | None
     mode: str
     k: int
+    speculation: dict | None = None  # the goodput controller's summary (--k-policy goodput)
+    speculation_events: list[str] = field(default_factory=list)  # when it switched speculation off and on
 
 
 def run_profile_command(config: ProfileConfig) -> None:
@@ -86,7 +88,9 @@ def run_profile(config: ProfileConfig) -> Profile:
     warm, prompts = ([tokenizer(text, add_special_tokens=False)["input_ids"] for text in selected]
                      for selected in (texts.warmup, texts.measured))
     decode = config.decode
-    with LocalCluster(cluster_config(config.models, config.workers, decode.mode, config.concurrency)) as cluster:
+    events: list[str] = []  # the goodput controller's switches, as they happened
+    slots = decode.slots(config.concurrency)
+    with LocalCluster(cluster_config(config.models, config.workers, decode.mode, slots)) as cluster:
         transport, limits = cluster.transport, cluster.limits()
         roles = list(cluster.ready)
         warmup_s = None
@@ -100,7 +104,8 @@ def run_profile(config: ProfileConfig) -> Profile:
         start_tracing(transport, roles, config.max_spans)
         recorder.start(config.max_spans)
         origin = time.perf_counter()
-        sequences, _ = generate(transport, prompts, decode, limits, config.concurrency, spans=recorder)
+        sequences, engine = generate(transport, prompts, decode, limits, config.concurrency, spans=recorder,
+                                     on_event=events.append)
         wall = time.perf_counter() - origin
         coordinator_spans, coordinator_dropped = recorder.collect()
         processes = [ProcessSpans("coord", os.getpid(), coordinator_spans, dropped=coordinator_dropped)]
@@ -108,7 +113,8 @@ def run_profile(config: ProfileConfig) -> Profile:
             if role in roles:
                 spans, dropped = collect_spans(transport, role)
                 processes.append(ProcessSpans(role, cluster.ready[role].pid, spans, clocks[role], dropped))
-    profile = Profile(processes, sequences, origin, wall, warmup_s, decode.mode, decode.k)
+    profile = Profile(processes, sequences, origin, wall, warmup_s, decode.mode, decode.k,
+                      engine.scheduler.controller_summary(), events)
     write_trace(config.trace_path, chrome_trace(processes, origin, {
         "mode": profile.mode, "k": profile.k, "prompts": len(prompts), "wall_s": wall,
         "tokens": sum(len(s.generated) for s in sequences)}))
@@ -260,5 +266,22 @@ def summary_lines(profile: Profile, trace_path: Path) -> list[str]:
                          f"± {process.clock.error_s * 1e6:.0f} µs from the coordinator's")
         if process.dropped:
             lines.append(f"{process.name}: {process.dropped} spans dropped (raise --max-spans)")
+    lines += speculation_lines(profile.speculation, profile.speculation_events)
     lines.append(f"trace: {trace_path} (open in ui.perfetto.dev or chrome://tracing)")
+    return lines
+
+
+def speculation_lines(summary: dict | None, events: list[str]) -> list[str]:
+    """What the goodput controller decided: its mean k, how often it drafted nothing, and every time it
+    switched speculation off (a draft that no longer paid) or on again."""
+    if not summary:
+        return []
+    predicted = summary.get("predicted_speedup")
+    lines = [f"goodput controller: {summary['plans']} plans, mean k {summary['mean_k']:.2f}, k = 0 for "
+             f"{100 * summary['zero_k_share']:.0f}% of sequence-steps"
+             + (f", predicted speedup {predicted:.2f}x over target-only" if predicted else "")]
+    off = summary["speculation_off_events"]
+    lines.append(f"speculation switched off {off} time(s), {summary['speculation_off_s']:.2f} s in all"
+                 if off else "speculation never switched off (the draft paid throughout)")
+    lines += [f"  {event}" for event in events]
     return lines

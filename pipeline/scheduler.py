@@ -1,9 +1,18 @@
 """The coordinator's algorithm: which request each worker gets next, and what each reply means.
 
 It knows nothing of processes, sockets or wire formats (vLLM's EngineCore split): `next_request(role)`
-hands out work for a worker, `on_reply(reply)` takes a worker's answer. Each worker runs one request
-at a time (the target may hold one VerifyNext queued behind it); the engine around this class moves
-the messages. Every sequence moves through the phases of `pipeline.sequence.Phase`.
+hands out work for a worker, `on_reply(reply)` takes a worker's answer. Work goes out in batches
+(continuous batching): one TargetBatch verifies the windows of every sequence that has one ready, beside
+a prompt chunk or two, in one forward pass; one DraftBatch drafts for every sequence that needs a window
+and drafts ahead for every verification in flight. Sequences join and leave between batches. Each worker
+runs one batch at a time (the target may hold one batch of VerifyNexts queued behind it); the engine
+around this class moves the messages. Every sequence moves through the phases of `pipeline.sequence.Phase`.
+
+Admission is bounded by --concurrency and --max-seqs (the workers' KV slots); the rest wait in order.
+A prompt is prefilled in chunks of --prefill-chunk tokens at multiples of it (so a sequence's chunks, and
+with them its tokens, never depend on what shares its batches); each target step carries at most that
+many prompt tokens beside the running windows, so a long prompt never stalls the running streams for
+its whole length. With --k-policy goodput, `pipeline.speculation` chooses each sequence's k per step.
 
 Modes:
   target-only  the target decodes one token per pass (the baseline, through the same worker);
@@ -37,18 +46,28 @@ from pipeline.drafting import (
     likeliest_outcomes,
     resolve,
 )
-from pipeline.sequence import Phase, Sequence
+from pipeline.sequence import Phase, Sequence, common_prefix
+from pipeline.speculation import GoodputController
 from workers.protocol.messages import (
+    DraftBatch,
+    DraftBatchResult,
     DraftRequest,
     DraftResult,
+    ErrorReply,
+    PrefillChunk,
+    Prefilled,
     Release,
     Skipped,
     SpeculateRequest,
     SpeculateResult,
+    TargetBatch,
+    TargetBatchResult,
     VerifyNext,
     VerifyRequest,
     VerifyResult,
 )
+
+ItemReply = DraftResult | SpeculateResult | VerifyResult | Prefilled | Skipped | ErrorReply
 
 ALTERNATIVES = 3  # runner-up tokens the draft reports per drafted token: the corrections overlap bets on
 
@@ -63,6 +82,7 @@ class Scheduler:
         concurrency: int = 1,
         on_tokens: Callable[[Sequence, list[int]], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
@@ -70,7 +90,7 @@ class Scheduler:
         self.vocab_size = vocab_size
         self.eos_ids = eos_ids
         self.max_context = max_context
-        self.concurrency = concurrency
+        self.concurrency = min(concurrency, config.max_seqs)  # sequences running at once
         self.on_tokens = on_tokens
         self.clock = clock  # stamps the statistics (TTFT, token times)
         self.roles = config.roles  # the workers that hold its sequences' KV slots
@@ -78,8 +98,14 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # not yet admitted: at most `concurrency` run at once
         self.control: dict[str, list[object]] = {"draft": [], "target": []}  # releases to send
         self.branch_budget = BranchBudget(config.max_branches)
+        self.on_event = on_event  # a line for the log: the controller switched speculation off or on
+        self.controller = None
+        if config.k_policy == "goodput" and config.uses_draft:
+            self.controller = GoodputController(config.k, config.mode, clock=clock, on_event=on_event)
         self._next_request_id = 0
-        self._in_flight: dict[int, Sequence] = {}
+        self._in_flight: dict[int, Sequence] = {}  # item request id -> its sequence
+        self._batches: dict[int, set[int]] = {}  # batch request id -> its items not answered yet
+        self._batch_of: dict[int, int] = {}  # item request id -> its batch
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -96,11 +122,46 @@ class Scheduler:
         return sequence
 
     def _admit(self) -> None:
+        admitted = False
         while self.waiting and len(self.active) < self.concurrency:
             sequence = self.waiting.pop(0)
             sequence.stats.started = self.clock()
             sequence.phase, sequence.window = Phase.READY, EMPTY  # the prompt's prefill: a plain step
             self.sequences[sequence.seq_id] = sequence
+            admitted = True
+        if admitted:
+            self._replan()
+
+    def _replan(self) -> None:
+        """--k-policy goodput: every running sequence's k for the next step."""
+        if self.controller is None:
+            return
+        running = [s.seq_id for s in self.active]
+        branches = self.branch_budget.value if self.config.mode == "overlap" else 1
+        plan = self.controller.plan(running, branches)
+        for seq_id, k in plan.ks.items():
+            self.sequences[seq_id].k = k
+
+    def observe_pass(self, role: str, rows: int, steps: int, seconds: float) -> None:
+        """A batch's measured round trip: `steps` forward passes of `rows` rows in all (what the controller
+        learns the cost curves from)."""
+        if self.controller is None or rows < 1:
+            return
+        if role == "target":
+            self.controller.observe_target(rows, seconds)
+        else:
+            self.controller.observe_draft(rows / max(1, steps), max(1, steps), seconds)
+
+    def controller_summary(self) -> dict[str, object] | None:
+        """What the goodput controller decided over the run (None without one)."""
+        return None if self.controller is None else self.controller.summary()
+
+    def fail(self, seq_id: int, message: str) -> None:
+        """A worker could not serve one of the sequence's requests: it ends, and no other sequence is touched."""
+        sequence = self.sequences.get(seq_id)
+        if sequence is not None and sequence.phase is not Phase.FINISHED:
+            sequence.error = message
+            self._finish(sequence, "error", self.clock())
 
     @property
     def done(self) -> bool:
@@ -109,6 +170,7 @@ class Scheduler:
             and not any(self.control.values())
             and all(s.phase is Phase.FINISHED for s in self.sequences.values())
             and not self._in_flight
+            and not self._batches
         )
 
     @property
@@ -125,20 +187,126 @@ class Scheduler:
         self.waiting.clear()
         self.control = {"draft": [], "target": []}
         self._in_flight.clear()
+        self._batches.clear()
+        self._batch_of.clear()
         return list(self.sequences)
 
     # --- handing out work -----------------------------------------------------------------------
 
     def next_request(self, role: str, unanswered: int = 0) -> object | None:
-        """The next request for a worker of `role` that has `unanswered` requests, or None if there is
-        nothing useful to send it now. An idle worker gets anything; a verifying target only the
-        VerifyNext that continues its verification."""
+        """The next message for a worker of `role` that has `unanswered` batches, or None if there is nothing
+        useful to send it now. An idle worker gets anything: a release, or a batch of all the work it can do
+        now; a verifying target only a batch of the VerifyNexts that continue its verifications."""
         if unanswered:
-            return self._next_chained() if role == "target" and unanswered == 1 else None
+            return self._chained_batch() if role == "target" and unanswered == 1 else None
         if self.control[role]:
             return self.control[role].pop(0)
         self._admit()
-        return self._next_verify() if role == "target" else self._next_draft()
+        return self._target_batch() if role == "target" else self._draft_batch()
+
+    def _target_batch(self) -> TargetBatch | None:
+        prefills: list[PrefillChunk] = []
+        verifies: list[VerifyRequest] = []
+        budget = self.config.prefill_chunk or self.max_context  # prompt tokens this step may read
+        for sequence in self.active:
+            if sequence.phase is not Phase.READY:
+                continue
+            if sequence.generated:
+                verifies.append(self._verify(sequence))
+                continue
+            chunk = self._prompt_chunk(sequence)  # the prompt's prefill: one chunk per step
+            if chunk > budget:
+                continue  # a later step's: this one has read its share of prompt tokens
+            budget -= chunk
+            request = self._prefill(sequence, chunk)
+            (prefills if isinstance(request, PrefillChunk) else verifies).append(request)
+        if not prefills and not verifies:
+            return None
+        return self._batch(TargetBatch(self._new_id(), prefills, verifies, []))
+
+    def _prompt_chunk(self, sequence: Sequence) -> int:
+        """How many prompt tokens the sequence's next prefill step reads: up to the next multiple of
+        --prefill-chunk, or the rest of the prompt."""
+        start = self._prompt_cached(sequence)
+        size = self.config.prefill_chunk
+        end = len(sequence.prompt) if not size else min(len(sequence.prompt), (start // size + 1) * size)
+        return end - start
+
+    @staticmethod
+    def _prompt_cached(sequence: Sequence) -> int:
+        """Prompt positions the target holds (never all: the last prompt token is read by the last chunk)."""
+        return min(common_prefix(sequence.target_cache.tokens, sequence.prompt), len(sequence.prompt) - 1)
+
+    def _prefill(self, sequence: Sequence, chunk: int) -> PrefillChunk | VerifyRequest:
+        start = self._prompt_cached(sequence)
+        if start + chunk < len(sequence.prompt):  # not the last chunk: only read
+            sequence.target_cache.tokens = sequence.prompt[: start + chunk]
+            sequence.phase = Phase.PREFILLING
+            request = PrefillChunk(self._new_id(), sequence.seq_id, start, sequence.prompt[start : start + chunk])
+            return self._issue(sequence, request)
+        return self._verify(sequence, prompt=True)
+
+    def _verify(self, sequence: Sequence, prompt: bool = False) -> VerifyRequest:
+        window, sequence.window = sequence.window, None
+        start, feed = sequence.target_cache.feed(sequence.tokens)
+        feed = feed + window.tokens
+        sequence.target_cache.extend(window.tokens)  # trimmed to what was accepted on reply
+        request = VerifyRequest(self._new_id(), sequence.seq_id, start, feed, len(window), window.probs,
+                                self.config.sampling, prompt)
+        sequence.phase, sequence.verification = Phase.VERIFYING, Verification(request.request_id, window)
+        return self._issue(sequence, request)
+
+    def _chained_batch(self) -> TargetBatch | None:
+        continues = [request for request in map(self._chained, self.active) if request is not None]
+        return self._batch(TargetBatch(self._new_id(), [], [], continues)) if continues else None
+
+    def _chained(self, sequence: Sequence) -> VerifyNext | None:
+        """While the target verifies a window whose outcomes were drafted ahead, sends it those windows,
+        so that it goes on with the right one as soon as it knows the outcome (no coordinator hop)."""
+        ahead = sequence.verification.ahead if sequence.phase is Phase.VERIFYING else None
+        if ahead is None or ahead.branches is None or ahead.chain is not None:
+            return None
+        windows = {}  # (accepted, next token) -> the branch drafted for that outcome, and its window
+        committed = len(sequence.tokens)
+        for branch in ahead.branches:
+            new_tokens = branch.context[committed:]
+            emitted = len(sequence.generated) + len(new_tokens)
+            count = self._window_budget(sequence, len(branch.context), emitted)
+            if count and emitted < sequence.max_new_tokens and not self.eos_ids.intersection(new_tokens):
+                windows[(len(new_tokens) - 1, new_tokens[-1])] = (branch, branch.drafted.head(count))
+        if not windows:  # no outcome to go on from without the coordinator
+            ahead.chain = Chain(None, {})
+            return None
+        sent = [window for _, window in windows.values()]
+        probs = None if sent[0].probs is None else torch.cat([w.probs for w in sent])
+        request = VerifyNext(self._new_id(), sequence.seq_id, sequence.verification.request_id,
+                             [a for a, _ in windows], [t for _, t in windows], [w.tokens for w in sent],
+                             probs, self.config.sampling)
+        ahead.chain = Chain(request.request_id, windows)
+        return self._issue(sequence, request)
+
+    def _draft_batch(self) -> DraftBatch | None:
+        # Windows the target is waiting for; then drafting ahead behind running verifications.
+        drafts = [request for request in (self._draft(s) for s in self.active if s.phase is Phase.DRAFT_NEEDED)
+                  if request is not None]
+        speculations = []
+        if self.config.mode == "overlap":
+            for sequence in self.active:
+                if sequence.phase is Phase.VERIFYING and sequence.verification.ahead is None:
+                    request = self._draft_ahead(sequence)
+                    if request is not None:
+                        speculations.append(request)
+        if not drafts and not speculations:
+            return None
+        return self._batch(DraftBatch(self._new_id(), drafts, speculations))
+
+    def _batch(self, batch: TargetBatch | DraftBatch) -> TargetBatch | DraftBatch:
+        items = [*batch.prefills, *batch.verifies, *batch.continues] if isinstance(batch, TargetBatch) else [
+            *batch.drafts, *batch.speculations]
+        self._batches[batch.request_id] = {item.request_id for item in items}
+        for item in items:
+            self._batch_of[item.request_id] = batch.request_id
+        return batch
 
     def _window_budget(self, sequence: Sequence, context_len: int, emitted_before: int) -> int:
         """How many tokens a window for a context of `context_len` may draft."""
@@ -147,62 +315,12 @@ class Scheduler:
         room = self.max_context - context_len - 1
         return max(0, min(sequence.k, remaining - 1, room))
 
-    def _next_verify(self) -> VerifyRequest | None:
-        sequence = next((s for s in self.active if s.phase is Phase.READY), None)
-        if sequence is None:
-            return None
-        window, sequence.window = sequence.window, None
-        start, feed = sequence.target_cache.feed(sequence.tokens)
-        feed = feed + window.tokens
-        sequence.target_cache.extend(window.tokens)  # trimmed to what was accepted on reply
-        request = VerifyRequest(self._new_id(), sequence.seq_id, start, feed, len(window), window.probs,
-                                self.config.sampling)
-        sequence.phase, sequence.verification = Phase.VERIFYING, Verification(request.request_id, window)
-        return self._issue(sequence, request)
-
-    def _next_chained(self) -> VerifyNext | None:
-        """While the target verifies a window whose outcomes were drafted ahead, sends it those windows,
-        so that it goes on with the right one as soon as it knows the outcome (no coordinator hop)."""
-        for sequence in self.active:
-            ahead = sequence.verification.ahead if sequence.phase is Phase.VERIFYING else None
-            if ahead is None or ahead.branches is None or ahead.chain is not None:
-                continue
-            windows = {}  # (accepted, next token) -> the branch drafted for that outcome, and its window
-            committed = len(sequence.tokens)
-            for branch in ahead.branches:
-                new_tokens = branch.context[committed:]
-                emitted = len(sequence.generated) + len(new_tokens)
-                count = self._window_budget(sequence, len(branch.context), emitted)
-                if count and emitted < sequence.max_new_tokens and not self.eos_ids.intersection(new_tokens):
-                    windows[(len(new_tokens) - 1, new_tokens[-1])] = (branch, branch.drafted.head(count))
-            if not windows:  # no outcome to go on from without the coordinator
-                ahead.chain = Chain(None, {})
-                continue
-            sent = [window for _, window in windows.values()]
-            probs = None if sent[0].probs is None else torch.cat([w.probs for w in sent])
-            request = VerifyNext(self._new_id(), sequence.seq_id, sequence.verification.request_id,
-                                 [a for a, _ in windows], [t for _, t in windows], [w.tokens for w in sent],
-                                 probs, self.config.sampling)
-            ahead.chain = Chain(request.request_id, windows)
-            return self._issue(sequence, request)
-        return None
-
-    def _next_draft(self) -> DraftRequest | SpeculateRequest | None:
-        # First, windows the target is waiting for; then drafting ahead behind running verifications.
-        sequence = next((s for s in self.active if s.phase is Phase.DRAFT_NEEDED), None)
-        if sequence is not None:
-            return self._draft(sequence)
-        if self.config.mode != "overlap":
-            return None
-        for sequence in self.active:
-            if sequence.phase is Phase.VERIFYING and sequence.verification.ahead is None:
-                request = self._draft_ahead(sequence)
-                if request is not None:
-                    return request
-        return None
-
-    def _draft(self, sequence: Sequence) -> DraftRequest:
+    def _draft(self, sequence: Sequence) -> DraftRequest | None:
+        """A window for the committed tokens; None, and a plain step, if its k became 0 meanwhile."""
         count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
+        if count == 0:
+            sequence.phase, sequence.window = Phase.READY, EMPTY
+            return None
         start, feed = sequence.draft_cache.feed(sequence.tokens)
         alternatives = ALTERNATIVES if self.config.mode == "overlap" else 0
         sequence.phase = Phase.DRAFTING
@@ -235,16 +353,46 @@ class Scheduler:
 
     # --- taking replies -------------------------------------------------------------------------
 
-    def on_reply(self, reply: DraftResult | SpeculateResult | VerifyResult | Skipped) -> None:
+    def on_reply(self, reply: TargetBatchResult | DraftBatchResult | ItemReply) -> None:
+        """A batch's result (every item's answer), or one item's answer."""
+        if isinstance(reply, TargetBatchResult):
+            self._replan()  # once per target step, before its outcomes decide the next windows
+            items: list[ItemReply] = [*reply.prefilled, *reply.verified, *reply.skipped, *reply.errors]
+        elif isinstance(reply, DraftBatchResult):
+            items = [*reply.drafted, *reply.speculated, *reply.errors]
+        else:
+            return self._on_item(reply)
+        if reply.request_id not in self._batches:
+            raise ValueError(f"reply to unknown batch {reply.request_id}")
+        for item in items:
+            self._on_item(item)
+        missing = self._batches.pop(reply.request_id, set())
+        if missing:
+            raise RuntimeError(f"batch {reply.request_id} came back without an answer for requests "
+                               f"{sorted(missing)}")
+
+    def _on_item(self, reply: ItemReply) -> None:
         sequence = self._in_flight.pop(reply.request_id, None)
         if sequence is None:
             raise ValueError(f"reply to unknown request {reply.request_id}")
+        batch = self._batch_of.pop(reply.request_id, None)
+        if batch is not None:
+            pending = self._batches[batch]
+            pending.discard(reply.request_id)
+            if not pending:
+                del self._batches[batch]
         if isinstance(reply, VerifyResult):
             self._on_verified(sequence, reply)
+        elif isinstance(reply, Prefilled):
+            sequence.target_cache.settle(reply.cached, sequence.seq_id)
+            if sequence.phase is Phase.PREFILLING:
+                sequence.phase, sequence.window = Phase.READY, EMPTY
         elif isinstance(reply, DraftResult):
             self._on_drafted(sequence, reply)
         elif isinstance(reply, SpeculateResult):
             self._on_drafted_ahead(sequence, reply)
+        elif isinstance(reply, ErrorReply):
+            self.fail(sequence.seq_id, reply.message)
         # a Skipped VerifyNext: the verification before it was resolved as a miss already
 
     def _on_drafted(self, sequence: Sequence, reply: DraftResult) -> None:
@@ -293,14 +441,18 @@ class Scheduler:
             raise RuntimeError(f"sequence {sequence.seq_id}: verification {reply.request_id} came back while "
                                f"{verification.request_id} was expected")
         window = verification.window
+        stats = sequence.stats
+        if not window.tokens and sequence.generated:
+            stats.plain_steps += 1
         if window.tokens:
-            stats = sequence.stats
             stats.verifications += 1
             stats.drafted += len(window)
             stats.accepted += reply.accepted
             stats.accepted_lengths.append(reply.accepted)
             stats.window_sizes.append(len(window))
-            if self.config.adaptive_k:
+            if self.controller is not None:
+                self.controller.observe_acceptance(sequence.seq_id, len(window), reply.accepted)
+            if self.config.k_policy == "adaptive":
                 full = reply.accepted == len(window)
                 sequence.k = min(self.config.k, sequence.k + 1) if full else max(1, reply.accepted + 1)
         self._commit(sequence, window.tokens[: reply.accepted] + [reply.next_token])
@@ -322,6 +474,8 @@ class Scheduler:
             return
         stats = sequence.stats
         if resolved.how is not Resolution.NOT_DRAFTED_AHEAD:
+            if self.controller is not None:
+                self.controller.observe_predraft(resolved.how is not Resolution.MISS)
             stats.speculated_branches.append(len(verification.ahead.branches))
             if resolved.how is Resolution.MISS:
                 stats.predraft_misses += 1
@@ -365,6 +519,8 @@ class Scheduler:
     def _finish(self, sequence: Sequence, reason: str, now: float, release: bool = True) -> None:
         sequence.phase, sequence.finish_reason, sequence.stats.finished_at = Phase.FINISHED, reason, now
         sequence.window = sequence.verification = None
+        if self.controller is not None:
+            self.controller.forget(sequence.seq_id)
         if release:
             for role in self.roles:
                 self.control[role].append(Release(sequence.seq_id))

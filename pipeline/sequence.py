@@ -7,7 +7,8 @@
                         │ └─────────────────────────────────────────────────┼─ target-only, or no room to draft: READY (EMPTY)
                         └─DraftResult─ DRAFTING ◀─DraftRequest─ DRAFT_NEEDED ◀─ miss, serial, nothing drafted ahead
     AWAITING_AHEAD ──SpeculateResult──▶ resolve the outcome (hit or miss, as above)
-    any phase ──EOS, length or cancel──▶ FINISHED (replies still in flight only settle the cache mirrors)
+    READY ──PrefillChunk──▶ PREFILLING ──Prefilled──▶ READY (a long prompt, one chunk per step; the last is a VerifyRequest)
+    any phase ──EOS, length, cancel or a worker's error──▶ FINISHED (replies still in flight only settle the cache mirrors)
 
 READY holds a window for the target; EMPTY is a plain decode step, which is also how a prompt is
 prefilled and every target-only step runs. In overlap mode the draft drafts ahead for a VERIFYING
@@ -25,6 +26,7 @@ from pipeline.drafting import Drafted, Verification
 
 class Phase(enum.Enum):
     WAITING = "waiting"  # added, not admitted yet (more sequences than --concurrency)
+    PREFILLING = "prefilling"  # a chunk of its prompt (not the last) is at the target
     READY = "ready"  # a window (maybe EMPTY) awaits the target
     VERIFYING = "verifying"  # a verification is at the target; overlap may draft ahead beside it
     AWAITING_AHEAD = "awaiting ahead"  # verified; what was drafted ahead for its outcome is still at the draft
@@ -80,6 +82,7 @@ class SequenceStats:
     drafted: int = 0  # drafted tokens sent for verification
     accepted: int = 0
     verifications: int = 0  # verifications that carried at least one drafted token
+    plain_steps: int = 0  # target steps after the prefill that carried no drafted token (k = 0, or no draft)
     predraft_hits: int = 0  # verifications whose next window was ready (drafted ahead)
     predraft_misses: int = 0
     alt_hits: int = 0  # of the hits, those served by a rejected-at-j branch
@@ -104,7 +107,8 @@ class Sequence:
     verification: Verification | None = None  # VERIFYING, AWAITING_AHEAD: the one at the target, or just back
     draft_cache: CacheMirror = field(default_factory=lambda: CacheMirror("draft"))
     target_cache: CacheMirror = field(default_factory=lambda: CacheMirror("target"))
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "eos", "length", "cancelled" or "error"
+    error: str | None = None  # what a worker said when it could not serve this sequence
     stats: SequenceStats = field(default_factory=SequenceStats)
 
     @property

@@ -206,7 +206,7 @@ def test_prompts_are_the_texts_then_the_file_after_its_warmup_lines(tmp_path):
 
 
 def test_one_place_makes_the_workers_of_a_mode():
-    overlap = cluster_config(ModelsConfig(), WorkersConfig(), "overlap", concurrency=3)
+    overlap = cluster_config(ModelsConfig(), WorkersConfig(), "overlap", slots=3)
     assert overlap.draft is not None and overlap.draft.slots == overlap.target.slots == 3
     assert overlap.target.dtype == "auto"  # each worker resolves it for its own device
     assert not set(overlap.draft.cores) & set(overlap.target.cores)

@@ -93,27 +93,36 @@ def test_top_k_is_held_to_the_vocabulary_where_it_is_known():
 # --- end to end: two tiny random models on an 8-token vocabulary, through the scheduler -----------
 
 
+BATCH = 4  # sequences decoded at once in the batched runs
+
+
 def tiny_runner(tmp_path, name, seed):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, max_position_embeddings=64, initializer_range=1.0, eos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(tmp_path / name)
-    return ModelRunner.from_checkpoint(tmp_path / name)
+    return ModelRunner.from_checkpoint(tmp_path / name, n_slots=BATCH)
 
 
 PROMPT = [3, 1, 4]
 
 
-def window_token_counts(draft, target, mode, runs=3000):
-    """Counts of (2nd, 3rd) generated token: the 1st comes from the prefill, these two from a k=2 window."""
+def window_token_counts(draft, target, mode, runs=3000, concurrency=1):
+    """Counts of (2nd, 3rd) generated token: the 1st comes from the prefill, these two from a k=2 window.
+    With `concurrency` > 1 that many sequences of the prompt are decoded at once, every window of them
+    verified in one target pass (each sequence draws from its own seeded stream)."""
     counts = torch.zeros(64)
     limits = ModelLimits(8, frozenset(), 64)
-    for seed in range(runs):
+    for seed in range(runs // concurrency):
         config = DecodeConfig(mode=mode, k=2, max_new_tokens=4, sampling=SamplingParams(1.0, seed=seed))
-        (sequence,), _ = generate(LocalTransport(draft, target, through_wire=False), [PROMPT], config, limits)
-        assert sequence.stats.window_sizes[0] == 2
-        _, second, third, _ = sequence.generated
-        counts[second * 8 + third] += 1
+        sequences, engine = generate(LocalTransport(draft, target, through_wire=False), [PROMPT] * concurrency,
+                                     config, limits, concurrency)
+        if concurrency > 1:  # the windows really shared target passes
+            assert max(t.sequences for t in engine.trips if t.role == "target" and t.kind == "verify") > 1
+        for sequence in sequences:
+            assert sequence.stats.window_sizes[0] == 2
+            _, second, third, _ = sequence.generated
+            counts[second * 8 + third] += 1
     return counts
 
 
@@ -155,6 +164,14 @@ def tiny_pair(tmp_path_factory):
 def test_pipeline_sampling_matches_the_target(tiny_pair, mode):
     draft, target = tiny_pair
     statistic, dof = pooled_chi_square(window_token_counts(draft, target, mode), exact_window_token_probs(target), 3000)
+    assert statistic < chi2_critical(dof)
+
+
+@pytest.mark.parametrize("mode", ["serial", "overlap"])
+def test_batched_sampling_matches_the_target(tiny_pair, mode):
+    draft, target = tiny_pair
+    counts = window_token_counts(draft, target, mode, concurrency=BATCH)
+    statistic, dof = pooled_chi_square(counts, exact_window_token_probs(target), 3000)
     assert statistic < chi2_critical(dof)
 
 
