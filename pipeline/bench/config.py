@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import MEASURED_PROMPTS, WARMUP_PROMPTS, ModelsConfig, PromptsConfig, WorkersConfig
+from pipeline.config import MEASURED_PROMPTS, WARMUP_PROMPTS, DecodeConfig, ModelsConfig, PromptsConfig, WorkersConfig
 from workers.protocol.limits import MAX_BRANCHES
 
 
@@ -24,10 +24,17 @@ class BenchConfig:
     prompts: PromptsConfig = PromptsConfig(count=MEASURED_PROMPTS, warmup=WARMUP_PROMPTS)  # default: held-out
     k: tuple[int, ...] = (3,)  # window sizes: serial and overlap run once per value
     max_branches: tuple[int, ...] = (12,)  # overlap runs once per value (see DecodeConfig.max_branches)
+    concurrency: tuple[int, ...] = (1,)  # prompts decoded at once: every configuration runs once per value
     max_new_tokens: int = 128
+    prefill_chunk: int = DecodeConfig.prefill_chunk  # prompt tokens per target step (0 = whole prompts)
     repetitions: int = 1  # passes over the prompt set
     peers: bool = True  # also run transformers generate and assisted generation
     output: BenchOutput = BenchOutput()
+
+    @property
+    def concurrencies(self) -> list[int]:
+        """The concurrencies to run, ascending, each once."""
+        return sorted(set(self.concurrency))
 
     def validate(self) -> None:
         self.prompts.validate()
@@ -36,6 +43,9 @@ class BenchConfig:
         if not self.max_branches or not all(1 <= count <= MAX_BRANCHES for count in self.max_branches):
             raise ValueError(f"--max-branches takes counts between 1 and {MAX_BRANCHES}, e.g. 1,12; got "
                              f"{','.join(map(str, self.max_branches))}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"--concurrency takes counts of prompts decoded at once, each at least 1, e.g. 1,4,16; "
+                             f"got {','.join(map(str, self.concurrency))}")
         if self.max_new_tokens < 2:
             raise ValueError(f"--max-new-tokens must be at least 2 for bench (inter-token latency needs two), got "
                              f"{self.max_new_tokens}")

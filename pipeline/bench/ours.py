@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.bench.config import BenchConfig
-from pipeline.bench.records import Generation, from_pipeline
+from pipeline.bench.records import Round, from_pipeline
 from pipeline.config import DecodeConfig
 from pipeline.critical_path import split_target_time
 from pipeline.generation import generate
@@ -18,29 +18,39 @@ from workers.spans import SpanRecorder
 
 @dataclass(frozen=True)
 class Contender:
-    """One configuration of the benchmark: how it is named and what kind of system runs it."""
+    """One configuration of the benchmark: how it is named and what kind of system runs it. The name holds
+    no concurrency: each configuration runs at every one (Figures.concurrency)."""
 
     name: str
     mode: str  # target-only | serial | overlap | hf-target-only | hf-assisted
-    k: int | None  # window size (None: no window, or the peer's own schedule)
+    k: int | None  # window size, or the largest one (None: no window, or the peer's own schedule)
     max_branches: int | None = None  # overlap: outcomes drafted ahead at most
+    k_policy: str = "fixed"  # fixed | adaptive | goodput (DecodeConfig.k_policy)
+
+    @property
+    def ours(self) -> bool:
+        return not self.mode.startswith("hf-")
 
 
 def our_contenders(ks: tuple[int, ...],
                    max_branches: tuple[int, ...] = (DecodeConfig.max_branches,)) -> list[Contender]:
+    """target-only; serial and overlap at each fixed k (overlap once per --max-branches value); and overlap
+    with the goodput controller choosing each window between 0 and the largest k."""
     contenders = [Contender("target-only", "target-only", None)]
     for k in ks:
         contenders.append(Contender(f"serial k={k}", "serial", k))
         for branches in max_branches:
             name = f"overlap k={k}" + (f" b={branches}" if len(max_branches) > 1 else "")
             contenders.append(Contender(name, "overlap", k, branches))
+    k_max = max(ks)
+    contenders.append(Contender(f"overlap goodput k<={k_max}", "overlap", k_max, max(max_branches), "goodput"))
     return contenders
 
 
 def start_cluster(config: BenchConfig) -> LocalCluster:
-    """Both workers as `specpipe launch` starts them (cores of their own), one KV slot each: bench decodes one
-    prompt at a time."""
-    return LocalCluster(cluster_config(config.models, config.workers, "overlap"))
+    """Both workers as `specpipe launch` starts them (cores of their own), with a KV slot per sequence of the
+    largest concurrency: every configuration at every concurrency runs on them."""
+    return LocalCluster(cluster_config(config.models, config.workers, "overlap", max(config.concurrency)))
 
 
 def worker_clocks(cluster: LocalCluster) -> dict[str, ClockOffset]:
@@ -49,28 +59,32 @@ def worker_clocks(cluster: LocalCluster) -> dict[str, ClockOffset]:
 
 
 class PipelineRunner:
-    """Generates one prompt at a time through the cluster in one of our modes, every process traced
+    """Generates a round of prompts at once through the cluster in one of our modes, every process traced
     (a few microseconds a request, the same in every mode), so that the target's wall can be split
     into compute, waiting for the draft, and coordinator and IPC (pipeline.critical_path)."""
 
     def __init__(self, cluster: LocalCluster, contender: Contender, max_new_tokens: int,
-                 clocks: dict[str, ClockOffset]) -> None:
+                 clocks: dict[str, ClockOffset], max_seqs: int = 1,
+                 prefill_chunk: int = DecodeConfig.prefill_chunk) -> None:
         self.cluster = cluster
         self.contender = contender
         self.clocks = clocks
         self.decode = DecodeConfig(contender.mode, contender.k or 1, max_new_tokens,
-                                   max_branches=contender.max_branches or DecodeConfig.max_branches)
+                                   max_branches=contender.max_branches or DecodeConfig.max_branches,
+                                   k_policy=contender.k_policy, max_seqs=max_seqs, prefill_chunk=prefill_chunk)
 
-    def __call__(self, prompt: list[int]) -> Generation:
+    def __call__(self, prompts: list[list[int]], concurrency: int = 1, indices: list[int] | None = None) -> Round:
+        """One round: the prompts decoded together, `concurrency` at once (all of them, as bench calls it)."""
         transport = self.cluster.transport
         recorder = transport.spans = SpanRecorder()
         start_tracing(transport, list(self.clocks), MAX_TRACE_SPANS)
         recorder.start(MAX_TRACE_SPANS)
         began = time.perf_counter()
-        (sequence,), engine = generate(transport, [prompt], self.decode, self.cluster.limits(), spans=recorder)
+        sequences, engine = generate(transport, prompts, self.decode, self.cluster.limits(), concurrency,
+                                     spans=recorder)
         wall = time.perf_counter() - began
         coordinator, _ = recorder.collect()
         workers = {role: ProcessSpans(role, 0, collect_spans(transport, role)[0], clock).aligned()
                    for role, clock in self.clocks.items()}
         split = split_target_time(workers["target"], coordinator, workers.get("draft", []), (began, began + wall))
-        return from_pipeline(sequence, engine, wall, split)
+        return from_pipeline(sequences, engine, wall, indices, split)

@@ -15,23 +15,30 @@ from pipeline.bench.config import BenchConfig
 from pipeline.bench.figures import Figures, figures
 from pipeline.bench.ours import Contender, PipelineRunner, our_contenders, start_cluster, worker_clocks
 from pipeline.bench.peers import HfRunner, load_models
-from pipeline.bench.records import Generation
-from pipeline.bench.theory import median_round_trip, predict
+from pipeline.bench.records import Round
+from pipeline.bench.theory import median_round_trip, predict, predict_concurrent
 from pipeline.prompts import select_prompts
 from workers.model.checkpoint import load_tokenizer
 from workers.models import HELDOUT_PROMPTS
 from workers.spec import resolved_dtype
 
 PEERS = (Contender("hf target-only", "hf-target-only", None), Contender("hf assisted", "hf-assisted", None))
+# transformers' assisted generation takes one sequence at a time: at a higher concurrency it does not run
+ONE_AT_A_TIME = frozenset({"hf-assisted"})
+
+Key = tuple[str, int]  # (configuration name, concurrency)
 
 
 @dataclass
 class BenchResult:
-    configs: list[Figures]
-    identical_greedy_outputs: bool  # every one of our configurations made exactly target-only's tokens
+    configs: list[Figures]  # by concurrency, then configuration
+    # every one of our configurations at every concurrency made exactly target-only's tokens at concurrency 1
+    identical_greedy_outputs: bool
     peers_identical: dict[str, str] = field(default_factory=dict)  # peer -> "n/m prompts identical to ours"
     machine: dict[str, str] = field(default_factory=dict)
     settings: dict[str, object] = field(default_factory=dict)
+    # the (configuration, concurrency) whose tokens differed: {"config", "concurrency", "prompts": [indices]}
+    differing: list[dict] = field(default_factory=list)
 
 
 def machine() -> dict[str, str]:
@@ -47,70 +54,114 @@ def machine() -> dict[str, str]:
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
 
 
-def read_prompt_ids(config: BenchConfig) -> tuple[list[list[int]], list[list[int]]]:
-    """The warm-up prompts and the measured ones, as token ids."""
+def read_prompt_ids(config: BenchConfig) -> tuple[list[list[int]], list[list[int]], int | None]:
+    """The warm-up prompts and the measured ones, as token ids, and the tokenizer's pad token (if any)."""
     prompts = select_prompts(config.prompts, HELDOUT_PROMPTS)
     tokenizer = load_tokenizer(config.models.target_dir)
     warm, measured = ([tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
                       for texts in (prompts.warmup, prompts.measured))
-    return warm, measured
+    return warm, measured, getattr(tokenizer, "pad_token_id", None)
+
+
+def rounds_of(count: int, concurrency: int) -> list[list[int]]:
+    """The measured prompts' indices in rounds of `concurrency` (the last may be shorter)."""
+    return [list(range(start, min(start + concurrency, count))) for start in range(0, count, concurrency)]
+
+
+def runs_at(contender: Contender, concurrency: int) -> bool:
+    return concurrency == 1 or contender.mode not in ONE_AT_A_TIME
 
 
 def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> BenchResult:
+    """Every configuration at every concurrency, ascending: at each, a warm-up round per configuration,
+    then for each repetition and each round of prompts every configuration runs that round in turn (so the
+    machine's slow and fast spells fall on all of them alike)."""
     config.validate()
-    warm, measured = read_prompt_ids(config)
+    warm, measured, pad_id = read_prompt_ids(config)
     contenders = our_contenders(config.k, config.max_branches) + (list(PEERS) if config.peers else [])
-    runs: dict[str, list[Generation]] = {c.name: [] for c in contenders}
-    warmups: dict[str, list[Generation]] = {c.name: [] for c in contenders}
+    levels = config.concurrencies
+    schedule = {c: [contender for contender in contenders if runs_at(contender, c)] for c in levels}
+    runs: dict[Key, list[Round]] = {(x.name, c): [] for c in levels for x in schedule[c]}
+    warmups: dict[Key, list[Round]] = {(x.name, c): [] for c in levels for x in schedule[c]}
     with start_cluster(config) as cluster:
         clocks = worker_clocks(cluster)
-        runners = {c.name: PipelineRunner(cluster, c, config.max_new_tokens, clocks) for c in contenders
-                   if not c.mode.startswith("hf-")}
+        runners = {c.name: PipelineRunner(cluster, c, config.max_new_tokens, clocks, max(config.concurrency),
+                                          config.prefill_chunk)
+                   for c in contenders if c.ours}
         if config.peers:
             torch.set_num_threads(config.workers.threads)  # in this process, beside the draft: as each worker
             target, draft = load_models(config.models.target_dir, config.models.draft_dir)
             eos = cluster.limits().eos_ids
-            runners["hf target-only"] = HfRunner(target, None, config.max_new_tokens, eos)
-            runners["hf assisted"] = HfRunner(target, draft, config.max_new_tokens, eos)
-        total = len(contenders) * (len(warm) + len(measured) * config.repetitions)
-        with tqdm(total=total, desc="bench", unit="gen", file=sys.stderr, disable=not progress) as bar:
-            for contender in contenders:
-                for prompt in warm:
-                    warmups[contender.name].append(runners[contender.name](prompt))
-                    bar.update()
-            # interleaved, prompt by prompt: the machine's slow and fast spells fall on every configuration
-            for _ in range(config.repetitions):
-                for prompt in measured:
-                    for contender in contenders:
-                        bar.set_postfix_str(contender.name)
-                        runs[contender.name].append(runners[contender.name](prompt))
+            runners["hf target-only"] = HfRunner(target, None, config.max_new_tokens, eos, pad_id)
+            runners["hf assisted"] = HfRunner(target, draft, config.max_new_tokens, eos, pad_id)
+        total = sum(len(schedule[c]) * ((1 if warm else 0) + len(rounds_of(len(measured), c)) * config.repetitions)
+                    for c in levels)
+        with tqdm(total=total, desc="bench", unit="round", file=sys.stderr, disable=not progress) as bar:
+            for c in levels:
+                if warm:
+                    for contender in schedule[c]:
+                        bar.set_postfix_str(f"{contender.name} warm-up, concurrency {c}")
+                        warmups[contender.name, c].append(runners[contender.name](warm, c))
                         bar.update()
+                # interleaved, round by round: the machine's slow and fast spells fall on every configuration
+                for _ in range(config.repetitions):
+                    for indices in rounds_of(len(measured), c):
+                        prompts = [measured[i] for i in indices]
+                        for contender in schedule[c]:
+                            bar.set_postfix_str(f"{contender.name}, concurrency {c}")
+                            runs[contender.name, c].append(runners[contender.name](prompts, c, indices))
+                            bar.update()
     return summarize(config, contenders, runs, warmups, command)
 
 
-def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[str, list[Generation]],
-              warmups: dict[str, list[Generation]], command: str) -> BenchResult:
-    results = [figures(c.name, c.mode, c.k, "transformers" if c.mode.startswith("hf-") else "specpipe",
-                       runs[c.name], warmups[c.name]) for c in contenders]
-    by_name = {r.name: r for r in results}
-    baseline = by_name["target-only"]
-    hf_baseline = by_name.get("hf target-only")
-    decode_step_s = median_round_trip(runs["target-only"], "target", "decode")
-    for result in results:
+def tokens_by_prompt(rounds: list[Round]) -> list[tuple[int, list[int]]]:
+    """(prompt index, tokens) of every generation, in the order run (repetition by repetition)."""
+    return [(index, g.token_ids) for r in rounds for index, g in zip(r.prompts, r.generations)]
+
+
+def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[Key, list[Round]],
+              warmups: dict[Key, list[Round]], command: str) -> BenchResult:
+    levels = sorted({c for _, c in runs})
+    by_key: dict[Key, Figures] = {}
+    for c in levels:
+        for x in contenders:
+            if (x.name, c) in runs:
+                by_key[x.name, c] = figures(x.name, x.mode, x.k, "specpipe" if x.ours else "transformers",
+                                            runs[x.name, c], warmups.get((x.name, c), []), c, x.k_policy)
+    results = list(by_key.values())  # by concurrency, then configuration
+    for (name, c), result in by_key.items():
+        baseline, hf_baseline = by_key[("target-only", c)], by_key.get(("hf target-only", c))
         result.speedup_vs_target_only = result.tokens_per_s / baseline.tokens_per_s
         if hf_baseline is not None:
             result.speedup_vs_hf_target_only = result.tokens_per_s / hf_baseline.tokens_per_s
-        predict(result, baseline, decode_step_s, runs.get(f"serial k={result.k}"), runs[result.name])
-    reference = [g.token_ids for g in runs["target-only"]]
-    identical = all([g.token_ids for g in runs[c.name]] == reference
-                    for c in contenders if not c.mode.startswith("hf-"))
-    peers = {c.name: f"{sum(g.token_ids == r for g, r in zip(runs[c.name], reference))}/{len(reference)}"
-             for c in contenders if c.mode.startswith("hf-")}
+        if c == 1:
+            decode_step_s = median_round_trip(runs["target-only", 1], "target", "decode")
+            predict(result, baseline, decode_step_s, runs.get((f"serial k={result.k}", 1)), runs[name, c])
+        else:
+            predict_concurrent(result)
+    # the reference: target-only at concurrency 1 (or at the lowest concurrency run), prompt by prompt
+    reference_level = levels[0]
+    reference: dict[int, list[int]] = {}
+    for index, tokens in tokens_by_prompt(runs["target-only", reference_level]):
+        reference.setdefault(index, tokens)
+    ours = {x.name for x in contenders if x.ours}
+    differing, peers = [], {}
+    for (name, c), rounds in runs.items():
+        made = tokens_by_prompt(rounds)
+        if name in ours:
+            prompts = sorted({index for index, tokens in made if tokens != reference.get(index)})
+            if prompts:
+                differing.append({"config": name, "concurrency": c, "prompts": prompts})
+        else:
+            same = sum(tokens == reference.get(index) for index, tokens in made)
+            peers[name if c == 1 else f"{name} at concurrency {c}"] = f"{same}/{len(made)}"
     threads = config.workers.threads
     settings = {"prompts": config.prompts.count, "warmup": config.prompts.warmup,
-                "repetitions": config.repetitions, "max_new_tokens": config.max_new_tokens, "k": list(config.k),
-                "max_branches": list(config.max_branches), "threads": threads,
+                "repetitions": config.repetitions, "max_new_tokens": config.max_new_tokens,
+                "prefill_chunk": config.prefill_chunk, "k": list(config.k),
+                "max_branches": list(config.max_branches), "concurrency": list(config.concurrency),
+                "identity_reference": f"target-only at concurrency {reference_level}", "threads": threads,
                 "dtype": resolved_dtype(config.workers.dtype, config.workers.target_device),
                 "prompts_file": str(config.prompts.file or HELDOUT_PROMPTS), "command": command,
                 "placement": f"{threads} core(s) per worker; peers in the coordinator with {threads} thread(s)"}
-    return BenchResult(results, identical, peers, machine(), settings)
+    return BenchResult(results, not differing, peers, machine(), settings, differing)

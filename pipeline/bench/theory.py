@@ -14,6 +14,10 @@ ahead for one verification; the overlap run's own median) and m the measured pre
 prompt's prefill P (target-only TTFT) is the same in every mode, so over N tokens per sequence
 
     predicted speedup = (P + (N - 1) * T_t) / (P + (N - 1) * T_cycle / E[tau]).
+
+That holds for one sequence at a time (concurrency 1). At a higher concurrency the target verifies
+several sequences' windows in one step and the cycle above no longer describes it; there the goodput
+controller's own prediction is used (`predict_concurrent`), which it makes for fixed-k plans too.
 """
 
 from __future__ import annotations
@@ -21,18 +25,19 @@ from __future__ import annotations
 import statistics
 
 from pipeline.bench.figures import Figures
-from pipeline.bench.records import Generation
+from pipeline.bench.records import Round
 
 
-def median_round_trip(runs: list[Generation], role: str, kind: str, size: int | None = None) -> float | None:
-    trips = [t.round_trip_s for g in runs for t in g.trips
+def median_round_trip(rounds: list[Round], role: str, kind: str, size: int | None = None) -> float | None:
+    trips = [t.round_trip_s for r in rounds for t in r.trips
              if t.role == role and t.kind == kind and (size is None or t.size == size)]
     return statistics.median(trips) if trips else None
 
 
 def predict(result: Figures, baseline: Figures, decode_step_s: float | None,
-            serial_runs: list[Generation] | None, own_runs: list[Generation] | None = None) -> None:
-    """Fills result.predicted_speedup and result.theory for a serial or overlap configuration."""
+            serial_runs: list[Round] | None, own_runs: list[Round] | None = None) -> None:
+    """Fills result.predicted_speedup and result.theory for a serial or overlap configuration at
+    concurrency 1 (baseline: target-only at concurrency 1, serial_runs: serial at the same k)."""
     if result.mode not in ("serial", "overlap") or not result.mean_acceptance_length or not serial_runs:
         return
     k = result.k
@@ -60,3 +65,16 @@ def predict(result: Figures, baseline: Figures, decode_step_s: float | None,
     if miss_rate is not None:
         result.theory["miss_rate"] = miss_rate
         result.theory["speculate_ms"] = ahead_s * 1e3
+
+
+def predict_concurrent(result: Figures) -> None:
+    """At concurrency > 1: the goodput controller's predicted speedup, time-weighted over the configuration's
+    rounds (Figures.speculation), where its scheduler made one; else no prediction."""
+    if result.mode not in ("serial", "overlap"):
+        return
+    predicted = result.speculation.get("predicted_speedup")
+    if not isinstance(predicted, (int, float)) or predicted <= 0:
+        return
+    result.predicted_speedup = float(predicted)
+    if result.speedup_vs_target_only is not None:
+        result.measured_over_predicted = result.speedup_vs_target_only / result.predicted_speedup

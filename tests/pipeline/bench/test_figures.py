@@ -1,9 +1,10 @@
-"""The bench's arithmetic on hand-made generations: latencies, acceptance by position, predictions."""
+"""The bench's arithmetic on hand-made generations at concurrency 1: latencies, acceptance by position,
+predictions."""
 
 import pytest
 
 from pipeline.bench.figures import figures, histogram, inter_token_latencies, per_position_acceptance, percentile
-from pipeline.bench.records import Generation
+from pipeline.bench.records import Generation, one
 from pipeline.bench.theory import predict
 from pipeline.engine import Trip
 
@@ -26,12 +27,13 @@ def test_per_position_acceptance_counts_only_positions_reached():
     assert histogram([3, 1, 0, 1], 3) == [1, 2, 0, 1]
 
 
-def speculative_run(trips: list[Trip]) -> Generation:
+def speculative_run(trips: list[Trip]):
     # 9 tokens from 3 verifications (accepted 2, 1, 2 of windows of 2, plus a bonus each) after a 1-token prefill
-    return Generation(list(range(10)), 0.2, [0.05] + [0.05 + 0.015 * i for i in range(1, 10)], drafted=6,
-                      accepted=5, verifications=3, accepted_lengths=[2, 1, 2], window_sizes=[2, 2, 2],
-                      predraft_hits=2, predraft_misses=1, busy_s={"target": 0.15, "draft": 0.03},
-                      ipc_s={"target": 0.01, "draft": 0.005}, coordinator_s=0.004, trips=trips)
+    return one(Generation(list(range(10)), 0.2, [0.05] + [0.05 + 0.015 * i for i in range(1, 10)], drafted=6,
+                          accepted=5, verifications=3, accepted_lengths=[2, 1, 2], window_sizes=[2, 2, 2],
+                          predraft_hits=2, predraft_misses=1),
+               busy_s={"target": 0.15, "draft": 0.03}, ipc_s={"target": 0.01, "draft": 0.005}, coordinator_s=0.004,
+               trips=trips)
 
 
 def test_figures_add_up():
@@ -43,6 +45,8 @@ def test_figures_add_up():
     assert result.tokens_per_s == pytest.approx(20 / 0.4)
     assert result.decode_tokens_per_s == pytest.approx(18 / (2 * (0.2 - 0.05)))
     assert result.predraft_hit_rate == pytest.approx(2 / 3)
+    assert result.mean_drafted_length == pytest.approx(12 / 6)  # no plain steps: the window size
+    assert (result.concurrency, result.rounds, result.sequences) == (1, 2, 2)
     target = result.time_split_s["target"]
     assert target["busy"] + target["ipc"] + target["idle"] == pytest.approx(result.wall_s)
 
@@ -50,8 +54,8 @@ def test_figures_add_up():
 def test_prediction_follows_the_formula():
     serial_trips = [Trip("draft", "draft", 2, 0.004, 0.005), Trip("target", "verify", 2, 0.011, 0.012)]
     baseline = figures("target-only", "target-only", None, "specpipe",
-                       [Generation(list(range(10)), 0.2, [0.05 + 0.01 * i for i in range(10)],
-                                   trips=[Trip("target", "decode", 0, 0.009, 0.01)])], [])
+                       [one(Generation(list(range(10)), 0.2, [0.05 + 0.01 * i for i in range(10)]),
+                            trips=[Trip("target", "decode", 0, 0.009, 0.01)])], [])
     serial_run = speculative_run(serial_trips)
     overlap = figures("overlap k=2", "overlap", 2, "specpipe", [speculative_run([])], [])
     overlap.speedup_vs_target_only = 1.2
