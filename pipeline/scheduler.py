@@ -257,6 +257,10 @@ class Scheduler:
         return self._issue(sequence, request)
 
     def _chained_batch(self) -> TargetBatch | None:
+        if len(self.active) > 1:
+            # With several sequences running, a batch of VerifyNexts behind the step would split the next step
+            # into two passes, each streaming the weights once: the hits wait for the step to return instead.
+            return None
         continues = [request for request in map(self._chained, self.active) if request is not None]
         return self._batch(TargetBatch(self._new_id(), [], [], continues)) if continues else None
 
