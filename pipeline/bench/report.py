@@ -158,6 +158,7 @@ def as_json(result: BenchResult) -> dict:
 
 
 def write_json(result: BenchResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(as_json(result), indent=2, allow_nan=False, default=_finite))
 
 
