@@ -68,14 +68,17 @@ class StepCosts:
         self._seconds: dict[int, float] = {}
 
     def observe(self, rows: int, seconds: float) -> None:
-        """An exponential moving average per exact row count; the first observation is taken as is."""
+        """Per exact row count, the first observation as is, then each one folded in by `_fold`."""
         _check(rows, seconds)
         old = self._seconds.get(rows)
         if old is None:
             insort(self._rows, rows)
             self._seconds[rows] = seconds
         else:
-            self._seconds[rows] = old + self.smoothing * (seconds - old)
+            self._seconds[rows] = self._fold(old, seconds)
+
+    def _fold(self, old: float, seconds: float) -> float:
+        return old + self.smoothing * (seconds - old)  # an exponential moving average
 
     def remeasure(self, rows: int, seconds: float) -> None:
         """A fresh measurement after the worker's speed changed: it replaces the value at `rows`, and every
@@ -147,14 +150,8 @@ class StepCosts:
 class _LowestCosts(StepCosts):
     """The lowest cost ever observed per row count."""
 
-    def observe(self, rows: int, seconds: float) -> None:
-        _check(rows, seconds)
-        old = self._seconds.get(rows)
-        if old is None:
-            insort(self._rows, rows)
-            self._seconds[rows] = seconds
-        elif seconds < old:
-            self._seconds[rows] = seconds
+    def _fold(self, old: float, seconds: float) -> float:
+        return min(old, seconds)
 
 
 def _check(rows: int, seconds: float) -> None:
@@ -378,10 +375,8 @@ class GoodputController:
         ks = self._best(gains, n, target_costs, branches, self.draft)
         if cap > 0 and not any(ks):
             at_best = self._best(gains, n, target_costs, branches, self.draft_best)
-            drafting = sum(1 for k in at_best if k > 0) * (branches if self.mode == "overlap" else 1)
+            drafting, cost, lowest = self._draft_step(at_best, branches)
             if drafting:
-                cost = self.draft.estimate(drafting) or 0.0
-                lowest = self.draft_best.estimate(drafting) or 0.0
                 if self._off_since is not None or cost >= TOO_SLOW * lowest:
                     if self._off_since is None:
                         self._off_since = self._last_probe = now
@@ -393,12 +388,15 @@ class GoodputController:
             self._off_total_s += now - self._off_since
             self._off_since = None
             self._probe_pending = False
-            drafting = max(1, sum(1 for k in ks if k > 0) * (branches if self.mode == "overlap" else 1))
-            cost = self.draft.estimate(drafting) or 0.0
-            lowest = self.draft_best.estimate(drafting) or 0.0
+            drafting, cost, lowest = self._draft_step(ks, branches, at_least=1)
             self._event(f"speculation on again: a draft step costs {cost * 1e3:.1f} ms at {drafting} rows "
                         f"(at best {lowest * 1e3:.1f} ms)")
         return self._record(seq_ids, ks, alphas, branches, GOODPUT, now)
+
+    def _draft_step(self, ks: list[int], branches: int, at_least: int = 0) -> tuple[int, float, float]:
+        """The rows of one draft step of plan `ks`, and what such a step costs now and at best seen."""
+        drafting = max(at_least, sum(1 for k in ks if k > 0) * (branches if self.mode == "overlap" else 1))
+        return drafting, self.draft.estimate(drafting) or 0.0, self.draft_best.estimate(drafting) or 0.0
 
     def _event(self, line: str) -> None:
         if self.on_event is not None:
