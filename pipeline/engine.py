@@ -17,6 +17,7 @@ from workers.protocol.messages import (
     Released,
     TargetBatch,
     TargetBatchResult,
+    batch_items,
     request_kind,
     request_sequence,
 )
@@ -74,7 +75,7 @@ class Engine:
         self._queued: dict[str, list[int]] = {role: [] for role in DISPATCH_ORDER}  # unanswered requests, in order
         self._kinds: dict[int, tuple[str, int, int, int]] = {}  # kind, size, sequences, one sequence's id
         self.trips: list[Trip] = []  # every batch, in the order answered
-        self.failures: list[str] = []  # "[role] sequence N: what the worker said", per failed item
+        self.failures: list[str] = []  # "[role] request N: what the worker said", per failed item
         # workers that may hold the CPU during this run: a draft spins between its requests
         self.in_use = frozenset(scheduler.roles)
 
@@ -123,7 +124,8 @@ class Engine:
                 if request is None:
                     break
                 if isinstance(request, REQUESTS):
-                    self._kinds[request.request_id] = (*request_kind(request), _sequences(request), request_sequence(request))
+                    self._kinds[request.request_id] = (*request_kind(request), _sequences(request),
+                                                       request_sequence(request))
                     self._startable_at[request.request_id] = time.perf_counter()
                     self._queued[role].append(request.request_id)
                 self.transport.submit(role, request)
@@ -166,6 +168,4 @@ class Engine:
 
 def _sequences(batch: TargetBatch | DraftBatch) -> int:
     """How many sequences the batch is for."""
-    items = [*batch.prefills, *batch.verifies, *batch.continues] if isinstance(batch, TargetBatch) else [
-        *batch.drafts, *batch.speculations]
-    return len({item.seq_id for item in items})
+    return len({item.seq_id for item in batch_items(batch)})

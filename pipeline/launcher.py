@@ -70,8 +70,8 @@ def default_cores(threads: int, roles: int) -> list[tuple[int, ...]]:
 def cluster_config(models: ModelsConfig, workers: WorkersConfig, mode: str, slots: int = 1,
                    liveness: LivenessConfig = LivenessConfig(), remote: RemoteConfig = RemoteConfig()) -> ClusterConfig:
     """The workers a pipeline in `mode` runs (no draft in target-only), each holding `slots` KV slots (one per
-    sequence decoded at once: DecodeConfig.slots) and, on a CPU, pinned to a block of cores of its own when the machine has enough
-    (default_cores). `--dtype auto` travels as it is: each worker resolves it for its device."""
+    sequence decoded at once: DecodeConfig.slots) and, on a CPU, pinned to a block of cores of its own when
+    the machine has enough (default_cores). `--dtype auto` travels as it is: each worker resolves it for its device."""
     roles = worker_roles(mode)
     on_cpu = {role: workers.device(role) == "cpu" for role in roles}
     blocks = default_cores(workers.threads, len(roles)) if any(on_cpu.values()) else [()] * len(roles)

@@ -164,7 +164,8 @@ remote_options = options(TARGET_ADDR, DRAFT_ADDR, CURVE_SECRET_KEY, TARGET_SERVE
 
 launch_options = options(
     models_options, PROMPT, PROMPTS_FILE, MAX_NEW_TOKENS, K, MODE, K_POLICY, MAX_BRANCHES, sampling_options,
-    CONCURRENCY, MAX_SEQS, PREFILL_CHUNK, BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DTYPE, liveness_options, remote_options, JSON)
+    CONCURRENCY, MAX_SEQS, PREFILL_CHUNK, BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DTYPE, liveness_options,
+    remote_options, JSON)
 bench_options = options(
     models_options, PROMPTS_FILE, PROMPT_COUNT, WARMUP, K.sweep(), MAX_BRANCHES.sweep(), CONCURRENCY.sweep(),
     MAX_NEW_TOKENS, PREFILL_CHUNK, REPETITIONS, PEERS, THREADS, DTYPE, JSON_OUT, REPORT)

@@ -65,6 +65,7 @@ from workers.protocol.messages import (
     VerifyNext,
     VerifyRequest,
     VerifyResult,
+    batch_items,
 )
 
 ItemReply = DraftResult | SpeculateResult | VerifyResult | Prefilled | Skipped | ErrorReply
@@ -305,8 +306,7 @@ class Scheduler:
         return self._batch(DraftBatch(self._new_id(), drafts, speculations))
 
     def _batch(self, batch: TargetBatch | DraftBatch) -> TargetBatch | DraftBatch:
-        items = [*batch.prefills, *batch.verifies, *batch.continues] if isinstance(batch, TargetBatch) else [
-            *batch.drafts, *batch.speculations]
+        items = batch_items(batch)
         self._batches[batch.request_id] = {item.request_id for item in items}
         for item in items:
             self._batch_of[item.request_id] = batch.request_id

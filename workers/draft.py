@@ -7,12 +7,9 @@ a speculation's branches (pipeline.drafting) are scratch rows of the same passes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import cast
-
 import torch
 from torch import Tensor
 
-from workers.model.runner import ModelRunner
 from workers.errors import SpecpipeError
 from workers.model.runner_base import RunnerBase
 from workers.model.segment import Segment
@@ -199,7 +196,7 @@ class DraftCore:
                                     lane.visible[:, : write_at + branches], logits=branches))
         outcome.rows += sum(segment.rows for segment in segments)
         outcome.steps += 1
-        for lane, logits in zip(stepping, cast(ModelRunner, self.runner).forward_batch(segments)):
+        for lane, logits in zip(stepping, self.runner.forward_batch(segments)):
             lane.take(_pick(logits, lane.job.sampling, lane.generator, lane.job.alternatives))
             lane.passes -= 1
 

@@ -28,6 +28,7 @@ from workers.protocol.messages import (
     VerifyNext,
     VerifyRequest,
     VerifyResult,
+    batch_items,
 )
 from workers.request_checks import check_request
 from workers.target import TargetCore, Verdict, Window
@@ -96,7 +97,7 @@ class WorkerService:
         items: list[PrefillChunk | VerifyRequest | VerifyNext] = []
         windows: list[Window] = []
         errors, skipped = [], []
-        for item in [*batch.prefills, *batch.verifies, *batch.continues]:
+        for item in batch_items(batch):
             try:
                 check_request(item, self.runner.config.vocab_size, self.runner.max_seq_len)
                 window = self._window(item)

@@ -343,13 +343,16 @@ def request_kind(request: object) -> tuple[str, int]:
     return type(request).__name__.lower(), 0
 
 
+def batch_items(batch: TargetBatch | DraftBatch) -> list:
+    """A batch's items (each a request for one sequence), in the order the worker serves them."""
+    if isinstance(batch, TargetBatch):
+        return [*batch.prefills, *batch.verifies, *batch.continues]
+    return [*batch.drafts, *batch.speculations]
+
+
 def request_sequence(request: object) -> int:
     """The sequence a request is for: its seq_id, a batch's one sequence, or -1 (a batch of several, or none)."""
-    if isinstance(request, TargetBatch):
-        items = [*request.prefills, *request.verifies, *request.continues]
-    elif isinstance(request, DraftBatch):
-        items = [*request.drafts, *request.speculations]
-    else:
+    if not isinstance(request, (TargetBatch, DraftBatch)):
         return getattr(request, "seq_id", -1)
-    seq_ids = {item.seq_id for item in items}
+    seq_ids = {item.seq_id for item in batch_items(request)}
     return next(iter(seq_ids)) if len(seq_ids) == 1 else -1
