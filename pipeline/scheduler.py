@@ -67,6 +67,7 @@ from workers.protocol.messages import (
     VerifyResult,
     batch_items,
 )
+from workers.sampling import SamplingParams
 
 ItemReply = DraftResult | SpeculateResult | VerifyResult | Prefilled | Skipped | ErrorReply
 
@@ -110,7 +111,10 @@ class Scheduler:
 
     # --- admission ------------------------------------------------------------------------------
 
-    def add(self, seq_id: int, prompt: list[int]) -> Sequence:
+    def add(self, seq_id: int, prompt: list[int], max_new_tokens: int | None = None,
+            sampling: SamplingParams | None = None) -> Sequence:
+        """Queues a sequence; `max_new_tokens` and `sampling` default to the config's (--max-new-tokens,
+        --temperature...), and a server passes each request's own."""
         if not prompt:
             raise ValueError("an empty prompt cannot be continued; give at least one token")
         if len(prompt) >= self.max_context:
@@ -118,7 +122,13 @@ class Scheduler:
                 f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context} tokens "
                 "(leave room for at least one new token)"
             )
-        sequence = Sequence(seq_id, list(prompt), list(prompt), self.config.max_new_tokens, k=self.config.k)
+        if seq_id in self.sequences or any(s.seq_id == seq_id for s in self.waiting):
+            raise ValueError(f"sequence {seq_id} exists already")
+        max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new}")
+        sequence = Sequence(seq_id, list(prompt), list(prompt), max_new, k=self.config.k,
+                            sampling=self.config.sampling if sampling is None else sampling)
         self.waiting.append(sequence)
         return sequence
 
@@ -192,6 +202,30 @@ class Scheduler:
         self._batch_of.clear()
         return list(self.sequences)
 
+    def cancel_sequence(self, seq_id: int) -> bool:
+        """Ends one sequence as "cancelled" (its client went away): a waiting one leaves the queue, a running
+        one frees its KV slots in both workers (the releases follow whatever is in flight for it, whose
+        replies are dropped). False if it had finished already."""
+        for i, sequence in enumerate(self.waiting):
+            if sequence.seq_id == seq_id:
+                del self.waiting[i]
+                self._finish(sequence, "cancelled", self.clock(), release=False)  # no slot held yet
+                return True
+        sequence = self.sequences.get(seq_id)
+        if sequence is None or sequence.phase is Phase.FINISHED:
+            return False
+        self._finish(sequence, "cancelled", self.clock())
+        return True
+
+    def prune(self) -> list[Sequence]:
+        """Forgets the finished sequences that nothing in flight refers to any more (a server runs for days);
+        returns them."""
+        referred = {id(sequence) for sequence in self._in_flight.values()}
+        pruned = [s for s in self.sequences.values() if s.phase is Phase.FINISHED and id(s) not in referred]
+        for sequence in pruned:
+            del self.sequences[sequence.seq_id]
+        return pruned
+
     # --- handing out work -----------------------------------------------------------------------
 
     def next_request(self, role: str, unanswered: int = 0) -> object | None:
@@ -253,7 +287,7 @@ class Scheduler:
         feed = feed + window.tokens
         sequence.target_cache.extend(window.tokens)  # trimmed to what was accepted on reply
         request = VerifyRequest(self._new_id(), sequence.seq_id, start, feed, len(window), window.probs,
-                                self.config.sampling, prompt)
+                                sequence.sampling, prompt)
         sequence.phase, sequence.verification = Phase.VERIFYING, Verification(request.request_id, window)
         return self._issue(sequence, request)
 
@@ -286,7 +320,7 @@ class Scheduler:
         probs = None if sent[0].probs is None else torch.cat([w.probs for w in sent])
         request = VerifyNext(self._new_id(), sequence.seq_id, sequence.verification.request_id,
                              [a for a, _ in windows], [t for _, t in windows], [w.tokens for w in sent],
-                             probs, self.config.sampling)
+                             probs, sequence.sampling)
         ahead.chain = Chain(request.request_id, windows)
         return self._issue(sequence, request)
 
@@ -329,7 +363,7 @@ class Scheduler:
         alternatives = ALTERNATIVES if self.config.mode == "overlap" else 0
         sequence.phase = Phase.DRAFTING
         return self._issue(sequence, DraftRequest(self._new_id(), sequence.seq_id, start, feed, count,
-                                                  self.config.sampling, alternatives))
+                                                  sequence.sampling, alternatives))
 
     def _draft_ahead(self, sequence: Sequence) -> SpeculateRequest | None:
         """Drafts ahead, in one request, for the likeliest outcomes of the verification in flight."""
@@ -343,7 +377,7 @@ class Scheduler:
                             bonus_guesses)
         start, feed = sequence.draft_cache.feed(context)
         request = SpeculateRequest(self._new_id(), sequence.seq_id, start, feed, outcomes.forks, outcomes.heads,
-                                   bonus_guesses, count, self.config.sampling, ALTERNATIVES)
+                                   bonus_guesses, count, sequence.sampling, ALTERNATIVES)
         sequence.verification.ahead = DraftAhead(request.request_id, outcomes)
         return self._issue(sequence, request)
 
@@ -404,7 +438,7 @@ class Scheduler:
         sequence.draft_cache.settle(reply.cached, sequence.seq_id)
         if sequence.phase is Phase.FINISHED:
             return
-        self._check_probs(reply.probs, (len(reply.tokens), self.vocab_size))
+        self._check_probs(sequence, reply.probs, (len(reply.tokens), self.vocab_size))
         sequence.phase, sequence.window = Phase.READY, Drafted(reply.tokens, reply.probs, reply.alternatives)
 
     def _on_drafted_ahead(self, sequence: Sequence, reply: SpeculateResult) -> None:
@@ -412,16 +446,16 @@ class Scheduler:
         if sequence.phase is Phase.FINISHED:
             return
         ahead = sequence.verification.ahead
-        ahead.branches = self._branches(ahead.outcomes, reply)
+        ahead.branches = self._branches(sequence, ahead.outcomes, reply)
         if sequence.phase is Phase.AWAITING_AHEAD:  # the verification came back first
             self._after_verification(sequence)
 
-    def _branches(self, outcomes: Outcomes, reply: SpeculateResult) -> list[Branch]:
+    def _branches(self, sequence: Sequence, outcomes: Outcomes, reply: SpeculateResult) -> list[Branch]:
         branches, count = len(reply.heads), len(reply.tokens[0]) if reply.tokens else 0
         if branches != outcomes.branches or any(len(t) != count for t in reply.tokens):
             raise RuntimeError(f"the draft answered a speculation on {outcomes.branches} outcomes with {branches} "
                                "branches")
-        self._check_probs(reply.probs, (branches, count, self.vocab_size))
+        self._check_probs(sequence, reply.probs, (branches, count, self.vocab_size))
         drafted = []
         for i, head in enumerate(reply.heads):
             rejected = i < len(outcomes.forks)
@@ -430,11 +464,13 @@ class Scheduler:
             drafted.append(Branch(context, Drafted(reply.tokens[i], probs, reply.alternatives[i]), rejected))
         return drafted
 
-    def _check_probs(self, probs: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-        if (probs is None) != self.config.sampling.greedy or (probs is not None and tuple(probs.shape) != shape):
+    @staticmethod
+    def _check_probs(sequence: Sequence, probs: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+        greedy = sequence.sampling.greedy
+        if (probs is None) != greedy or (probs is not None and tuple(probs.shape) != shape):
             got = "none" if probs is None else "x".join(map(str, probs.shape))
             raise RuntimeError(f"the draft sent distributions of shape {got}; expected "
-                               f"{'none (greedy)' if self.config.sampling.greedy else 'x'.join(map(str, shape))}")
+                               f"{'none (greedy)' if greedy else 'x'.join(map(str, shape))}")
 
     def _on_verified(self, sequence: Sequence, reply: VerifyResult) -> None:
         sequence.target_cache.settle(reply.cached, sequence.seq_id)

@@ -22,6 +22,7 @@ import enum
 from dataclasses import dataclass, field
 
 from pipeline.drafting import Drafted, Verification
+from workers.sampling import SamplingParams
 
 
 class Phase(enum.Enum):
@@ -102,6 +103,7 @@ class Sequence:
     tokens: list[int]  # prompt + committed generated tokens
     max_new_tokens: int
     k: int  # this sequence's current window size (the configured k unless adapting)
+    sampling: SamplingParams = SamplingParams()  # its own: a server's requests each bring theirs
     phase: Phase = Phase.WAITING
     window: Drafted | None = None  # READY: what the target verifies next
     verification: Verification | None = None  # VERIFYING, AWAITING_AHEAD: the one at the target, or just back

@@ -19,9 +19,11 @@ from workers.protocol.messages import (
     SpeculateRequest,
     SpeculateResult,
     TargetBatch,
+    TargetBatchResult,
     VerifyNext,
     VerifyRequest,
     VerifyResult,
+    batch_items,
 )
 from workers.sampling import SamplingParams
 
@@ -366,6 +368,44 @@ def test_cancel_finishes_every_sequence_and_names_the_slots_to_free():
     assert s.cancel() == [0]  # only the admitted one holds slots
     assert (first.finish_reason, second.finish_reason) == ("cancelled", "cancelled")
     assert first.phase is second.phase is Phase.FINISHED and s.done and not s.waiting
+
+
+def test_each_sequence_carries_its_own_length_and_sampling_to_the_workers():
+    s = scheduler(concurrency=2, mode="target-only", max_new_tokens=10)
+    hot = SamplingParams(temperature=0.8, top_k=5, seed=3)
+    short = s.add(0, PROMPT, max_new_tokens=2, sampling=hot)
+    default = s.add(1, PROMPT)
+    assert (short.max_new_tokens, default.max_new_tokens) == (2, 10)
+    batch = s.next_request("target")
+    assert [item.sampling for item in batch_items(batch)] == [hot, SamplingParams()]
+    with pytest.raises(ValueError, match="exists already"):
+        s.add(1, PROMPT)
+    with pytest.raises(ValueError, match="at least 1"):
+        s.add(2, PROMPT, max_new_tokens=0)
+
+
+def test_cancelling_one_sequence_frees_its_slots_and_leaves_the_others_running():
+    s = scheduler(concurrency=1, mode="target-only", max_new_tokens=10)
+    running, waiting = s.add(0, PROMPT), s.add(1, PROMPT)
+    prefill(s)
+    assert s.cancel_sequence(1) and waiting.finish_reason == "cancelled" and not s.waiting
+    assert s.control["target"] == []  # a waiting sequence holds no slot
+    assert s.cancel_sequence(0) and running.finish_reason == "cancelled"
+    assert s.control["target"] == [Release(0)]
+    assert not s.cancel_sequence(0)  # finished already
+    assert s.next_request("target") == Release(0) and s.done
+
+
+def test_prune_forgets_finished_sequences_once_nothing_in_flight_refers_to_them():
+    s = scheduler(concurrency=2, mode="target-only", max_new_tokens=10)
+    s.add(0, PROMPT), s.add(1, PROMPT)
+    batch = s.next_request("target")  # both prefills in flight
+    s.cancel_sequence(0)
+    assert s.prune() == []  # its prefill has not come back
+    answers = [verified(request, 0, 20) for request in batch_items(batch)]
+    s.on_reply(TargetBatchResult(batch.request_id, [], answers, [], [], rows=2, busy_s=0.001))
+    assert [sequence.seq_id for sequence in s.prune()] == [0]
+    assert list(s.sequences) == [1]
 
 
 # --- many sequences: batches, a failed item, the goodput controller ------------------------------------
