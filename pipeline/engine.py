@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,7 +60,7 @@ class Engine:
 
     def __init__(
         self, scheduler: Scheduler, transport: Transport, poll_s: float = 0.5, stop: Callable[[], bool] | None = None,
-        spans: SpanRecorder | None = None,
+        spans: SpanRecorder | None = None, trips_kept: int | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.spans = spans or SpanRecorder()  # `specpipe profile` starts it; idle otherwise
@@ -74,29 +75,40 @@ class Engine:
         self._startable_at: dict[int, float] = {}  # sent, or (queued behind another) when that one was answered
         self._queued: dict[str, list[int]] = {role: [] for role in DISPATCH_ORDER}  # unanswered requests, in order
         self._kinds: dict[int, tuple[str, int, int, int]] = {}  # kind, size, sequences, one sequence's id
-        self.trips: list[Trip] = []  # every batch, in the order answered
-        self.failures: list[str] = []  # "[role] request N: what the worker said", per failed item
+        # every batch, in the order answered (a server keeps the last `trips_kept`)
+        self.trips: deque[Trip] = deque(maxlen=trips_kept)
+        self.failures: deque[str] = deque(maxlen=trips_kept)  # "[role] request N: what the worker said", per item
         # workers that may hold the CPU during this run: a draft spins between its requests
         self.in_use = frozenset(scheduler.roles)
 
     def run(self) -> None:
         """Runs until every sequence is finished and both workers have freed its slots."""
-        while not self.scheduler.done or self.releases_pending:
+        while not self.idle:
             if self.stop is not None and self.stop():
                 return self.cancel()
+            self.step()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do and nothing awaited: every sequence finished, every release confirmed."""
+        return self.scheduler.done and not self.releases_pending
+
+    def step(self) -> None:
+        """Sends what the scheduler has for each worker, then takes the replies that come within poll_s
+        (a server calls this in its own loop, adding and cancelling sequences between steps)."""
+        began = time.perf_counter()
+        self._dispatch()
+        ended = time.perf_counter()
+        self.coordinator_s += ended - began
+        self.spans.add("schedule", began, ended)
+        if not any(self.busy.values()) and not self.releases_pending:
+            raise RuntimeError("coordinator stalled: no worker is busy and the scheduler has nothing to send")
+        for role, reply in self.transport.wait(self.poll_s, self.in_use):
             began = time.perf_counter()
-            self._dispatch()
+            self._take(role, reply)
             ended = time.perf_counter()
             self.coordinator_s += ended - began
-            self.spans.add("schedule", began, ended)
-            if not any(self.busy.values()) and not self.releases_pending:
-                raise RuntimeError("coordinator stalled: no worker is busy and the scheduler has nothing to send")
-            for role, reply in self.transport.wait(self.poll_s, self.in_use):
-                began = time.perf_counter()
-                self._take(role, reply)
-                ended = time.perf_counter()
-                self.coordinator_s += ended - began
-                self.spans.add("take", began, ended, getattr(reply, "seq_id", -1))
+            self.spans.add("take", began, ended, getattr(reply, "seq_id", -1))
 
     def cancel(self, timeout_s: float = 1.0) -> None:
         """Marks every unfinished sequence "cancelled" and frees all KV slots in every worker.
