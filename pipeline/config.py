@@ -149,6 +149,6 @@ class PromptsConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """What `specpipe launch` prints."""
+    """What `specpipe launch` (and bench-serve) print."""
 
     json_lines: bool = False  # one JSON object per prompt on stdout instead of the text and a stats line

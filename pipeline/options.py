@@ -22,6 +22,7 @@ from pipeline.config import (
 )
 from pipeline.launcher import LivenessConfig
 from pipeline.option import CoreList, Option, options
+from pipeline.serving.config import HttpConfig, LoadConfig
 from workers.protocol.limits import MAX_BRANCHES, MAX_TRACE_SPANS
 from workers.sampling import SamplingParams
 from workers.spec import WorkerSpec
@@ -51,7 +52,8 @@ WARMUP = Option("--warmup", "warmup", "Prompts of --prompts-file (or of the bund
 MODE = Option("--mode", "mode", "overlap: the draft drafts ahead while the target verifies; serial: draft, then "
               "verify; target-only: the target alone.", click.Choice(MODES), DecodeConfig.mode)
 K = Option("--k", "k", "Drafted tokens per verification.", click.INT, DecodeConfig.k, sweepable=True)
-MAX_NEW_TOKENS = Option("--max-new-tokens", "max_new_tokens", "New tokens per prompt, at most.", click.INT,
+MAX_NEW_TOKENS = Option("--max-new-tokens", "max_new_tokens", "New tokens per prompt, at most (serve: per request "
+                        "that gives no max_tokens; bench-serve: each request's max_tokens).", click.INT,
                         DecodeConfig.max_new_tokens)
 K_POLICY = Option("--k-policy", "k_policy", "How many tokens each window drafts: fixed = always --k; adaptive = "
                   "between 1 and --k, one more after a fully accepted window, down to what was accepted after a "
@@ -110,9 +112,36 @@ TARGET_SERVER_KEY = Option("--target-server-key", "target_server_key", "The publ
 DRAFT_SERVER_KEY = Option("--draft-server-key", "draft_server_key", "The public key (NAME.key) of the worker at "
                           "--draft-addr.", click.STRING, "", show_default=False, metavar="FILE")
 
+# --- `specpipe serve` and `specpipe bench-serve` ---------------------------------------------------
+
+HOST = Option("--host", "host", "Address to listen on: loopback unless you mean to serve the network (0.0.0.0 or "
+              "::); then set --api-key too.", click.STRING, HttpConfig.host)
+PORT = Option("--port", "port", "TCP port to listen on (0 = any free one, logged at start).", click.INT, HttpConfig.port)
+API_KEY = Option("--api-key", "api_key", "The key of the API (HTTP header Authorization: Bearer KEY): serve refuses "
+                 "requests without it, bench-serve sends it; empty = none.", click.STRING, HttpConfig.api_key,
+                 show_default=False, metavar="KEY")
+SERVED_MODEL_NAME = Option("--served-model-name", "served_model_name", "The model name of the API: what serve lists and "
+                           "answers to (default: the target directory's name), what bench-serve asks for (default: "
+                           "the server's first model).", click.STRING, HttpConfig.served_model_name,
+                           show_default=False, metavar="NAME")
+MAX_WAITING = Option("--max-waiting", "max_waiting", "Requests queued beyond --max-seqs; more get 429 Too Many "
+                     "Requests with Retry-After.", click.INT, HttpConfig.max_waiting)
+DRAIN_TIMEOUT = Option("--drain-timeout", "drain_timeout_s", "On SIGTERM or Ctrl-C: seconds the requests in flight "
+                       "may take to finish (new ones get 503) before they are cancelled.", click.FLOAT,
+                       HttpConfig.drain_timeout_s)
+URL = Option("--url", "url", "The server's base URL (the part before /v1).", click.STRING, LoadConfig.url)
+REQUESTS = Option("--requests", "num_requests", "Requests to send: the prompts of --prompts-file (or the bundled "
+                  "held-out code prompts) in turn, as many times as it takes.", click.INT, LoadConfig.num_requests)
+REQUEST_RATE = Option("--request-rate", "request_rate", "Requests per second, arriving as a Poisson process (never "
+                      "more than --concurrency in flight); 0 = each of --concurrency clients sends again once answered.",
+                      click.FLOAT, LoadConfig.request_rate)
+DURATION = Option("--duration", "duration_s", "Send no request after this many seconds; those in flight finish.",
+                  click.FLOAT, LoadConfig.duration_s)
+
 # --- what is written -------------------------------------------------------------------------------
 
-JSON = Option("--json", "json_lines", "One JSON object per prompt on stdout.", default=False, show_default=False)
+JSON = Option("--json", "json_lines", "JSON on stdout instead of text: one object per prompt (launch), one for the "
+              "run (bench-serve).", default=False, show_default=False)
 JSON_OUT = Option("--json-out", "json_out", "Write every figure to this JSON file.",
                   click.Path(dir_okay=False, path_type=Path), metavar="FILE")
 REPORT = Option("--report", "report_dir", "Write a Markdown report with PNG plots into this directory.",
@@ -172,6 +201,13 @@ bench_options = options(
 profile_options = options(
     models_options, PROMPT, PROMPTS_FILE, PROMPT_COUNT, WARMUP, MAX_NEW_TOKENS, K, MODE, K_POLICY, CONCURRENCY,
     MAX_SEQS, PREFILL_CHUNK, THREADS, DTYPE, TRACE, MAX_SPANS)
+serve_options = options(
+    models_options, MAX_NEW_TOKENS, K, MODE, K_POLICY, MAX_BRANCHES, sampling_options, MAX_SEQS, PREFILL_CHUNK,
+    BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DTYPE, liveness_options, remote_options, HOST, PORT, API_KEY,
+    SERVED_MODEL_NAME, MAX_WAITING, DRAIN_TIMEOUT)
+bench_serve_options = options(
+    URL, API_KEY, SERVED_MODEL_NAME, PROMPTS_FILE, REQUESTS, CONCURRENCY, REQUEST_RATE, DURATION, MAX_NEW_TOKENS,
+    sampling_options, JSON, JSON_OUT)
 worker_options = options(
     ROLE, CHECKPOINT, BIND, BACKEND, DEVICE, DTYPE, THREADS, CORES, IO_CORES, SLOTS, MAX_SEQ_LEN, SPIN_MS, NICE,
     PARENT_PID, CURVE_SECRET_KEY, CURVE_CLIENTS)

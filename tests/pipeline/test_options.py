@@ -16,12 +16,14 @@ from pipeline.launch import LaunchConfig
 from pipeline.launcher import cluster_config
 from pipeline.option import SWEEP_HELP, CoreList, Sweep, config_from, field_paths
 from pipeline.profile import ProfileConfig
+from pipeline.serving.config import BenchServeConfig, ServeConfig
 from pipeline.prompts import select_prompts
 from workers.backends.cpu_fp16 import FP16_WEIGHTS
 from workers.models import HELDOUT_PROMPTS
 from workers.spec import WorkerSpec, resolved_dtype
 
-CONFIGS = {"launch": LaunchConfig, "bench": BenchConfig, "profile": ProfileConfig, "worker": WorkerSpec}
+CONFIGS = {"launch": LaunchConfig, "bench": BenchConfig, "profile": ProfileConfig, "worker": WorkerSpec,
+           "serve": ServeConfig, "bench-serve": BenchServeConfig}
 REQUIRED = {"worker": ["--role", "draft", "--checkpoint", "ckpt", "--bind", "ipc:///tmp/w.sock"]}
 COMMANDS = {name: main.commands[name] for name in CONFIGS}
 
