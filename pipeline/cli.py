@@ -88,6 +88,43 @@ def profile(**values) -> None:
         run_profile_command(config)
 
 
+@main.command()
+@options.serve_options
+def serve(**values) -> None:
+    """Serve the pipeline over an OpenAI-compatible HTTP API (completions, chat, models, /health, /metrics).
+
+    Any OpenAI client gets speculative decoding without knowing it is there. SIGTERM or Ctrl-C drains
+    (--drain-timeout); a worker that dies ends the requests in flight with an error and the server with
+    exit status 1, for a supervisor to restart.
+    """
+    from pipeline.serving.command import run_serve
+    from pipeline.serving.config import ServeConfig
+
+    config = config_from(ServeConfig, values)
+    with reported_errors():
+        status = run_serve(config)
+    if status:
+        raise click.exceptions.Exit(status)
+
+
+@main.command("bench-serve")
+@options.bench_serve_options
+def bench_serve(**values) -> None:
+    """Load a running `specpipe serve` (or any OpenAI-compatible server) with streaming requests.
+
+    Request and token throughput, time to first token, inter-token and end-to-end latency (p50, p90, p99),
+    errors, and the acceptance figures of the server's /metrics, as vLLM's serving benchmark reports them.
+    """
+    from pipeline.serving.config import BenchServeConfig
+    from pipeline.serving.load import run_bench_serve
+
+    config = config_from(BenchServeConfig, values)
+    with reported_errors():
+        status = run_bench_serve(config)
+    if status:
+        raise click.exceptions.Exit(status)
+
+
 def run() -> None:
     """The console entry point: `main`, then an exit that skips the interpreter's teardown.
 

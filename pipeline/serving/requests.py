@@ -1,0 +1,166 @@
+"""One request's life between the HTTP layer and the engine: its prompt and limits checked, its tokens
+turned into text as they come, its stop strings honoured, its sequence cancelled if it ends early."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import DecodeConfig
+from pipeline.generation import ModelLimits
+from pipeline.serving.detokenizer import IncrementalDetokenizer, StopChecker
+from pipeline.serving.engine_loop import EngineLoop, Finished, RequestStream
+from pipeline.serving.metrics import ServingMetrics
+from pipeline.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from workers.sampling import SamplingParams
+
+FINISH_REASONS = {"eos": "stop", "length": "length"}  # the engine's -> OpenAI's
+
+
+class RequestRejected(ValueError):
+    """A request that cannot be served as asked: a 4xx with this message."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+class GenerationFailed(RuntimeError):
+    """The engine could not finish a request it had taken (a worker died, or the server stopped)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one engine step added to a request's output."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" or "length" on the last piece
+    prompt_tokens: int
+    completion_tokens: int  # so far
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the engine."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stops: tuple[str, ...]
+
+
+class Requests:
+    """Turns checked request bodies into engine sequences and their output into Pieces."""
+
+    def __init__(self, engine: EngineLoop, tokenizer: Any, limits: ModelLimits, decode: DecodeConfig,
+                 metrics: ServingMetrics, target_dir: str) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.decode = decode  # max_new_tokens and sampling: the defaults of what a request leaves out
+        self.metrics = metrics
+        self.target_dir = target_dir
+
+    # --- checking ---------------------------------------------------------------------------------
+
+    def prepare_completion(self, body: CompletionRequest) -> Prepared:
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+            too_big = [token for token in ids if token >= self.limits.vocab_size]
+            if too_big:
+                raise RequestRejected(f"prompt token id {too_big[0]} is outside the vocabulary of "
+                                      f"{self.limits.vocab_size} tokens", param="prompt")
+        return self._prepare(ids, body, "prompt")
+
+    def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestRejected(f"the target checkpoint {self.target_dir} has no chat template (chat_template in "
+                                  "its tokenizer_config.json), so /v1/chat/completions cannot render messages; use "
+                                  "/v1/completions, or serve a --target that has one", param="messages")
+        messages = [{"role": message.role, "content": message.text} for message in body.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as error:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception)
+            raise RequestRejected(f"the chat template cannot render these messages: {error}",
+                                  param="messages") from None
+        return self._prepare(self.tokenizer(text, add_special_tokens=False)["input_ids"], body, "messages")
+
+    def _prepare(self, ids: list[int], body: SamplingFields, prompt_field: str) -> Prepared:
+        context = self.limits.max_context
+        if not ids:
+            raise RequestRejected(f"the {prompt_field} tokenizes to nothing; give some text", param=prompt_field)
+        if len(ids) >= context:
+            raise RequestRejected(f"this model's context holds {context} tokens, and the {prompt_field} alone is "
+                                  f"{len(ids)}; shorten it", param=prompt_field, code="context_length_exceeded")
+        if body.max_tokens is None:
+            max_new = min(self.decode.max_new_tokens, context - len(ids))
+        elif len(ids) + body.max_tokens > context:
+            raise RequestRejected(f"this model's context holds {context} tokens, and {len(ids) + body.max_tokens} "
+                                  f"were asked for ({len(ids)} in the {prompt_field}, {body.max_tokens} in max_tokens); "
+                                  "lower max_tokens or shorten the prompt", param="max_tokens",
+                                  code="context_length_exceeded")
+        else:
+            max_new = body.max_tokens
+        default = self.decode.sampling
+        sampling = SamplingParams(
+            temperature=default.temperature if body.temperature is None else body.temperature,
+            top_k=default.top_k if body.top_k is None else max(body.top_k, 0),
+            top_p=default.top_p if body.top_p is None else body.top_p,
+            seed=default.seed if body.seed is None else body.seed,
+        )
+        try:
+            sampling.validate(self.limits.vocab_size)
+        except ValueError as error:
+            raise RequestRejected(str(error).replace("--top-k", "top_k").replace("--", ""), param="top_k") from None
+        return Prepared(ids, max_new, sampling, body.stops)
+
+    # --- running ----------------------------------------------------------------------------------
+
+    async def run(self, prepared: Prepared) -> AsyncIterator[Piece]:
+        """The request's output piece by piece, the last with its finish_reason. Raises EngineUnavailable
+        before the first piece when the engine cannot take it, GenerationFailed when it fails midway. If the
+        caller stops early (the client left), the sequence is cancelled and its KV slots freed."""
+        arrived = time.perf_counter()
+        stream = RequestStream(asyncio.get_running_loop())
+        seq_id = self.engine.submit(prepared.prompt_ids, prepared.max_new_tokens, prepared.sampling, stream)
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        stops = StopChecker(prepared.stops) if prepared.stops else None
+        prompt_tokens, completion_tokens, outcome = len(prepared.prompt_ids), 0, "abort"
+        decoding = True  # the engine still decodes it
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, Finished):
+                    decoding = False
+                    if item.reason not in FINISH_REASONS:
+                        outcome = "error"
+                        raise GenerationFailed(item.error or f"the sequence was {item.reason}: the server is "
+                                               "shutting down")
+                    outcome = FINISH_REASONS[item.reason]
+                    text = detokenizer.push([], final=True)
+                    yield Piece(stops.push(text, final=True) if stops else text, [], outcome, prompt_tokens,
+                                item.completion_tokens)
+                    return
+                completion_tokens += len(item)
+                text = detokenizer.push(item)
+                if stops is None:
+                    yield Piece(text, item, None, prompt_tokens, completion_tokens)
+                    continue
+                text = stops.push(text)
+                if stops.stopped:
+                    outcome = "stop"
+                    yield Piece(text, item, "stop", prompt_tokens, completion_tokens)
+                    return
+                yield Piece(text, item, None, prompt_tokens, completion_tokens)
+        finally:
+            if decoding:  # the client left, or a stop string came: free its slots
+                self.engine.cancel(seq_id)
+            self.metrics.finished(outcome)
+            self.metrics.e2e.observe(time.perf_counter() - arrived)
