@@ -100,7 +100,8 @@ def serve(spec: WorkerSpec) -> int:
         return _fail_hello(socket, spec.role, str(error))
     except KeyboardInterrupt:  # SIGTERM while loading
         return 0
-    log(spec.role, f"{ready.model} on {ready.device}, {spec.threads} thread(s)"
+    numerics = f", {service.runner.numerics}" if service.runner.numerics else ""
+    log(spec.role, f"{ready.model} on {ready.device}{numerics}, {spec.threads} thread(s)"
                    f"{', cores ' + ','.join(map(str, spec.cores)) if spec.cores else ''}, listening on {spec.bind}"
                    f"{' (CURVE)' if authenticator else ''}")
     spans = SpanRecorder()  # started and collected by `specpipe profile`

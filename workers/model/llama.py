@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.backends.cpu_rows import RowRange, padded_matmul
 from workers.model.config import ModelConfig, RopeScaling
 from workers.model.segment import Segment
 
@@ -106,19 +107,15 @@ def normalize(x: Tensor, eps_times_dim: Tensor) -> Tensor:
 PromptRows = tuple[tuple[int, int], ...]  # (first, end) row ranges of a batch that are prompt chunks
 
 
-def project(x: Tensor, weight, bias: Tensor | None, prompt_rows: PromptRows = ()) -> Tensor:
+def project(x: Tensor, weight, bias: Tensor | None, gemm_rows: RowRange | None,
+            prompt_rows: PromptRows = ()) -> Tensor:
     # x: [R, in] @ weight [in, out]. A weight that is not a tensor is a backend's packed matrix (it holds its
-    # bias); `prompt_rows` lets it pick its prefill kernel for them (see workers.backends.cpu_fp16).
+    # bias); `prompt_rows` lets it pick its prefill kernel for them (see workers.backends.cpu_fp16). On a
+    # CPU every call is made at a row count measured to give each row the same bits (`gemm_rows`, cpu_rows).
     if not isinstance(weight, Tensor):
         return weight(x, prompt_rows)
-    if x.shape[0] == 1 and x.device.type == "cpu":
-        # MKL multiplies one row by its GEMV kernel and two or more by its GEMM kernel, whose rows differ in
-        # the last bits: every pass takes the GEMM, so a row's result never depends on how many share the call.
-        return _matmul(torch.cat((x, x)), weight, bias)[:1]
-    return _matmul(x, weight, bias)
-
-
-def _matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if gemm_rows is not None:
+        return padded_matmul(x, weight, bias, gemm_rows)
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
 
@@ -135,6 +132,7 @@ class BatchLayout:
     slots: Tensor | None  # [R] each row's slot, for one indexed cache write (None: a single segment)
     indices: Tensor | None  # [R] each row's cache index
     prompt_rows: PromptRows
+    gemm_rows: RowRange | None  # the row counts a CPU GEMM is called with (None: any, as on CUDA)
 
 
 class DecoderLayer(nn.Module):
@@ -158,8 +156,7 @@ class DecoderLayer(nn.Module):
                 segments: list[Segment], layout: BatchLayout) -> Tensor:
         # x: [R, d], the rows of every segment; cos, sin: [R, 1, hd]; k_cache, v_cache: [slots, kv_heads, max_seq_len, hd]
         R, hd, n_kv = x.shape[0], self.head_dim, self.n_kv_heads
-        prompt_rows = layout.prompt_rows
-        qkv = project(normalize(x, self.eps_times_dim), self.wqkv, self.bqkv, prompt_rows)
+        qkv = project(normalize(x, self.eps_times_dim), self.wqkv, self.bqkv, layout.gemm_rows, layout.prompt_rows)
         qk = qkv[:, : self.q_width + self.kv_width].view(R, self.n_heads + n_kv, hd)
         # RoPE on queries and keys at once; rotate_half(x) = x[..., halves swapped] * [-1.., +1..] (in sin)
         qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)
@@ -180,11 +177,12 @@ class DecoderLayer(nn.Module):
             outputs.append(self._attend(q[first:last], k_cache[segment.slot], v_cache[segment.slot],
                                         segment.write_at + last - first, mask))
         attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        x = x + project(attn, self.wo, self.bo, prompt_rows)
+        x = x + project(attn, self.wo, self.bo, layout.gemm_rows, layout.prompt_rows)
 
-        gate_up = project(normalize(x, self.eps_times_dim), self.w_gate_up, self.b_gate_up, prompt_rows)
+        gate_up = project(normalize(x, self.eps_times_dim), self.w_gate_up, self.b_gate_up, layout.gemm_rows,
+                          layout.prompt_rows)
         hidden = F.silu(gate_up[:, : self.ffn_width]) * gate_up[:, self.ffn_width :]
-        return x + project(hidden, self.w_down, self.b_down, prompt_rows)
+        return x + project(hidden, self.w_down, self.b_down, layout.gemm_rows, layout.prompt_rows)
 
     def _attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, end: int, mask: Tensor | None) -> Tensor:
         # One segment's queries q [T, heads, hd] against its slot's cache [kv_heads, max_seq_len, hd] up to `end`.
@@ -210,6 +208,7 @@ class Transformer(nn.Module):
         self.lm_head = _weight(config.hidden_size, config.vocab_size)
         self.eps_times_dim = torch.tensor(0.0)
         self.max_seq_len = 0
+        self.gemm_rows: RowRange | None = None  # set by the runner on a CPU (workers.backends.cpu_rows)
 
     def setup_caches(self, n_slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocates the KV cache [layers, slots, kv_heads, max_seq_len, hd], RoPE tables and causal mask."""
@@ -244,7 +243,7 @@ class Transformer(nn.Module):
             rows = x[wanted[0][0] :]
         else:
             rows = torch.cat([x[first:last] for first, last in wanted])
-        logits = project(normalize(rows, self.eps_times_dim), self.lm_head, None)
+        logits = project(normalize(rows, self.eps_times_dim), self.lm_head, None, self.gemm_rows)
         out, taken = [], 0
         for segment in segments:
             out.append(logits[taken : taken + segment.logits])
@@ -277,11 +276,11 @@ class Transformer(nn.Module):
             masks.append(None if mask is None else mask.repeat(group, 1))  # [group*T, end]: row g*T + t is query t
             first += T
         if len(segments) == 1:
-            return BatchLayout(ranges, masks, None, None, tuple(prompt_rows))
+            return BatchLayout(ranges, masks, None, None, tuple(prompt_rows), self.gemm_rows)
         device = self.k_cache.device
         slots = torch.cat([torch.full((s.rows,), s.slot, dtype=torch.long) for s in segments]).to(device)
         indices = torch.cat([torch.arange(s.write_at, s.write_at + s.rows) for s in segments]).to(device)
-        return BatchLayout(ranges, masks, slots, indices, tuple(prompt_rows))
+        return BatchLayout(ranges, masks, slots, indices, tuple(prompt_rows), self.gemm_rows)
 
     def matrices(self) -> Iterator[tuple[nn.Module, str, str | None]]:
         """Every matrix a backend may repack (all but the embedding), as (module, weight name, bias name)."""

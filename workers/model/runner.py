@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from workers.backends.cpu_fp16 import FP16_WEIGHTS, fbgemm_fp16_available, pack_fp16_weights
+from workers.backends.cpu_rows import invariant_rows
 from workers.backends.torch_device import resolve_device, resolve_dtype
 from workers.errors import CheckpointError, DeviceError
 from workers.model.checkpoint import check_weight_names, read_config, read_hf_weights
@@ -26,6 +27,10 @@ class ModelRunner(RunnerBase):
     def __init__(self, config: ModelConfig, model: Transformer, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(config, device, dtype, model.max_seq_len, model.k_cache.shape[1])
         self.model = model
+
+    @property
+    def numerics(self) -> str:
+        return "" if self.model.gemm_rows is None else self.model.gemm_rows.describe()
 
     @classmethod
     def from_checkpoint(
@@ -76,6 +81,9 @@ class ModelRunner(RunnerBase):
             raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if pack_fp16:
             pack_fp16_weights(model.matrices())
+        elif torch_device.type == "cpu":
+            model.gemm_rows = invariant_rows(
+                (getattr(module, weight).shape for module, weight, _ in model.matrices()), torch_dtype)
         model.setup_caches(n_slots, max_seq_len, torch_dtype, torch_device)
         model.requires_grad_(False).eval()
         return cls(config, model, torch_device, torch_dtype)

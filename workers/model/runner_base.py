@@ -23,6 +23,7 @@ class RunnerBase(ABC):
     """
 
     scratch_rows = False  # whether `forward_batch` takes scratch segments: several drafted branches in one forward
+    numerics = ""  # how the runner keeps a row's bits independent of its batch, for the worker's startup line
 
     def __init__(self, config: ModelConfig, device: torch.device | str, dtype: torch.dtype | str, max_seq_len: int,
                  n_slots: int) -> None:
