@@ -8,7 +8,9 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import DecodeConfig, ModelsConfig, OutputConfig, PromptsConfig, RemoteConfig, WorkersConfig
+from pipeline.config import (
+    WARMUP_PROMPTS, DecodeConfig, ModelsConfig, OutputConfig, PromptsConfig, RemoteConfig, WorkersConfig,
+)
 from pipeline.launcher import LivenessConfig
 from workers.sampling import SamplingParams
 
@@ -89,7 +91,8 @@ class BenchServeConfig:
     """Everything `specpipe bench-serve` is asked for."""
 
     load: LoadConfig = LoadConfig()
-    prompts: PromptsConfig = PromptsConfig()  # default: the bundled held-out code prompts
+    # default: the bundled held-out code prompts, the first --warmup of them sent first and left out
+    prompts: PromptsConfig = PromptsConfig(warmup=WARMUP_PROMPTS)
     sampling: SamplingParams = SamplingParams()
     output: OutputConfig = OutputConfig()  # --json: the summary as one JSON object on stdout
     json_out: Path | None = None  # the summary and every request's figures, as a JSON file

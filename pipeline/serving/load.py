@@ -21,7 +21,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import openai
 from prometheus_client.parser import text_string_to_metric_families
@@ -127,6 +127,15 @@ class Speculation:
 
 
 @dataclass(frozen=True)
+class Warmup:
+    """The --warmup requests sent before the measured ones and left out of every figure."""
+
+    requests: int = 0
+    failed: int = 0
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class LoadReport:
     machine: dict[str, object]
     date: str
@@ -146,6 +155,7 @@ class LoadReport:
     speculation: Speculation | None  # None when /metrics could not be read
     metrics_error: str | None
     requests: tuple[RequestRecord, ...]
+    warmup: Warmup
 
     def to_json(self, with_requests: bool = False) -> dict[str, object]:
         out: dict[str, object] = {
@@ -157,7 +167,7 @@ class LoadReport:
             "total_token_throughput": self.total_token_throughput,
             "ttft_ms": self.ttft_ms, "itl_ms": self.itl_ms, "e2e_ms": self.e2e_ms,
             "speculation": None if self.speculation is None else self.speculation.to_json(),
-            "metrics_error": self.metrics_error,
+            "metrics_error": self.metrics_error, "warmup": asdict(self.warmup),
         }
         if with_requests:
             out["requests"] = [record.to_json() for record in self.requests]
@@ -332,7 +342,7 @@ def settings(config: BenchServeConfig, prompts: int) -> dict[str, object]:
 
 
 def summarize(config: BenchServeConfig, model: str, prompts: int, records: Sequence[RequestRecord],
-              speculation: Speculation | None, metrics_error: str | None) -> LoadReport:
+              speculation: Speculation | None, metrics_error: str | None, warmup: Warmup = Warmup()) -> LoadReport:
     done = [r for r in records if r.ok]
     duration = (max(r.start_s + r.e2e_s for r in records) - min(r.start_s for r in records)) if records else 0.0
 
@@ -349,7 +359,7 @@ def summarize(config: BenchServeConfig, model: str, prompts: int, records: Seque
         total_token_throughput=rate(output_tokens + sum(r.prompt_tokens for r in done)),
         ttft_ms=latency_ms([r.ttft_s for r in done if r.ttft_s is not None]),
         itl_ms=latency_ms([gap for r in done for gap in r.itl_s]), e2e_ms=latency_ms([r.e2e_s for r in done]),
-        speculation=speculation, metrics_error=metrics_error, requests=tuple(records))
+        speculation=speculation, metrics_error=metrics_error, requests=tuple(records), warmup=warmup)
 
 
 async def run_load(config: BenchServeConfig, *, timeout_s: float = REQUEST_TIMEOUT_S) -> LoadReport:
@@ -359,12 +369,14 @@ async def run_load(config: BenchServeConfig, *, timeout_s: float = REQUEST_TIMEO
     config.sampling.validate()
     load = config.load
     url = load.url.rstrip("/")
-    prompts = select_prompts(config.prompts, bundled=HELDOUT_PROMPTS).measured
+    selected = select_prompts(config.prompts, bundled=HELDOUT_PROMPTS)
+    prompts = selected.measured
     if not prompts:
         raise ValueError("no prompts to send: give --prompt or a --prompts-file with lines")
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=load.api_key or "none", max_retries=0,
                                   timeout=timeout_s) as client:
         model = await find_model(client, config)
+        warmup = await warm_up(client, config, model, selected.warmup)
         before, metrics_error = await read_counters(url, load.api_key)
         if metrics_error:
             log(f"{metrics_error}; going on without the speculation figures")
@@ -379,7 +391,24 @@ async def run_load(config: BenchServeConfig, *, timeout_s: float = REQUEST_TIMEO
             log(f"{metrics_error}; going on without the speculation figures")
         else:
             speculation = Speculation(**{name: after[name] - before[name] for name in COUNTERS})
-    return summarize(config, model, len(prompts), records, speculation, metrics_error)
+    return summarize(config, model, len(prompts), records, speculation, metrics_error, warmup)
+
+
+async def warm_up(client: openai.AsyncOpenAI, config: BenchServeConfig, model: str,
+                  prompts: Sequence[str]) -> Warmup:
+    """Each warm-up prompt once, at most --concurrency in flight, before the counters are first read."""
+    if not prompts:
+        return Warmup()
+    log(f"warming up with {len(prompts)} request(s), left out of the figures")
+    in_flight = asyncio.Semaphore(config.load.concurrency)
+    t0 = time.perf_counter()
+
+    async def send(index: int, prompt: str) -> RequestRecord:
+        async with in_flight:
+            return await one_request(client, config, model, index, prompt, t0)
+
+    records = await asyncio.gather(*(send(index, prompt) for index, prompt in enumerate(prompts)))
+    return Warmup(len(records), sum(not r.ok for r in records), time.perf_counter() - t0)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -398,6 +427,8 @@ def text_table(report: LoadReport) -> str:
                  f"{s['duration_s']:g} s at most, {s['max_new_tokens']} max tokens"),
         ("Sampling", f"temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}, "
                      f"seed {s['seed']}"),
+        ("Warm-up (left out)", f"{report.warmup.requests} requests, {report.warmup.failed} failed, "
+                               f"{report.warmup.duration_s:.2f} s"),
         ("Completed requests", str(report.completed)),
         ("Failed requests", str(report.failed)),
         ("Duration (s)", f"{report.duration_s:.2f}"),

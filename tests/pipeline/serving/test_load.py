@@ -237,7 +237,7 @@ def test_json_has_the_documented_keys(server, stub, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     keys = {"machine", "date", "url", "model", "settings", "completed", "failed", "errors", "duration_s",
             "request_throughput", "output_token_throughput", "total_token_throughput", "ttft_ms", "itl_ms",
-            "e2e_ms", "speculation", "metrics_error"}
+            "e2e_ms", "speculation", "metrics_error", "warmup"}
     assert set(summary) == keys
     assert set(summary["machine"]) == {"platform", "cpu", "cores"}
     for figure in ("ttft_ms", "itl_ms", "e2e_ms"):
@@ -271,3 +271,15 @@ def test_no_completed_request_is_exit_status_1(server, stub, capsys):
     stub.fail_every = 1
     assert run_bench_serve(config(server.url, num_requests=2)) == 1
     assert "no request completed: HTTP 429" in capsys.readouterr().err
+
+
+def test_warmup_requests_go_first_and_are_left_out_of_every_figure(server, stub, tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text('"warm one"\n"warm two"\n"measured"\n')
+    load = config(server.url, num_requests=4)
+    load = BenchServeConfig(load=load.load, prompts=PromptsConfig(file=prompts_file, warmup=2))
+    report = asyncio.run(run_load(load))
+    assert [body["prompt"] for body in stub.bodies] == ["warm one", "warm two"] + ["measured"] * 4
+    assert (report.completed, len(report.requests)) == (4, 4)
+    assert (report.warmup.requests, report.warmup.failed) == (2, 0) and report.warmup.duration_s > 0
+    assert report.to_json()["warmup"]["requests"] == 2
