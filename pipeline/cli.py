@@ -125,6 +125,26 @@ def bench_serve(**values) -> None:
         raise click.exceptions.Exit(status)
 
 
+@main.command()
+@options.distill_options
+def distill(**values) -> None:
+    """Distil a draft for any Llama-family target, then measure the pair.
+
+    A small decoder with the target's tokenizer learns the target's next-token distributions (forward KL)
+    over --corpus and over continuations the target writes itself; resumable (rerun with the same --out),
+    on CUDA where there is one. At the end: greedy agreement, mean acceptance length at k = 1, 3, 5 and the
+    draft's decode cost against the target's, on --prompts-file (default: the bundled held-out code prompts).
+    """
+    from pipeline.distill.command import run_distill
+    from pipeline.distill.config import DistillConfig
+
+    config = config_from(DistillConfig, values)
+    with reported_errors():
+        status = run_distill(config)
+    if status:
+        raise click.exceptions.Exit(status)
+
+
 def run() -> None:
     """The console entry point: `main`, then an exit that skips the interpreter's teardown.
 

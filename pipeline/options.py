@@ -20,6 +20,7 @@ from pipeline.config import (
     ModelsConfig,
     WorkersConfig,
 )
+from pipeline.distill.config import DraftShape, TrainingConfig
 from pipeline.launcher import LivenessConfig
 from pipeline.option import CoreList, Option, options
 from pipeline.serving.config import HttpConfig, LoadConfig
@@ -53,7 +54,8 @@ MODE = Option("--mode", "mode", "overlap: the draft drafts ahead while the targe
               "verify; target-only: the target alone.", click.Choice(MODES), DecodeConfig.mode)
 K = Option("--k", "k", "Drafted tokens per verification.", click.INT, DecodeConfig.k, sweepable=True)
 MAX_NEW_TOKENS = Option("--max-new-tokens", "max_new_tokens", "New tokens per prompt, at most (serve: per request "
-                        "that gives no max_tokens; bench-serve: each request's max_tokens).", click.INT,
+                        "that gives no max_tokens; bench-serve: each request's max_tokens; distill: the target's "
+                        "greedy tokens per evaluation prompt).", click.INT,
                         DecodeConfig.max_new_tokens)
 K_POLICY = Option("--k-policy", "k_policy", "How many tokens each window drafts: fixed = always --k; adaptive = "
                   "between 1 and --k, one more after a fully accepted window, down to what was accepted after a "
@@ -179,6 +181,33 @@ CURVE_CLIENTS = Option("--curve-clients", "curve_clients", "Public key file (NAM
                        "connect, or a directory of them; repeat for several. Every other client is refused.",
                        click.STRING, multiple=True, show_default=False, metavar="PATH")
 
+# --- `specpipe distill` ----------------------------------------------------------------------------
+
+OUT = Option("--out", "out_dir", "Directory the draft checkpoint goes to; its resumable state stays in OUT/state (a "
+             "rerun with the same --out continues).", click.Path(file_okay=False, path_type=Path), metavar="DIR")
+CORPUS = Option("--corpus", "corpus", "A directory of Python source (*.py, searched recursively) to distil on; repeat "
+                "for several. None: this Python's standard library, tests left out.",
+                click.Path(exists=True, file_okay=False, path_type=Path), multiple=True, show_default=False,
+                metavar="DIR")
+INIT = Option("--init", "init_dir", "Start from this draft checkpoint's weights (and shape) instead of random ones.",
+              click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR")
+LAYERS = Option("--layers", "layers", "The draft's decoder layers.", click.INT, DraftShape.layers)
+WIDTH = Option("--width", "width", "The draft's hidden size: heads of 64, half as many KV heads, SwiGLU 2.75x as "
+               "wide.", click.INT, DraftShape.width)
+MINUTES = Option("--minutes", "minutes", f"Train for this many minutes (without --steps: "
+                 f"{TrainingConfig.DEFAULT_MINUTES:g}).", click.FLOAT, TrainingConfig.minutes, show_default=False)
+STEPS = Option("--steps", "steps", "Train this many steps instead of for --minutes.", click.INT, TrainingConfig.steps)
+BATCH_SIZE = Option("--batch-size", "batch_size", "Windows per step: half from the corpus, half from the target's "
+                    "continuations.", click.INT, TrainingConfig.batch_size)
+SEQ_LEN = Option("--seq-len", "seq_len", "Tokens per window.", click.INT, TrainingConfig.seq_len)
+LEARNING_RATE = Option("--learning-rate", "learning_rate", "Peak learning rate (linear warm-up, then cosine decay to "
+                       "a tenth).", click.FLOAT, TrainingConfig.learning_rate)
+GENERATIONS = Option("--generations", "generations", "Continuations of corpus windows the target writes (192 tokens "
+                     "each, half greedy, half sampled) for the draft to learn on.", click.INT,
+                     TrainingConfig.generations)
+EVAL_ONLY = Option("--eval-only", "eval_only", "Only evaluate --draft against --target on the prompts; train "
+                   "nothing.", default=False, show_default=False)
+
 # --- `specpipe keygen` -----------------------------------------------------------------------------
 
 KEY_NAME = Option("--name", "name", "Base name: writes DIRECTORY/NAME.key (public) and NAME.key_secret.",
@@ -208,6 +237,9 @@ serve_options = options(
 bench_serve_options = options(
     URL, API_KEY, SERVED_MODEL_NAME, PROMPTS_FILE, WARMUP, REQUESTS, CONCURRENCY, REQUEST_RATE, DURATION, MAX_NEW_TOKENS,
     sampling_options, JSON, JSON_OUT)
+distill_options = options(
+    models_options, OUT, CORPUS, INIT, LAYERS, WIDTH, MINUTES, STEPS, BATCH_SIZE, SEQ_LEN, LEARNING_RATE, GENERATIONS,
+    EVAL_ONLY, PROMPTS_FILE, PROMPT_COUNT, MAX_NEW_TOKENS, JSON_OUT)
 worker_options = options(
     ROLE, CHECKPOINT, BIND, BACKEND, DEVICE, DTYPE, THREADS, CORES, IO_CORES, SLOTS, MAX_SEQ_LEN, SPIN_MS, NICE,
     PARENT_PID, CURVE_SECRET_KEY, CURVE_CLIENTS)

@@ -12,6 +12,7 @@ import pipeline.launch
 from pipeline.bench.config import BenchConfig
 from pipeline.cli import main
 from pipeline.config import ModelsConfig, PromptsConfig, WorkersConfig
+from pipeline.distill.config import DistillConfig
 from pipeline.launch import LaunchConfig
 from pipeline.launcher import cluster_config
 from pipeline.option import SWEEP_HELP, CoreList, Sweep, config_from, field_paths
@@ -23,7 +24,7 @@ from workers.models import HELDOUT_PROMPTS
 from workers.spec import WorkerSpec, resolved_dtype
 
 CONFIGS = {"launch": LaunchConfig, "bench": BenchConfig, "profile": ProfileConfig, "worker": WorkerSpec,
-           "serve": ServeConfig, "bench-serve": BenchServeConfig}
+           "serve": ServeConfig, "bench-serve": BenchServeConfig, "distill": DistillConfig}
 REQUIRED = {"worker": ["--role", "draft", "--checkpoint", "ckpt", "--bind", "ipc:///tmp/w.sock"]}
 COMMANDS = {name: main.commands[name] for name in CONFIGS}
 
@@ -93,12 +94,23 @@ def test_the_option_defaults_are_the_config_defaults(command):
         assert config == CONFIGS[command]()
 
 
+def existing(kind: click.Path, path: Path) -> Path:
+    """A path that exists, as a directory or as a prompts file, whichever `kind` wants."""
+    if kind.file_okay:
+        path.write_text('"x"\n')
+    else:
+        path.mkdir(exist_ok=True)
+    return path
+
+
 def other_value(param: click.Option, tmp_path: Path) -> list[str]:
     """Arguments that give `param` a value other than its default."""
     flag, kind = param.opts[0], item_type(param)
     if param.is_flag:
         return [param.secondary_opts[0] if param.default else flag]
     if param.multiple:
+        if isinstance(kind, click.Path):  # --corpus: directories that exist
+            return [arg for name in ("first", "second") for arg in (flag, str(existing(kind, tmp_path / name)))]
         return [flag, "first", flag, "second"]
     if isinstance(param.type, Sweep):
         return [flag, "2,5"]
@@ -107,14 +119,12 @@ def other_value(param: click.Option, tmp_path: Path) -> list[str]:
     if isinstance(kind, CoreList):
         return [flag, "0,1"]
     if isinstance(kind, click.Path):
-        path = tmp_path / param.name
-        if kind.exists:  # --prompts-file
-            path.write_text('"x"\n')
-        return [flag, str(path)]
+        return [flag, str(existing(kind, tmp_path / param.name) if kind.exists else tmp_path / param.name)]
+    number = param.default if isinstance(param.default, (int, float)) else 0  # no default: None
     if kind == click.INT:
-        return [flag, str((param.default or 0) + 2)]
+        return [flag, str(number + 2)]
     if kind == click.FLOAT:
-        return [flag, str((param.default or 0) + 0.25)]
+        return [flag, str(number + 0.25)]
     return [flag, "elsewhere"]
 
 

@@ -1,0 +1,73 @@
+"""The draft as a transformers model: shaped from the target's config, saved as an ordinary checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.distill.config import DraftShape
+
+
+def load_target(directory: Path, device: torch.device, dtype: torch.dtype):
+    """The target as a transformers causal LM, frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def draft_config(target_config, shape: DraftShape):
+    """A Llama config of `shape` that shares everything tokens and positions depend on with the target:
+    vocabulary, special tokens, context length and rotary embedding."""
+    from transformers import LlamaConfig
+
+    rope = dict(getattr(target_config, "rope_parameters", None) or {})
+    rope = rope or {"rope_type": "default", "rope_theta": float(getattr(target_config, "rope_theta", 10000.0))}
+    return LlamaConfig(
+        vocab_size=target_config.vocab_size,
+        hidden_size=shape.width,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.width // shape.heads,
+        intermediate_size=shape.ffn,
+        max_position_embeddings=target_config.max_position_embeddings,
+        rope_parameters=rope,
+        rms_norm_eps=getattr(target_config, "rms_norm_eps", 1e-5),
+        tie_word_embeddings=True,  # a small draft's embedding is most of its weights: share it with the head
+        bos_token_id=target_config.bos_token_id,
+        eos_token_id=target_config.eos_token_id,
+        pad_token_id=getattr(target_config, "pad_token_id", None),
+        initializer_range=0.02,
+    )
+
+
+def new_draft(target_config, shape: DraftShape, init_dir: Path | None, seed: int):
+    """A draft of `shape` with random weights, or the weights of the draft at `init_dir` (--init)."""
+    from transformers import LlamaForCausalLM
+
+    if init_dir is not None:
+        draft = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
+        if draft.config.vocab_size != target_config.vocab_size:
+            raise ValueError(f"--init {init_dir} has a vocabulary of {draft.config.vocab_size} tokens and the "
+                             f"target {target_config.vocab_size}; a draft must share the target's tokenizer")
+        return draft
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(draft_config(target_config, shape))
+
+
+def shape_of(draft) -> DraftShape:
+    return DraftShape(layers=draft.config.num_hidden_layers, width=draft.config.hidden_size)
+
+
+def save_draft(draft, target_dir: Path, out_dir: Path, card: dict) -> None:
+    """An ordinary Hugging Face checkpoint (bf16 safetensors) with the target's tokenizer and a training.json;
+    `draft` is left in bf16."""
+    from transformers import AutoTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draft.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(target_dir).save_pretrained(out_dir)
+    (out_dir / "training.json").write_text(json.dumps(card, indent=2) + "\n")
