@@ -1,31 +1,28 @@
-"""Trains specpipe's bundled draft/target pair on the Python standard library.
+"""Trains specpipe's bundled draft/target pair: the target's own pre-training, then `specpipe distill`.
 
-    python scripts/train_pair.py --out runs/pair            # CUDA if present, else CPU
-    python scripts/train_pair.py --out runs/pair --export workers/models
+    python scripts/build_corpus.py --out /work/corpus                 # the corpus, split by package
+    python scripts/train_pair.py --corpus /work/corpus/train --out runs/pair --export workers/models
 
 Phases, each resumable (state is saved under --out and a rerun continues where it stopped):
   1. tokenizer: byte-level BPE (tokenizers), trained on the training files only;
   2. target:    a Llama model trained on next-token prediction; the checkpoint with the best
-                held-out loss is kept;
-  3. draft:     a much smaller Llama distilled from the target: it minimises KL(target || draft)
-                over both corpus text and text the target itself generated (the prefixes the draft
-                will see at inference), so that draft and target agree as often as possible.
+                held-out loss is kept and saved as runs/pair/target;
+  3. draft:     `specpipe distill` for that target (pipeline.distill): a much smaller Llama that
+                minimises KL(target || draft) over the corpus and over text the target itself wrote.
 
-Corpus: every *.py file of the standard library of the interpreter that runs this script (or
---stdlib), except site-packages and tests (any path component test, tests or idle_test, and
-files named test_*.py). Files are split into train and held-out by a hash of their relative
-path; the held-out list is written next to the checkpoints (heldout_files.txt).
+Corpus: every *.py file under --corpus (scripts/build_corpus.py lays one out: permissively licensed
+packages and the standard library, held-out packages apart); without --corpus, the standard library of
+this interpreter less its tests. A hash of each text holds 2 % of the files back for the loss.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import random
-import sysconfig
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,38 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.config import ModelsConfig, PromptsConfig
+from pipeline.distill.command import run_distill
+from pipeline.distill.config import DistillConfig, DraftShape, EvalConfig, TrainingConfig
+from pipeline.distill.corpus import read_corpus, token_stream
+
 EOS = "<|endoftext|>"
-TEST_DIRS = {"test", "tests", "idle_test"}
-
-
-# --- corpus -------------------------------------------------------------------------------------
-
-
-def corpus_files(stdlib: Path) -> list[Path]:
-    files = []
-    for path in sorted(stdlib.rglob("*.py")):
-        relative = path.relative_to(stdlib)
-        parts = set(relative.parts[:-1])
-        if "site-packages" in parts or parts & TEST_DIRS or relative.name.startswith("test_"):
-            continue
-        files.append(relative)
-    return files
-
-
-def is_heldout(relative: Path, heldout_percent: int) -> bool:
-    bucket = int(hashlib.sha256(relative.as_posix().encode()).hexdigest(), 16) % 100
-    return bucket < heldout_percent
-
-
-def split_corpus(stdlib: Path, heldout_percent: int) -> tuple[list[Path], list[Path]]:
-    files = corpus_files(stdlib)
-    train = [f for f in files if not is_heldout(f, heldout_percent)]
-    heldout = [f for f in files if is_heldout(f, heldout_percent)]
-    return train, heldout
-
-
-def read_text(stdlib: Path, relative: Path) -> str:
-    return (stdlib / relative).read_text(encoding="utf-8", errors="replace")
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
@@ -92,16 +63,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
     return wrapped
 
 
-def encode_documents(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All documents as one stream of ids, each followed by EOS."""
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    ids: list[int] = []
-    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.int32)
-
-
 # --- models -------------------------------------------------------------------------------------
 
 
@@ -115,7 +76,6 @@ class Shape:
 
 
 TARGET = Shape(hidden=512, layers=7, heads=8, kv_heads=4, ffn=1536)
-DRAFT = Shape(hidden=256, layers=2, heads=4, kv_heads=2, ffn=704)
 
 
 def llama_config(shape: Shape, vocab_size: int, context: int, eos_id: int):
@@ -249,41 +209,6 @@ def run_phase(phase: Phase, model, loss_fn, train_stream, heldout_stream, device
     return best
 
 
-@torch.no_grad()
-def target_generations(target, train_stream, count: int, prompt_len: int, new_tokens: int, device, seed: int,
-                       batch: int = 512) -> torch.Tensor:
-    """Continuations written by the target (half greedy, half sampled), prompt included, as one stream."""
-    target.eval()
-    generator = torch.Generator().manual_seed(seed)
-    pieces = []
-    for i in tqdm(range(0, count, batch), desc="target generations", dynamic_ncols=True):
-        prompts = sample_windows(train_stream, min(batch, count - i), prompt_len - 1, generator).to(device)
-        sampled = (i // batch) % 2 == 1
-        with autocast(device):
-            out = target.generate(
-                prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=sampled, temperature=1.0 if sampled else None, top_k=0 if sampled else None,
-                top_p=1.0 if sampled else None,
-            )
-        pieces.append(out.flatten().cpu().to(torch.int32))
-    target.train()
-    return torch.cat(pieces)
-
-
-@torch.no_grad()
-def greedy_agreement(target, draft, heldout_stream, device, prompts: int = 64, prompt_len: int = 64,
-                     new_tokens: int = 128, seed: int = 0) -> float:
-    """How often the draft's argmax equals the target's greedy token, on target-written continuations
-    of held-out prompts (a quick check; scripts/eval_pair.py measures it through specpipe's runner)."""
-    generator = torch.Generator().manual_seed(seed)
-    batch = sample_windows(heldout_stream, prompts, prompt_len - 1, generator).to(device)
-    with autocast(device):
-        sequences = target.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
-                                    min_new_tokens=new_tokens, do_sample=False)
-        draft_choice = draft(sequences[:, :-1]).logits.argmax(-1)[:, prompt_len - 1 :]
-    return (draft_choice == sequences[:, prompt_len:]).float().mean().item()
-
-
 def save_checkpoint(model, tokenizer, directory: Path, meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
@@ -299,8 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/pair"), help="working directory (resumable state)")
     parser.add_argument("--export", type=Path, help="also write the final draft/ and target/ checkpoints here")
-    parser.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
-    parser.add_argument("--heldout-percent", type=int, default=5)
+    parser.add_argument("--corpus", type=Path, action="append", default=[],
+                        help="a directory of *.py files; repeat for several (default: the standard library)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=1234)
@@ -309,7 +234,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--generations", type=int, default=12288, help="target continuations to distil on")
-    parser.add_argument("--max-minutes", type=float, default=60.0, help="per training phase")
+    parser.add_argument("--max-minutes", type=float, default=60.0, help="for the target's training")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for testing the script itself")
     args = parser.parse_args()
 
@@ -319,14 +244,9 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"[train] device {device}, torch {torch.__version__}, stdlib {args.stdlib}")
-
-    train_files, heldout_files = split_corpus(args.stdlib, args.heldout_percent)
-    (args.out / "heldout_files.txt").write_text("".join(f"{f.as_posix()}\n" for f in heldout_files))
-    train_texts = [read_text(args.stdlib, f) for f in train_files]
-    heldout_texts = [read_text(args.stdlib, f) for f in heldout_files]
-    print(f"[train] corpus: {len(train_files)} train files ({sum(map(len, train_texts)) / 1e6:.1f} MB), "
-          f"{len(heldout_files)} held-out files ({sum(map(len, heldout_texts)) / 1e6:.1f} MB)")
+    corpus = read_corpus(args.corpus)
+    print(f"[train] device {device}, torch {torch.__version__}, corpus {', '.join(corpus.sources)}: "
+          f"{len(corpus.train)} files ({sum(map(len, corpus.train)) / 1e6:.1f} MB), {len(corpus.validation)} held back")
 
     tokenizer_dir = args.out / "tokenizer"
     if (tokenizer_dir / "tokenizer.json").exists():
@@ -334,26 +254,24 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
-        tokenizer = train_tokenizer(train_texts, args.vocab_size, tokenizer_dir)
+        tokenizer = train_tokenizer(corpus.train, args.vocab_size, tokenizer_dir)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
     streams_file = args.out / "streams.pt"
     if streams_file.exists():
         streams = torch.load(streams_file, weights_only=True)
     else:
-        streams = {"train": encode_documents(tokenizer, train_texts), "heldout": encode_documents(tokenizer, heldout_texts)}
+        streams = {"train": token_stream(tokenizer, corpus.train, eos_id),
+                   "heldout": token_stream(tokenizer, corpus.validation, eos_id)}
         torch.save(streams, streams_file)
     train_stream, heldout_stream = streams["train"], streams["heldout"]
-    print(f"[train] tokens: {train_stream.numel():,} train, {heldout_stream.numel():,} held-out "
-          f"({sum(map(len, train_texts)) / train_stream.numel():.2f} characters per token)")
+    print(f"[train] tokens: {train_stream.numel():,} train, {heldout_stream.numel():,} held-out")
 
     from transformers import LlamaForCausalLM
 
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    vocab_size = len(tokenizer)
-    target_shape, draft_shape = TARGET, DRAFT
+    target_shape, draft_shape = TARGET, DraftShape(layers=2, width=256)
     if args.tiny:
-        target_shape, draft_shape = Shape(64, 2, 4, 2, 128), Shape(32, 1, 2, 1, 64)
-    target = LlamaForCausalLM(llama_config(target_shape, vocab_size, args.context, eos_id)).to(device)
-    draft = LlamaForCausalLM(llama_config(draft_shape, vocab_size, args.context, eos_id)).to(device)
+        target_shape, draft_shape = Shape(64, 2, 4, 2, 128), DraftShape(layers=1, width=32)
+    target = LlamaForCausalLM(llama_config(target_shape, len(tokenizer), args.context, eos_id)).to(device)
 
     def next_token_loss(batch: torch.Tensor) -> torch.Tensor:
         logits = target(batch[:, :-1]).logits.float()
@@ -362,49 +280,27 @@ def main() -> None:
     target_phase = Phase("target", args.target_steps, args.batch, args.seq_len, 1.5e-3, 200,
                          max(50, args.target_steps // 12), args.max_minutes)
     target_best = run_phase(target_phase, target, next_token_loss, train_stream, heldout_stream, device,
-                            args.out / "target", args.seed)
-    target.requires_grad_(False).eval()
+                            args.out / "target-state", args.seed)
+    target_dir = args.out / "target"
+    meta = {"corpus": list(corpus.sources), "seed": args.seed, "device": str(device), "torch": torch.__version__,
+            "train_files": len(corpus.train), "train_tokens": train_stream.numel(), "role": "target",
+            "shape": asdict(target_shape), "steps": args.target_steps, "heldout_loss": round(target_best, 4),
+            "params": sum(p.numel() for p in target.parameters())}
+    save_checkpoint(target, tokenizer, target_dir, meta)
 
-    generations_file = args.out / "generations.pt"
-    if generations_file.exists():
-        generated = torch.load(generations_file, weights_only=True)
-    else:
-        generated = target_generations(target, train_stream, args.generations, 64, 192, device, args.seed)
-        torch.save(generated, generations_file)
-    # Distillation data: corpus text and target-written text, interleaved by halves of each batch.
-    distill_stream = torch.cat([train_stream, generated])
-    print(f"[train] distillation stream: {train_stream.numel():,} corpus + {generated.numel():,} generated tokens")
-
-    def distillation_loss(batch: torch.Tensor) -> torch.Tensor:
-        inputs = batch[:, :-1]
-        with torch.no_grad():
-            teacher = F.log_softmax(target(inputs).logits.float(), dim=-1)
-        student = F.log_softmax(draft(inputs).logits.float(), dim=-1)
-        # forward KL(target || draft), per token
-        return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
-
-    draft_phase = Phase("draft", args.draft_steps, args.batch, args.seq_len, 3e-3, 200,
-                        max(50, args.draft_steps // 12), args.max_minutes)
-    run_phase(draft_phase, draft, distillation_loss, distill_stream, heldout_stream, device, args.out / "draft",
-              args.seed + 1)
-    draft_heldout = heldout_loss(draft, heldout_stream, args.seq_len, device)
-    target_heldout = heldout_loss(target, heldout_stream, args.seq_len, device)
-    print(f"[train] final held-out loss (nats/token): target {target_heldout:.4f}, draft {draft_heldout:.4f}")
-    agreement = greedy_agreement(target, draft, heldout_stream, device)
-    print(f"[train] greedy draft/target agreement on held-out prompts (quick check): {agreement:.1%}")
-
+    # The draft: `specpipe distill` for the target just saved, on the same corpus.
+    config = DistillConfig(
+        models=ModelsConfig(target_dir=target_dir), out_dir=args.out / "draft", corpus=tuple(args.corpus),
+        shape=draft_shape, training=TrainingConfig(steps=args.draft_steps, batch_size=args.batch,
+                                                    seq_len=args.seq_len, learning_rate=3e-3,
+                                                    generations=args.generations, seed=args.seed + 1),
+        evaluation=EvalConfig(prompts=PromptsConfig(count=4 if args.tiny else 64),
+                              max_new_tokens=16 if args.tiny else 128))
+    run_distill(config)
     if args.export:
-        common = {"corpus": "Python standard library (see heldout_files.txt)", "seed": args.seed,
-                  "device": str(device), "torch": torch.__version__, "train_files": len(train_files),
-                  "heldout_files": len(heldout_files), "train_tokens": train_stream.numel()}
-        for name, model, shape, loss, steps in (("target", target, target_shape, target_heldout, args.target_steps),
-                                                 ("draft", draft, draft_shape, draft_heldout, args.draft_steps)):
-            meta = {**common, "role": name, "shape": asdict(shape), "steps": steps, "heldout_loss": round(loss, 4),
-                    "params": sum(p.numel() for p in model.parameters())}
-            if name == "draft":
-                meta["distilled_from"] = "target (forward KL on corpus and target generations)"
-            save_checkpoint(model, tokenizer, args.export / name, meta)
-            (args.export / name / "heldout_files.txt").write_text((args.out / "heldout_files.txt").read_text())
+        for name in ("target", "draft"):
+            shutil.copytree(args.out / name, args.export / name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("state"))
         print(f"[train] exported draft/ and target/ to {args.export}")
     print(f"[train] done: target best held-out {target_best:.4f}")
 
