@@ -104,6 +104,8 @@ def distill(draft, target, streams: Streams, training: TrainingConfig, device: t
         torch.save({"draft": draft.state_dict(), "optimizer": optimizer.state_dict(), "progress": asdict(progress)},
                    state_file)
 
+    if progress.step == 0:  # where the draft starts from, to judge the training by
+        log(f"validation KL before training: {validation_kl(draft, target, streams.validation, training.seq_len, device):.4f}")
     draft.train()
     bar = tqdm(total=training.steps, initial=progress.step, desc="distill", unit="step", dynamic_ncols=True,
                leave=False)
