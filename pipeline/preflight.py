@@ -87,14 +87,16 @@ def check_settings(config: DecodeConfig, context: int, concurrency: int) -> None
 
 def check_device(backend: str, device: str, option: str) -> None:
     """Refuses a device this machine lacks: a torch device, or Tenstorrent chips absent from the host
-    (checked from the driver's device files, without importing ttnn)."""
+    (checked from the driver's device files, or the simulator TT_METAL_SIMULATOR names, without importing
+    ttnn), or a host without the SFPI compiler tt-metal builds kernels with."""
     try:
         if backend == "ttnn":
-            from workers.backends.ttnn_device import check_chips_present, parse_device
+            from workers.backends.ttnn_device import check_chips_present, check_sfpi, parse_device, ttnn_package_dir
 
             chips = parse_device(device, "target" if option == "--target-device" else "draft")
             if chips is not None:
                 check_chips_present(chips)
+                check_sfpi(ttnn_package_dir())
             return
         from workers.backends.torch_device import resolve_device
 

@@ -9,7 +9,11 @@ A worker names its chips with `--device tt:<PCIe ids>[/<rows>x<cols>]`:
 
 Each process sees only its own chips (tt-metal's advice for one process per device): the worker
 sets TT_VISIBLE_DEVICES to its PCIe ids before ttnn is imported, gets a TT_METAL_CACHE of its own,
-and opens device 0 of what it sees, or a mesh over all of it. The second chip of an n300 has no PCIe
+and opens device 0 of what it sees, or a mesh over all of it.
+
+With TT_METAL_SIMULATOR naming Tenstorrent's simulator library (ttsim; scripts/setup_ttsim.sh builds it),
+tt-metal loads it in place of the PCIe driver: `tt:0` is its one chip (or its first, for `tt:0/1x2` on the
+two-chip build), and the worker runs in slow dispatch, the only mode the simulator supports. The second chip of an n300 has no PCIe
 link of its own, so it cannot be given to a second process: on an n150 or an n300 only one worker can
 hold the card (the other runs on torch), and a T3000 can host a draft and a target on separate cards.
 
@@ -20,6 +24,7 @@ no ttnn installed.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import re
 import sys
@@ -33,6 +38,11 @@ from workers.errors import DeviceError
 
 DEV_DIR = "/dev/tenstorrent"  # the kernel driver's character devices, one per PCIe chip: /dev/tenstorrent/<id>
 MOCK_ENV = "TT_METAL_MOCK_CLUSTER_DESC_PATH"  # tt-metal's simulated cluster (a cluster descriptor YAML)
+SIMULATOR_ENV = "TT_METAL_SIMULATOR"  # a full-system simulator library (ttsim's libttsim.so) loaded instead of a chip
+SOC_DESCRIPTOR = "soc_descriptor.yaml"  # tt-metal reads the simulated chip's layout from beside the library
+SOC_SOURCE = "ttnn/tt_metal/soc_descriptors/wormhole_b0_80_arch.yaml"  # in the installed ttnn package
+SYSTEM_SFPI = "/opt/tenstorrent/sfpi"  # where a machine set up for tt-metal has its SFPI toolchain
+SFPI_COMPILER = "compiler/bin/riscv-tt-elf-g++"  # builds the chip's firmware and every kernel at run time
 WHEEL_PYTHONS = ((3, 10), (3, 12))  # the only CPython versions ttnn publishes wheels for
 TORCH_HINT = "use --backend torch to run on the CPU"
 DEVICE_SYNTAX = "tt, tt:N (PCIe id N), tt:N/1x2 (the two chips of an n300) or tt:0,1,2,3/1x8 (a T3000)"
@@ -90,8 +100,49 @@ def pcie_chips(dev_dir: str = DEV_DIR) -> list[int]:
         return []
 
 
+def simulator_library(env: Mapping[str, str] = os.environ) -> Path | None:
+    """The simulator library TT_METAL_SIMULATOR names; None: tt-metal drives chips over PCIe."""
+    value = env.get(SIMULATOR_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def device_kind(env: Mapping[str, str] = os.environ) -> str:
+    """What `--backend ttnn` runs on in this environment, for startup lines and bench/profile output:
+    "silicon", "simulator (<library>)" or "mock cluster (<descriptor>)"."""
+    library = simulator_library(env)
+    if library is not None:
+        return f"simulator ({library})"
+    if env.get(MOCK_ENV):
+        return f"mock cluster ({env[MOCK_ENV]})"
+    return "silicon"
+
+
+def device_configured(env: Mapping[str, str] = os.environ, dev_dir: str = DEV_DIR) -> bool:
+    """Whether there is a device to run on: a chip the driver lists, or a simulator named by TT_METAL_SIMULATOR."""
+    return simulator_library(env) is not None or bool(pcie_chips(dev_dir))
+
+
+def check_simulator(device: TtDevice, library: Path) -> None:
+    """The simulator library and the SOC descriptor tt-metal reads beside it, and a device it simulates."""
+    hint = f"build one with scripts/setup_ttsim.sh, or unset {SIMULATOR_ENV} to use a chip"
+    if not library.is_file():
+        raise DeviceError(f"{SIMULATOR_ENV}={library}: no such file; {hint}")
+    soc = library.parent / SOC_DESCRIPTOR
+    if not soc.is_file():
+        raise DeviceError(f"{SIMULATOR_ENV}={library}: {soc} is missing (tt-metal reads the simulated chip's layout "
+                          f"there); copy {SOC_SOURCE} from the installed ttnn to it, or {hint}")
+    if device.pcie_ids != (0,):
+        raise DeviceError(f"device {device} on the simulator ({SIMULATOR_ENV}={library}): the simulator has one PCIe "
+                          f"chip, id 0; use tt:0, or tt:0/1x2 with the two-chip build")
+
+
 def check_chips_present(device: TtDevice, env: Mapping[str, str] = os.environ, dev_dir: str = DEV_DIR) -> None:
-    """Fails at once, before ttnn is imported, when a PCIe id the worker asks for is not on this host."""
+    """Fails at once, before ttnn is imported, when a PCIe id the worker asks for is not on this host
+    (or, on the simulator, when the simulator is not set up)."""
+    library = simulator_library(env)
+    if library is not None:
+        check_simulator(device, library)
+        return
     if env.get(MOCK_ENV):
         return  # a simulated cluster: ttnn's own enumeration decides
     present = pcie_chips(dev_dir)
@@ -106,6 +157,48 @@ def check_chips_present(device: TtDevice, env: Mapping[str, str] = os.environ, d
     if missing:
         raise DeviceError(f"no Tenstorrent chip with PCIe id {missing[0]} (device id {missing[0]}): this host has "
                           f"PCIe id(s) {present}; pick one with --target-device/--draft-device tt:N, or {TORCH_HINT}")
+
+
+def ttnn_package_dir() -> Path | None:
+    """Where the ttnn package is installed, found without importing it; None: not installed."""
+    spec = importlib.util.find_spec("ttnn")
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
+def sfpi_roots(ttnn_dir: Path, env: Mapping[str, str] = os.environ, system_root: str | None = None) -> list[Path]:
+    """Where tt-metal looks for its SFPI toolchain: <runtime root>/runtime/sfpi, then /opt/tenstorrent/sfpi.
+
+    The runtime root is the installed ttnn package unless TT_METAL_RUNTIME_ROOT (or a source checkout's
+    TT_METAL_HOME) names another."""
+    roots = [Path(env[name]) for name in ("TT_METAL_RUNTIME_ROOT", "TT_METAL_HOME") if env.get(name)]
+    return [*(root / "runtime" / "sfpi" for root in (*roots, ttnn_dir)), Path(system_root or SYSTEM_SFPI)]
+
+
+def check_sfpi(ttnn_dir: Path | None, env: Mapping[str, str] = os.environ, system_root: str | None = None) -> None:
+    """Refuses, before any worker starts, a host whose tt-metal could not build a kernel: without the SFPI
+    compiler opening a device fails deep in tt-metal. Nothing to check without ttnn (the worker says how to
+    install it) or on a mock cluster (it opens no device)."""
+    if ttnn_dir is None or (env.get(MOCK_ENV) and simulator_library(env) is None):
+        return
+    roots = sfpi_roots(ttnn_dir, env, system_root)
+    if any((root / SFPI_COMPILER).is_file() for root in roots):
+        return
+    version = sfpi_version(ttnn_dir)
+    release = f"sfpi {version}" if version else "the sfpi release this ttnn was built with"
+    raise DeviceError(
+        f"tt-metal's SFPI compiler is missing: no {SFPI_COMPILER} under {' or '.join(map(str, roots))} "
+        f"(tt-metal builds the chip's firmware and kernels with it when a device opens); install {release} "
+        f"(github.com/tenstorrent/sfpi) at {roots[-1]}, or {TORCH_HINT}")
+
+
+def sfpi_version(ttnn_dir: Path) -> str | None:
+    """The SFPI release the installed tt-metal was built with (its tt_metal/sfpi-version file)."""
+    try:
+        text = (ttnn_dir / "tt_metal" / "sfpi-version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^sfpi_version='([^']+)'", text, re.MULTILINE)
+    return match[1] if match else None
 
 
 def import_ttnn() -> ModuleType:
@@ -129,7 +222,9 @@ def isolate_process(device: TtDevice, role: str, env: dict[str, str] | None = No
     checked), so device 0 of this process is the first of them.
     """
     env = os.environ if env is None else env
-    if not env.get(MOCK_ENV):  # tt-metal ignores TT_VISIBLE_DEVICES on a simulated cluster
+    if simulator_library(env) is not None:
+        env["TT_METAL_SLOW_DISPATCH_MODE"] = "1"  # the simulator has no fast-dispatch path
+    elif not env.get(MOCK_ENV):  # tt-metal ignores TT_VISIBLE_DEVICES on a simulated cluster
         env["TT_VISIBLE_DEVICES"] = ",".join(map(str, device.pcie_ids))
     # A kernel cache per worker and chip set: two processes compiling into one cache directory race.
     ids = "-".join(map(str, device.pcie_ids))

@@ -24,10 +24,12 @@ from torch import Tensor
 from workers.backends.ttnn_device import (
     OpenDevice,
     check_chips_present,
+    device_kind,
     import_ttnn,
     isolate_process,
     open_device,
     parse_device,
+    simulator_library,
 )
 from workers.errors import DeviceError
 from workers.model.checkpoint import check_weight_names, read_config, read_hf_weights
@@ -210,15 +212,17 @@ def open_runner(spec: WorkerSpec, log: Callable[[str], None]) -> TtnnRunner | No
         check_weight_names(config, hf_weights, spec.checkpoint)
         runner = TtnnRunner.from_hf_weights(
             config, hf_weights, ttnn=ttnn, device=opened.handle, n_devices=opened.n_devices, dtype=dtype,
-            n_slots=spec.slots, max_seq_len=spec.max_seq_len or None, device_name=str(device), log=log)
+            n_slots=spec.slots, max_seq_len=spec.max_seq_len or None, device_name=str(device), log=log,
+            use_trace=simulator_library() is None)  # tt-metal traces need fast dispatch, which the simulator lacks
     except BaseException:
         opened.close()
         raise
     runner.opened, runner.timings.open_s = opened, opened.open_s
     opened.on_close.append(runner.release)
     opened.on_close.append(lambda: log(f"ttnn timings: {runner.timings.summary()}"))
-    log(f"{Path(spec.checkpoint).name} on {device} ({opened.n_devices} chip(s), {dtype} weights): "
-        f"device open {opened.open_s:.2f} s, weights {runner.timings.load_s:.2f} s")
+    log(f"{Path(spec.checkpoint).name} on {device} ({opened.n_devices} chip(s), {dtype} weights), {device_kind()}: "
+        f"device open {opened.open_s:.2f} s, weights {runner.timings.load_s:.2f} s"
+        + ("" if runner.use_trace else "; decode runs eagerly (no traces in slow dispatch)"))
     return runner
 
 

@@ -1,5 +1,6 @@
 """Choosing and opening a Tenstorrent device, without ttnn: device names, the fast no-chip check, process
-isolation, topology rules (on the stand-in), and `specpipe launch --backend ttnn` on a host without a chip."""
+isolation, topology rules (on the stand-in), the simulator's set-up checks, the SFPI compiler check, and
+`specpipe launch --backend ttnn` on a host without a chip."""
 
 from __future__ import annotations
 
@@ -11,11 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.preflight import check_device
 from tests.workers.model.ttnn_standin import Standin
+from workers.backends import ttnn_device
 from workers.backends.ttnn_device import (
     MOCK_ENV,
+    SFPI_COMPILER,
+    SIMULATOR_ENV,
     TtDevice,
     check_chips_present,
+    check_sfpi,
+    device_configured,
+    device_kind,
     import_ttnn,
     isolate_process,
     open_device,
@@ -82,6 +90,97 @@ def test_chips_are_found_by_pcie_id_and_visible_devices(tmp_path):
     check_chips_present(TtDevice((0,)), env={MOCK_ENV: "x.yaml"}, dev_dir=str(tmp_path / "absent"))
 
 
+def simulator(directory: Path, soc: bool = True) -> dict[str, str]:
+    """A simulator laid out as scripts/setup_ttsim.sh does (an empty stand-in library); its environment."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "libttsim.so").touch()
+    if soc:
+        (directory / "soc_descriptor.yaml").touch()
+    return {SIMULATOR_ENV: str(directory / "libttsim.so")}
+
+
+def test_device_kind_says_silicon_or_which_simulator():
+    assert device_kind({}) == "silicon"
+    assert device_kind({SIMULATOR_ENV: "  "}) == "silicon"
+    assert device_kind({SIMULATOR_ENV: "/sim/wh/libttsim.so"}) == "simulator (/sim/wh/libttsim.so)"
+    assert device_kind({MOCK_ENV: "n150.yaml"}) == "mock cluster (n150.yaml)"
+
+
+def test_a_configured_simulator_stands_in_for_a_chip(tmp_path):
+    absent = str(tmp_path / "no-dev")
+    env = simulator(tmp_path / "wh_x2")
+    assert device_configured(env, absent) and not device_configured({}, absent)
+    check_chips_present(TtDevice((0,)), env=env, dev_dir=absent)  # /dev/tenstorrent is not consulted
+    check_chips_present(TtDevice((0,), (1, 2)), env=env, dev_dir=absent)  # the two-chip build as an n300
+    with pytest.raises(DeviceError, match=r"^device tt:1 on the simulator .*one PCIe chip, id 0; use tt:0"):
+        check_chips_present(TtDevice((1,)), env=env, dev_dir=absent)
+
+
+def test_a_missing_simulator_or_soc_descriptor_says_what_to_do(tmp_path):
+    with pytest.raises(DeviceError, match=r"TT_METAL_SIMULATOR=.*libttsim.so: no such file; build one with "
+                                          r"scripts/setup_ttsim.sh, or unset TT_METAL_SIMULATOR"):
+        check_chips_present(TtDevice(), env={SIMULATOR_ENV: str(tmp_path / "libttsim.so")})
+    env = simulator(tmp_path / "wh", soc=False)
+    with pytest.raises(DeviceError) as error:
+        check_chips_present(TtDevice(), env=env)
+    message = str(error.value)
+    assert f"{tmp_path / 'wh' / 'soc_descriptor.yaml'} is missing" in message
+    assert "copy ttnn/tt_metal/soc_descriptors/wormhole_b0_80_arch.yaml from the installed ttnn" in message
+
+
+def test_a_simulated_worker_runs_in_slow_dispatch(tmp_path):
+    env = {**simulator(tmp_path / "wh"), "TT_METAL_SLOW_DISPATCH_MODE": "0"}
+    isolate_process(TtDevice((0,), (1, 2)), "target", env)
+    assert env["TT_METAL_SLOW_DISPATCH_MODE"] == "1"  # the only mode the simulator has
+    assert "TT_VISIBLE_DEVICES" not in env  # not on PCIe
+    chip: dict[str, str] = {}
+    isolate_process(TtDevice(), "target", chip)
+    assert "TT_METAL_SLOW_DISPATCH_MODE" not in chip and chip["TT_VISIBLE_DEVICES"] == "0"
+
+
+def fake_ttnn(directory: Path) -> Path:
+    (directory / "tt_metal").mkdir(parents=True)
+    (directory / "tt_metal" / "sfpi-version").write_text("# sfpi release 7.89.0\nsfpi_version='7.89.0'\n")
+    return directory
+
+
+def install_compiler(root: Path) -> None:
+    (root / SFPI_COMPILER).parent.mkdir(parents=True)
+    (root / SFPI_COMPILER).touch()
+
+
+def test_a_missing_sfpi_compiler_is_one_line_naming_where_tt_metal_looks(tmp_path):
+    ttnn_dir, system = fake_ttnn(tmp_path / "site-packages" / "ttnn"), tmp_path / "opt" / "sfpi"
+    with pytest.raises(DeviceError) as error:
+        check_sfpi(ttnn_dir, env={}, system_root=str(system))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("tt-metal's SFPI compiler is missing: no ")
+    assert f"{ttnn_dir / 'runtime' / 'sfpi'} or {system}" in message and "riscv-tt-elf-g++" in message
+    assert f"install sfpi 7.89.0 (github.com/tenstorrent/sfpi) at {system}" in message
+    assert message.endswith("use --backend torch to run on the CPU")
+    check_sfpi(None, env={}, system_root=str(system))  # no ttnn: the worker says how to install it
+    check_sfpi(ttnn_dir, env={MOCK_ENV: "n150.yaml"}, system_root=str(system))  # a mock cluster opens nothing
+
+
+@pytest.mark.parametrize("where", ["ttnn", "system", "runtime root"])
+def test_an_sfpi_compiler_where_tt_metal_looks_is_accepted(tmp_path, where):
+    ttnn_dir, system, root = fake_ttnn(tmp_path / "ttnn"), tmp_path / "opt" / "sfpi", tmp_path / "tt-metal"
+    install_compiler({"ttnn": ttnn_dir / "runtime" / "sfpi", "system": system,
+                      "runtime root": root / "runtime" / "sfpi"}[where])
+    check_sfpi(ttnn_dir, env={"TT_METAL_RUNTIME_ROOT": str(root)}, system_root=str(system))
+
+
+def test_preflight_refuses_a_simulator_without_sfpi_naming_the_option(tmp_path, monkeypatch):
+    for name in ("TT_METAL_RUNTIME_ROOT", "TT_METAL_HOME", MOCK_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(SIMULATOR_ENV, simulator(tmp_path / "wh")[SIMULATOR_ENV])
+    monkeypatch.setattr(ttnn_device, "ttnn_package_dir", lambda: fake_ttnn(tmp_path / "ttnn"))
+    monkeypatch.setattr(ttnn_device, "SYSTEM_SFPI", str(tmp_path / "opt" / "sfpi"))
+    with pytest.raises(ValueError, match=r"^--target-device: tt-metal's SFPI compiler is missing"):
+        check_device("ttnn", "tt:0", "--target-device")
+    check_device("ttnn", "cpu", "--draft-device")  # a draft left on torch needs no compiler
+
+
 def test_each_worker_sees_only_its_chips_and_has_its_own_kernel_cache():
     draft_env, target_env = {"TT_VISIBLE_DEVICES": "0,1"}, {}
     isolate_process(TtDevice((1,)), "draft", draft_env)
@@ -129,12 +228,14 @@ def test_open_failure_is_one_line_naming_the_device():
         open_device(Busy(), TtDevice(), trace_region_size=0)
 
 
-def launch_without_a_chip(env_extra: dict[str, str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, float, list[int]]:
-    """Runs `specpipe launch --backend ttnn` in its own session; returns it, its wall time and what it left."""
+def launch_without_a_chip(env_extra: dict[str, str], tmp_path: Path,
+                          *options: str) -> tuple[subprocess.CompletedProcess, float, list[int]]:
+    """Runs `specpipe launch --backend ttnn [options]` in its own session; returns it, its wall time and what it
+    left."""
     env = dict(os.environ, **env_extra)
     began = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "launch", "--backend", "ttnn", "--prompt", "def f(x):",
+        [sys.executable, "-m", "pipeline.cli", "launch", "--backend", "ttnn", *options, "--prompt", "def f(x):",
          "--max-new-tokens", "4"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     stdout, stderr = process.communicate(timeout=120)
@@ -153,7 +254,7 @@ def _session(pid: int) -> int | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(pcie_chips()), reason="this host has a Tenstorrent chip")
+@pytest.mark.skipif(device_configured(), reason="this host has a Tenstorrent chip, or TT_METAL_SIMULATOR names one")
 def test_launch_without_a_chip_fails_in_seconds_with_one_line_and_no_process_left(tmp_path):
     result, elapsed, left = launch_without_a_chip({}, tmp_path)
     assert result.returncode != 0 and elapsed < 20, (elapsed, result.stderr)  # refused before any worker starts

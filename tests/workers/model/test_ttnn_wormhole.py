@@ -21,7 +21,7 @@ import torch
 from pipeline.config import DecodeConfig
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
-from workers.backends.ttnn_device import pcie_chips
+from workers.backends.ttnn_device import device_configured
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
 from workers.model.ttnn_runner import TtnnRunner, open_runner
@@ -30,7 +30,7 @@ from workers.spec import WorkerSpec
 
 pytestmark = [
     pytest.mark.wormhole,
-    pytest.mark.skipif(not pcie_chips(), reason="no Tenstorrent chip on this host"),
+    pytest.mark.skipif(not device_configured(), reason="no Tenstorrent chip on this host and no TT_METAL_SIMULATOR"),
 ]
 DEVICE = os.environ.get("SPECPIPE_TT_DEVICE", "tt:0")
 CONTEXT = 512
