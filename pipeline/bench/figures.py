@@ -177,9 +177,13 @@ def figures(name: str, mode: str, k: int | None, system: str, rounds: list[Round
         busy = sum(r.busy_s.get(process, 0.0) for r in rounds)
         ipc = sum(r.ipc_s.get(process, 0.0) for r in rounds)
         if busy or process == "target":
-            split[process] = {"busy": busy, "ipc": ipc, "idle": max(0.0, wall - busy - ipc)}
-    coordinator = sum(r.coordinator_s for r in rounds)
-    split["coordinator"] = {"busy": coordinator, "idle": max(0.0, wall - coordinator)}
+            # busy and ipc come from two processes' clocks and can overrun the coordinator's wall by a
+            # hair on a loaded machine: clipped, so that the three parts always add up to the wall
+            busy = min(busy, wall)
+            ipc = min(ipc, wall - busy)
+            split[process] = {"busy": busy, "ipc": ipc, "idle": wall - busy - ipc}
+    coordinator = min(sum(r.coordinator_s for r in rounds), wall)
+    split["coordinator"] = {"busy": coordinator, "idle": wall - coordinator}
     result.time_split_s = split
     result.target_wall_shares = target_wall_shares([r.target_split for r in rounds if r.target_split is not None])
     result.speculation = combined_speculation(rounds)
