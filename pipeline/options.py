@@ -189,7 +189,8 @@ CORPUS = Option("--corpus", "corpus", "A directory of Python source (*.py, searc
                 "for several. None: this Python's standard library, tests left out.",
                 click.Path(exists=True, file_okay=False, path_type=Path), multiple=True, show_default=False,
                 metavar="DIR")
-INIT = Option("--init", "init_dir", "Start from this draft checkpoint's weights (and shape) instead of random ones.",
+INIT = Option("--init", "init_dir", "Start from this draft checkpoint's weights and shape instead of random ones; a "
+              "--layers above its own appends layers that start as the identity.",
               click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR")
 LAYERS = Option("--layers", "layers", "The draft's decoder layers.", click.INT, DraftShape.layers)
 WIDTH = Option("--width", "width", "The draft's hidden size: heads of 64, half as many KV heads, SwiGLU 2.75x as "

@@ -91,7 +91,7 @@ class DistillConfig:
     models: ModelsConfig = ModelsConfig()  # --target distils for it; --draft is what --eval-only evaluates
     out_dir: Path | None = None  # --out: the draft checkpoint, and its resumable state under state/
     corpus: tuple[Path, ...] = ()  # --corpus: directories of *.py files (none: the Python standard library)
-    init_dir: Path | None = None  # --init: start from this draft's weights instead of random ones
+    init_dir: Path | None = None  # --init: start from this draft (grown to --layers if that is more)
     shape: DraftShape = DraftShape()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvalConfig = field(default_factory=EvalConfig)

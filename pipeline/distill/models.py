@@ -45,17 +45,39 @@ def draft_config(target_config, shape: DraftShape):
 
 
 def new_draft(target_config, shape: DraftShape, init_dir: Path | None, seed: int):
-    """A draft of `shape` with random weights, or the weights of the draft at `init_dir` (--init)."""
+    """A draft of `shape` with random weights, or the draft at `init_dir` (--init). A --layers beyond the
+    init draft's own appends layers that start as the identity, so training starts from its predictions."""
     from transformers import LlamaForCausalLM
 
-    if init_dir is not None:
-        draft = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
-        if draft.config.vocab_size != target_config.vocab_size:
-            raise ValueError(f"--init {init_dir} has a vocabulary of {draft.config.vocab_size} tokens and the "
-                             f"target {target_config.vocab_size}; a draft must share the target's tokenizer")
-        return draft
     torch.manual_seed(seed)
-    return LlamaForCausalLM(draft_config(target_config, shape))
+    if init_dir is None:
+        return LlamaForCausalLM(draft_config(target_config, shape))
+    draft = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
+    if draft.config.vocab_size != target_config.vocab_size:
+        raise ValueError(f"--init {init_dir} has a vocabulary of {draft.config.vocab_size} tokens and the "
+                         f"target {target_config.vocab_size}; a draft must share the target's tokenizer")
+    if shape.layers > draft.config.num_hidden_layers:
+        grow(draft, shape.layers)
+    return draft
+
+
+def grow(draft, layers: int) -> None:
+    """Appends decoder layers whose output projections are zero: each adds nothing to the residual stream
+    until training moves them (block expansion, as in LLaMA Pro), so the draft's outputs are unchanged."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    config = draft.config
+    for index in range(config.num_hidden_layers, layers):
+        layer = LlamaDecoderLayer(config, layer_idx=index)
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=config.initializer_range)
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+        draft.model.layers.append(layer)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[0]] * layers
 
 
 def shape_of(draft) -> DraftShape:
