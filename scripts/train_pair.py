@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -34,7 +33,8 @@ from tqdm import tqdm
 from pipeline.config import ModelsConfig, PromptsConfig
 from pipeline.distill.command import run_distill
 from pipeline.distill.config import DistillConfig, DraftShape, EvalConfig, TrainingConfig
-from pipeline.distill.corpus import read_corpus, token_stream
+from pipeline.distill.corpus import read_corpus, sample_windows, token_stream
+from pipeline.distill.train import learning_rate
 
 EOS = "<|endoftext|>"
 
@@ -99,11 +99,6 @@ def llama_config(shape: Shape, vocab_size: int, context: int, eos_id: int):
     )
 
 
-def sample_windows(stream: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, stream.numel() - length - 1, (batch,), generator=generator)
-    return torch.stack([stream[s : s + length + 1] for s in starts.tolist()]).long()
-
-
 @torch.no_grad()
 def heldout_loss(model, stream: torch.Tensor, length: int, device: torch.device, max_windows: int = 256) -> float:
     """Mean next-token loss over consecutive (non-overlapping) held-out windows."""
@@ -125,13 +120,6 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-def learning_rate(step: int, progress: float, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak as `progress` goes 0 -> 1."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 # --- training loops -----------------------------------------------------------------------------
@@ -175,7 +163,8 @@ def run_phase(phase: Phase, model, loss_fn, train_stream, heldout_stream, device
     bar = tqdm(total=phase.steps, initial=step, desc=phase.name, dynamic_ncols=True)
     while step < phase.steps:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # resumes reproduce the same batches
-        batch = sample_windows(train_stream, phase.batch, phase.length, generator).to(device, non_blocking=True)
+        # windows of length + 1 tokens: inputs and their next tokens
+        batch = sample_windows(train_stream, phase.batch, phase.length + 1, generator).to(device, non_blocking=True)
         # Progress is by steps, or by time when --max-minutes binds first, so the decay always completes.
         progress = max(step / phase.steps, (time.perf_counter() - began) / (phase.max_minutes * 60))
         for group in optimizer.param_groups:

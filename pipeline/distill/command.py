@@ -13,7 +13,7 @@ import torch
 from pipeline.distill.config import EVAL_WINDOWS, DistillConfig
 from pipeline.distill.corpus import Corpus, read_corpus, token_stream
 from pipeline.distill.evaluate import PairReport, evaluate_pair
-from pipeline.distill.models import load_target, new_draft, save_draft, shape_of
+from pipeline.distill.models import end_of_text_id, load_target, new_draft, save_draft, shape_of
 from pipeline.distill.train import Streams, distill, target_continuations
 from pipeline.prompts import select_prompts
 from workers.models import HELDOUT_PROMPTS
@@ -44,8 +44,7 @@ def run_distill(config: DistillConfig) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     target = load_target(target_dir, device, torch.float32)
-    eos_id = target.config.eos_token_id
-    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    eos_id = end_of_text_id(target.config)
     if eos_id is None:
         raise ValueError(f"the target {target_dir} names no eos_token_id in config.json; documents need a separator")
     corpus = read_corpus(config.corpus)

@@ -18,6 +18,12 @@ def load_target(directory: Path, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval().requires_grad_(False)
 
 
+def end_of_text_id(config) -> int | None:
+    """The model's end-of-text token (the first, where config.json lists several)."""
+    eos = config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
 def draft_config(target_config, shape: DraftShape):
     """A Llama config of `shape` that shares everything tokens and positions depend on with the target:
     vocabulary, special tokens, context length and rotary embedding."""

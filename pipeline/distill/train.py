@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.distill.config import TrainingConfig
 from pipeline.distill.corpus import sample_windows
+from pipeline.distill.models import end_of_text_id
 from workers.backends.cpu_fp16 import native_bf16_gemm
 
 VALIDATION_WINDOWS = 16
@@ -151,8 +152,7 @@ def target_continuations(target, corpus: Tensor, count: int, device: torch.devic
     """`count` continuations the target writes after corpus windows (alternate batches greedy and sampled at
     temperature 1), prompt included, as one stream with end-of-text tokens between them."""
     generator = torch.Generator().manual_seed(seed)
-    eos = target.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos = end_of_text_id(target.config)
     pieces = []
     for first in tqdm(range(0, count, batch), desc="target continuations", dynamic_ncols=True, leave=False):
         prompts = sample_windows(corpus, min(batch, count - first), prompt_len, generator).to(device)

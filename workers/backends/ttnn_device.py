@@ -13,9 +13,11 @@ and opens device 0 of what it sees, or a mesh over all of it.
 
 With TT_METAL_SIMULATOR naming Tenstorrent's simulator library (ttsim; scripts/setup_ttsim.sh builds it),
 tt-metal loads it in place of the PCIe driver: `tt:0` is its one chip (or its first, for `tt:0/1x2` on the
-two-chip build), and the worker runs in slow dispatch, the only mode the simulator supports. The second chip of an n300 has no PCIe
-link of its own, so it cannot be given to a second process: on an n150 or an n300 only one worker can
-hold the card (the other runs on torch), and a T3000 can host a draft and a target on separate cards.
+two-chip build), and the worker runs in slow dispatch, the only mode the simulator supports.
+
+The second chip of an n300 has no PCIe link of its own, so it cannot be given to a second process: on an
+n150 or an n300 only one worker can hold the card (the other runs on torch), and a T3000 can host a draft
+and a target on separate cards.
 
 ttnn is imported only here and only when a worker asks for this backend, so the torch path needs
 no ttnn installed.
@@ -107,7 +109,7 @@ def simulator_library(env: Mapping[str, str] = os.environ) -> Path | None:
 
 
 def device_kind(env: Mapping[str, str] = os.environ) -> str:
-    """What `--backend ttnn` runs on in this environment, for startup lines and bench/profile output:
+    """What `--backend ttnn` runs on in this environment, for the worker's startup line:
     "silicon", "simulator (<library>)" or "mock cluster (<descriptor>)"."""
     library = simulator_library(env)
     if library is not None:
