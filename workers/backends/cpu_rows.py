@@ -53,11 +53,12 @@ def padded_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, rows: RowRange
                           for first in range(0, count, widest)])
     padded = rows.padded(count)
     if padded == count:
-        return _matmul(x, weight, bias)
-    return _matmul(torch.cat((x, x.new_zeros(padded - count, x.shape[1]))), weight, bias)[:count]
+        return matmul(x, weight, bias)
+    return matmul(torch.cat((x, x.new_zeros(padded - count, x.shape[1]))), weight, bias)[:count]
 
 
-def _matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight (+ bias) in one call, whatever its row count."""
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.backends.cpu_rows import RowRange, padded_matmul
+from workers.backends.cpu_rows import RowRange, matmul, padded_matmul
 from workers.model.config import ModelConfig, RopeScaling
 from workers.model.segment import Segment
 
@@ -116,7 +116,7 @@ def project(x: Tensor, weight, bias: Tensor | None, gemm_rows: RowRange | None,
         return weight(x, prompt_rows)
     if gemm_rows is not None:
         return padded_matmul(x, weight, bias, gemm_rows)
-    return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+    return matmul(x, weight, bias)
 
 
 def _weight(*shape: int) -> nn.Parameter:
