@@ -9,15 +9,15 @@ AUTO_DTYPE = "auto"
 
 
 def resolved_dtype(dtype: str, device: str) -> str:
-    """`--dtype auto` for a torch worker on `device`: fp16-weights on a CPU where fbgemm runs (else float32),
+    """`--dtype auto` for a torch worker on `device`: fp16-weights on a CPU where it runs (else float32),
     bfloat16 elsewhere (CUDA); any other dtype is itself. Each worker resolves it, one started by hand too."""
     if dtype != AUTO_DTYPE:
         return dtype
     if device != "cpu":
         return "bfloat16"
-    from workers.backends.cpu_fp16 import FP16_WEIGHTS, fbgemm_fp16_available  # imports torch
+    from workers.backends.cpu_fp16 import FP16_WEIGHTS, fp16_weights_available  # imports torch
 
-    return FP16_WEIGHTS if fbgemm_fp16_available() else "float32"
+    return FP16_WEIGHTS if fp16_weights_available() else "float32"
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,18 @@
-"""`--dtype fp16-weights` on a CPU: weights held in fp16 and multiplied by fbgemm with fp32 activations.
+"""`--dtype fp16-weights` on a CPU: weights held in fp16, multiplied with fp32 activations.
 
-On one CPU thread MKL's fp32 sgemm is slow for the 2-9 rows of a verification window; fbgemm's fp16
-kernel reads half the bytes and keeps a k-token pass close to a one-token pass. A prefill of many rows
+On one CPU thread MKL's fp32 sgemm is slow for the 2-9 rows of a verification window; an fp16 kernel
+reads half the bytes and keeps a k-token pass close to a one-token pass. That kernel is specpipe's own
+(cpu_native, which also runs whole decode passes in one call) where it builds, else fbgemm's. A prefill of many rows
 is compute-bound instead, so a prompt's pass of PREFILL_ROWS rows or more takes oneDNN's bf16 GEMM
 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else MKL on an fp32 copy (figures in
 docs/notes.md).
 
 Losslessness rests on which kernel a row takes. Target-only decodes each position alone, so every
 row of a verification window, and of a batch of many sequences, must come out exactly as it would
-alone: fbgemm's rows do at any row count. The prefill kernels' rows change with the number of rows
+alone: the fp16 kernels' rows do at any row count. The prefill kernels' rows change with the number of rows
 multiplied at once, so they only ever multiply tiles of exactly PREFILL_TILE rows (the last one
 padded), tiled from the start of each prompt chunk the caller marks (`prompt_rows`); every other row
-runs fbgemm. A prompt then comes out the same whatever else shares its passes.
+runs the fp16 kernel. A prompt then comes out the same whatever else shares its passes.
 """
 
 from __future__ import annotations
@@ -23,17 +24,26 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from workers.backends import cpu_native
+
 FP16_WEIGHTS = "fp16-weights"  # the --dtype that selects this backend
 
 
 class PackedFp16:
-    """A matrix packed for fbgemm's fp16-weight GEMM: y = x @ W + b, fp32 activations and accumulation."""
+    """A matrix in fp16 for specpipe's kernels (or fbgemm's, where they do not build): y = x @ W + b, fp32
+    activations and accumulation; plus a copy for the prefill kernel."""
 
-    PREFILL_ROWS = 32  # a prompt tile with fewer rows is cheaper through fbgemm
+    PREFILL_ROWS = 32  # a prompt tile with fewer rows is cheaper through the fp16 kernel
     PREFILL_TILE = 64  # the prefill kernel always multiplies exactly this many rows, padded
 
     def __init__(self, weight_in_out: Tensor, bias: Tensor | None) -> None:
-        self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight_in_out.float().t().contiguous())
+        kernels = cpu_native.load()
+        if isinstance(kernels, cpu_native.Kernels):
+            self.native: cpu_native.PackedMatrix | None = cpu_native.PackedMatrix(kernels, weight_in_out, bias)
+            self.packed = None
+        else:
+            self.native = None
+            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight_in_out.float().t().contiguous())
         self.bias = torch.zeros(weight_in_out.shape[1]) if bias is None else bias.float()
         self.has_bias = bias is not None
         self.out_features = weight_in_out.shape[1]
@@ -48,7 +58,7 @@ class PackedFp16:
                  for a in range(first, end, self.PREFILL_TILE)]
         tiles = [(a, b) for a, b in tiles if b - a >= self.PREFILL_ROWS]
         if not tiles:
-            return torch.fbgemm_linear_fp16_weight(x, self.packed, self.bias)
+            return self._fp16(x)
         if len(tiles) == 1 and tiles[0] == (0, x.shape[0]):
             return self._prefill_tile(x)
         y = x.new_empty(x.shape[0], self.out_features)
@@ -58,8 +68,13 @@ class PackedFp16:
             short[a:b] = False
         if short.any():
             rows = short.nonzero().squeeze(1)
-            y[rows] = torch.fbgemm_linear_fp16_weight(x[rows], self.packed, self.bias)
+            y[rows] = self._fp16(x[rows])
         return y
+
+    def _fp16(self, x: Tensor) -> Tensor:
+        if self.native is not None:
+            return self.native(x)
+        return torch.fbgemm_linear_fp16_weight(x, self.packed, self.bias)
 
     def _prefill_tile(self, x: Tensor) -> Tensor:
         # Up to PREFILL_TILE rows, padded to exactly that many: the kernel's blocking (and so each row's
@@ -74,7 +89,7 @@ class PackedFp16:
 
 
 def pack_fp16_weights(modules: Iterable[tuple[nn.Module, str, str | None]]) -> None:
-    """Swaps each (module, weight name, bias name) matrix for its fbgemm fp16 packing; the bias goes with it."""
+    """Swaps each (module, weight name, bias name) matrix for its fp16 packing; the bias goes with it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch marks the fbgemm fp16 ops deprecated; they are still there
         for module, weight, bias in modules:
@@ -109,7 +124,8 @@ def _cpu_flags() -> set[str]:
 
 
 @functools.cache
-def fbgemm_fp16_available() -> bool:
+def fp16_weights_available() -> bool:
+    """Whether `--dtype fp16-weights` runs here: specpipe's kernels build, or fbgemm's fp16 GEMM (AVX2) works."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -16,10 +16,13 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.backends import cpu_native
+from workers.backends.cpu_fp16 import PackedFp16
 from workers.backends.cpu_rows import RowRange, matmul, padded_matmul
 from workers.model.config import ModelConfig, RopeScaling
 from workers.model.segment import Segment
@@ -209,6 +212,8 @@ class Transformer(nn.Module):
         self.eps_times_dim = torch.tensor(0.0)
         self.max_seq_len = 0
         self.gemm_rows: RowRange | None = None  # set by the runner on a CPU (workers.backends.cpu_rows)
+        self.native: cpu_native.NativeModel | None = None  # fp16 weights on a CPU: passes other than prompts'
+        self.native_missing = ""  # why fp16 weights run without it, where they do
 
     def setup_caches(self, n_slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocates the KV cache [layers, slots, kv_heads, max_seq_len, hd], RoPE tables and causal mask."""
@@ -229,8 +234,85 @@ class Transformer(nn.Module):
         # causal[i, j]: position i may attend to position j
         self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
 
+    def attach_native_decoder(self) -> None:
+        """With every matrix packed in fp16 (cpu_fp16), runs the passes that are not a prompt's through
+        specpipe's CPU kernels: one C call for the whole pass (workers.backends.cpu_native)."""
+        kernels = cpu_native.load()
+        if not isinstance(kernels, cpu_native.Kernels):
+            self.native_missing = kernels
+            return
+        config = self.config
+        misfit = cpu_native.fits(kernels, config.hidden_size, config.head_dim, config.intermediate_size)
+        if misfit:
+            self.native_missing = misfit
+            return
+        packed = [getattr(module, name) for module, name, _ in self.matrices()]
+        if not all(isinstance(matrix, PackedFp16) and matrix.native is not None for matrix in packed):
+            self.native_missing = "weights not packed for the kernels"
+            return
+        layers = [(layer.wqkv.native, layer.wo.native, layer.w_gate_up.native, layer.w_down.native,
+                   self.k_cache[i], self.v_cache[i]) for i, layer in enumerate(self.layers)]
+        self.native = cpu_native.NativeModel(
+            kernels, hidden=config.hidden_size, heads=config.num_heads, kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim, ffn=config.intermediate_size, vocab=config.vocab_size,
+            max_seq=self.max_seq_len, eps_times_dim=float(self.eps_times_dim), embed=self.embed.data,
+            cos=self.cos, sin=self.sin, layers=layers, head=self.lm_head.native)
+
+    def numerics(self) -> str:
+        """How this model's rows are computed, for the worker's startup line."""
+        if self.native is not None:
+            return self.native.kernels.describe()
+        if self.native_missing:
+            return f"fbgemm fp16 (no specpipe CPU kernels: {self.native_missing})"
+        return "" if self.gemm_rows is None else self.gemm_rows.describe()
+
     def forward(self, segments: list[Segment]) -> list[Tensor]:
-        """Logits [segment.logits, vocab] per segment (the rows of its final positions), all in one pass."""
+        """Logits [segment.logits, vocab] per segment (the rows of its final positions), all in one pass.
+
+        With the native decoder, prompt chunks take the torch path below (their prefill kernel) and every
+        other segment one call of the kernels; both write only their own slots."""
+        if self.native is None or all(segment.prompt_pass for segment in segments):
+            return self._forward(segments)
+        out: list[Tensor | None] = [None] * len(segments)
+        for wanted_prompts in (False, True):
+            chosen = [i for i, segment in enumerate(segments) if segment.prompt_pass == wanted_prompts]
+            if not chosen:
+                continue
+            run = self._forward if wanted_prompts else self._forward_native
+            for i, logits in zip(chosen, run([segments[i] for i in chosen])):
+                out[i] = logits
+        return out  # type: ignore[return-value]
+
+    def _forward_native(self, segments: list[Segment]) -> list[Tensor]:
+        # One record per row (cpu_native.ROW): its token, slot, rotary position, cache index and visible keys.
+        total = sum(segment.rows for segment in segments)
+        rows = np.zeros(total, cpu_native.ROW)
+        logit_rows, masks, first = [], [], 0
+        for segment in segments:
+            T, start = segment.rows, segment.write_at
+            part = rows[first : first + T]
+            indices = np.arange(start, start + T, dtype=np.int32)
+            part["token"] = segment.tokens.numpy()
+            part["slot"] = segment.slot
+            part["index"] = indices
+            part["position"] = indices if segment.positions is None else segment.positions.numpy()
+            if segment.mask is None:  # appended rows: each sees the cache up to itself
+                part["end"] = indices + 1
+            else:  # scratch rows: mask [T, start + T], row i sees index j where mask[i, j]
+                mask = segment.mask.contiguous()
+                masks.append(mask)  # alive until the call returns
+                part["end"] = start + T
+                part["mask"] = mask.data_ptr() + np.arange(T, dtype=np.uint64) * (start + T)
+            logit_rows.extend(range(first + T - segment.logits, first + T))
+            first += T
+        logits = self.native.forward(rows, np.asarray(logit_rows, dtype=np.int32))
+        out, taken = [], 0
+        for segment in segments:
+            out.append(logits[taken : taken + segment.logits])
+            taken += segment.logits
+        return out
+
+    def _forward(self, segments: list[Segment]) -> list[Tensor]:
         x, cos, sin = self._embed(segments)
         layout = self._layout(segments)
         for i, layer in enumerate(self.layers):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from workers.backends.cpu_fp16 import FP16_WEIGHTS, fbgemm_fp16_available, pack_fp16_weights
+from workers.backends.cpu_fp16 import FP16_WEIGHTS, fp16_weights_available, pack_fp16_weights
 from workers.backends.cpu_rows import invariant_rows
 from workers.backends.torch_device import resolve_device, resolve_dtype
 from workers.errors import CheckpointError, DeviceError
@@ -30,7 +30,7 @@ class ModelRunner(RunnerBase):
 
     @property
     def numerics(self) -> str:
-        return "" if self.model.gemm_rows is None else self.model.gemm_rows.describe()
+        return self.model.numerics()
 
     @classmethod
     def from_checkpoint(
@@ -60,8 +60,9 @@ class ModelRunner(RunnerBase):
     ) -> "ModelRunner":
         torch_device = resolve_device(device)
         pack_fp16 = dtype == FP16_WEIGHTS
-        if pack_fp16 and (torch_device.type != "cpu" or not fbgemm_fp16_available()):
-            raise DeviceError(f"dtype {FP16_WEIGHTS!r} needs a CPU with fbgemm (AVX2); use --dtype float32")
+        if pack_fp16 and (torch_device.type != "cpu" or not fp16_weights_available()):
+            raise DeviceError(f"dtype {FP16_WEIGHTS!r} needs a CPU with a C compiler (specpipe's kernels) or fbgemm "
+                              "(AVX2); use --dtype float32")
         torch_dtype = torch.float32 if pack_fp16 else resolve_dtype(dtype)
         if torch_device.type == "cuda":
             # cuDNN's attention plans a graph per key length, i.e. anew at every decode step; flash and
@@ -85,6 +86,8 @@ class ModelRunner(RunnerBase):
             model.gemm_rows = invariant_rows(
                 (getattr(module, weight).shape for module, weight, _ in model.matrices()), torch_dtype)
         model.setup_caches(n_slots, max_seq_len, torch_dtype, torch_device)
+        if pack_fp16:
+            model.attach_native_decoder()
         model.requires_grad_(False).eval()
         return cls(config, model, torch_device, torch_dtype)
 

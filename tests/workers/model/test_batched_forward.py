@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from workers.backends.cpu_fp16 import fbgemm_fp16_available
+from workers.backends.cpu_fp16 import fp16_weights_available
 from workers.model import ModelRunner
 from workers.model.segment import Segment
 from workers.models import DRAFT_DIR, TARGET_DIR
 
-DTYPES = ["float32"] + (["fp16-weights"] if fbgemm_fp16_available() else [])
+DTYPES = ["float32"] + (["fp16-weights"] if fp16_weights_available() else [])
 
 
 def ids(count: int, seed: int) -> list[int]:
@@ -74,7 +74,7 @@ def test_a_decode_row_is_the_same_at_any_batch_size(dtype):
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
-@pytest.mark.skipif("fp16-weights" not in DTYPES, reason="fbgemm's fp16 GEMM needs an AVX2 CPU")
+@pytest.mark.skipif("fp16-weights" not in DTYPES, reason="fp16-weights needs specpipe's kernels (a C compiler) or fbgemm (AVX2)")
 def test_a_prompt_chunk_takes_the_prefill_kernel_the_same_way_in_any_batch():
     # The bf16 prefill kernel's rows change with how many it multiplies; it only ever sees tiles of one size,
     # so a chunk beside other sequences' rows comes out as the chunk alone.

@@ -96,10 +96,10 @@ def test_bfloat16_runs_and_mostly_agrees(checkpoints, device):
 
 
 def test_fp16_weights_agree_with_float32(checkpoints):
-    from workers.backends.cpu_fp16 import fbgemm_fp16_available
+    from workers.backends.cpu_fp16 import fp16_weights_available
 
-    if not fbgemm_fp16_available():
-        pytest.skip("fbgemm's fp16 GEMM needs an AVX2 CPU")
+    if not fp16_weights_available():
+        pytest.skip("fp16-weights needs specpipe's kernels (a C compiler) or fbgemm (AVX2)")
     directory, model = checkpoints["qwen2"]  # biases travel with the packed matrices
     ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(8))
     runner = ModelRunner.from_checkpoint(directory, dtype="fp16-weights")
@@ -114,12 +114,12 @@ def test_fp16_weights_long_prefill_agrees_with_float32():
     # else MKL on fp32); on the bundled target's trained weights it stays within bf16's reach of float32.
     import json
 
-    from workers.backends.cpu_fp16 import PackedFp16, fbgemm_fp16_available
+    from workers.backends.cpu_fp16 import PackedFp16, fp16_weights_available
     from workers.model.checkpoint import load_tokenizer
     from workers.models import HELDOUT_PROMPTS, TARGET_DIR
 
-    if not fbgemm_fp16_available():
-        pytest.skip("fbgemm's fp16 GEMM needs an AVX2 CPU")
+    if not fp16_weights_available():
+        pytest.skip("fp16-weights needs specpipe's kernels (a C compiler) or fbgemm (AVX2)")
     text = json.loads(HELDOUT_PROMPTS.read_text().splitlines()[0])
     ids = load_tokenizer(str(TARGET_DIR)).encode(text)
     assert len(ids) > 3 * PackedFp16.PREFILL_ROWS
@@ -132,10 +132,10 @@ def test_fp16_weights_long_prefill_agrees_with_float32():
 
 @pytest.mark.parametrize("dtype", ["float32", "fp16-weights"])
 def test_logits_for_the_last_positions_only(checkpoints, dtype):
-    from workers.backends.cpu_fp16 import fbgemm_fp16_available
+    from workers.backends.cpu_fp16 import fp16_weights_available
 
-    if dtype == "fp16-weights" and not fbgemm_fp16_available():
-        pytest.skip("fbgemm's fp16 GEMM needs an AVX2 CPU")
+    if dtype == "fp16-weights" and not fp16_weights_available():
+        pytest.skip("fp16-weights needs specpipe's kernels (a C compiler) or fbgemm (AVX2)")
     directory, _ = checkpoints["llama3-gqa"]
     ids = torch.randint(0, 128, (46,), generator=torch.Generator().manual_seed(9))
     full = ModelRunner.from_checkpoint(directory, dtype=dtype)
@@ -156,11 +156,11 @@ def test_fp16_weights_window_of_any_length_matches_decoding_it_token_by_token():
     # one-token decode of it. Only a prompt's chunk may take the prefill kernel, whose rows change with
     # their number (docs/notes.md). What is left, ~1e-5, is attention with a mask against without one
     # (a one-token step needs none), far below any argmax margin seen.
-    from workers.backends.cpu_fp16 import PackedFp16, fbgemm_fp16_available
+    from workers.backends.cpu_fp16 import PackedFp16, fp16_weights_available
     from workers.models import TARGET_DIR
 
-    if not fbgemm_fp16_available():
-        pytest.skip("fbgemm's fp16 GEMM needs an AVX2 CPU")
+    if not fp16_weights_available():
+        pytest.skip("fp16-weights needs specpipe's kernels (a C compiler) or fbgemm (AVX2)")
     ids = torch.randint(0, 4096, (90,), generator=torch.Generator().manual_seed(11)).tolist()
     prompt, window = ids[:40], ids[40:]
     assert len(window) > PackedFp16.PREFILL_ROWS

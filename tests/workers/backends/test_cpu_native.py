@@ -1,0 +1,160 @@
+"""specpipe's CPU kernels, on every instruction-set path they have: they build, agree with torch, and give each row
+the same bits whatever shares its pass; without them fp16-weights falls back to fbgemm and says so."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.backends import cpu_native
+from workers.model import ModelRunner
+from workers.model.segment import Segment
+
+# the paths of cpu_kernels.c, forced on this machine (a CPU without AVX-512 builds "native" as AVX2)
+PATHS = {"native": (), "avx2": ("-mno-avx512f",),
+         "plain": ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c", "-mno-avx")}
+
+
+@functools.cache
+def kernels_for(path: str, directory: str) -> cpu_native.Kernels:
+    return cpu_native.load_library(cpu_native.build(directory=Path(directory), extra_flags=PATHS[path]))
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def kernels(request, tmp_path_factory) -> cpu_native.Kernels:
+    if isinstance(cpu_native.load(), str):
+        pytest.skip(f"no kernels here: {cpu_native.load()}")
+    return kernels_for(request.param, str(tmp_path_factory.getbasetemp() / "kernels"))
+
+
+@pytest.fixture
+def these_kernels(kernels, monkeypatch):
+    """Models built in the test use `kernels` (not the machine's default build)."""
+    monkeypatch.setattr(cpu_native, "load", lambda: kernels)
+    return kernels
+
+
+def test_each_path_is_the_one_asked_for(kernels, tmp_path_factory):
+    assert kernels.panel_width == 4 * kernels.vector_width
+    flags = set(cpu_native._cpu_flags().split())
+    directory = str(tmp_path_factory.getbasetemp() / "kernels")
+    assert kernels_for("plain", directory).vector_width == 1
+    assert kernels_for("plain", directory).describe() == "specpipe CPU kernels (plain C)"
+    if {"avx2", "fma", "f16c"} <= flags:
+        assert kernels_for("avx2", directory).vector_width == 8
+        assert kernels_for("native", directory).vector_width == (16 if "avx512f" in flags else 8)
+
+
+@pytest.mark.parametrize("shape", [(512, 1024), (64, 40), (1536, 512)], ids=["square-ish", "ragged-panel", "down"])
+def test_a_product_is_x_times_the_fp16_matrix_and_each_row_its_own(kernels, shape):
+    in_features, out_features = shape
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(in_features, out_features, generator=generator) * 0.05
+    bias = torch.randn(out_features, generator=generator)
+    matrix = cpu_native.PackedMatrix(kernels, weight, bias)
+    x = torch.randn(9, in_features, generator=generator)
+    y = matrix(x)
+    expected = x.double() @ weight.half().double() + bias.double()
+    assert torch.allclose(y.double(), expected, atol=1e-4, rtol=1e-4)
+    for count in range(1, 9):  # every row count, every offset: the same bits as alone
+        assert torch.equal(matrix(x[9 - count :])[-1], matrix(x[8:])[0])
+
+
+def runner(directory, **kwargs) -> ModelRunner:
+    return ModelRunner.from_checkpoint(directory, dtype="fp16-weights", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["llama3-gqa", "qwen2", "llama-tied"])
+def test_a_whole_model_agrees_with_float32(these_kernels, checkpoints, name):
+    directory, _ = checkpoints[name]
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(3))
+    ours, reference = runner(directory), ModelRunner.from_checkpoint(directory, dtype="float32")
+    assert ours.model.native is not None and ours.numerics == these_kernels.describe()
+    # a window, then one-token decode steps: both through the kernels (no prompt pass)
+    got = torch.cat([ours.forward(ids[:30], 0, last=30)] + [ours.forward(ids[i : i + 1], i) for i in range(30, 40)])
+    want = reference.forward(ids, 0, last=40)
+    assert torch.allclose(got, want, atol=3e-2)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+
+
+def test_a_row_is_bitwise_the_same_in_a_step_a_window_and_a_batch(these_kernels, checkpoints):
+    directory, _ = checkpoints["llama3-gqa"]
+    ids = torch.randint(0, 128, (48,), generator=torch.Generator().manual_seed(4)).tolist()
+    alone, window, batched = (runner(directory, n_slots=3, max_seq_len=128) for _ in range(3))
+    for model in (alone, window, batched):
+        model.forward(ids[:20], 0, 0, prompt_pass=True)
+        model.forward(ids[:9], 0, 1, prompt_pass=True)
+    steps = torch.cat([alone.forward(ids[i : i + 1], i, 0) for i in range(20, 26)])
+    assert torch.equal(window.forward(ids[20:26], 20, 0, last=6), steps)
+    # the same window beside another sequence's step and three drafted tokens (scratch rows) of a third slot
+    segments = [Segment(0, torch.tensor(ids[20:26]), 20, logits=6), Segment(1, torch.tensor(ids[9:10]), 9),
+                Segment(2, torch.tensor([5, 6, 7]), 0, torch.tensor([0, 1, 2]), torch.ones(3, 3, dtype=torch.bool).tril(),
+                        logits=3)]
+    batched.forward(ids[:3], 0, 2, prompt_pass=True)
+    batched.truncate(2, 0)
+    got = batched.forward_batch(segments)
+    assert torch.equal(got[0], steps)
+    assert torch.equal(got[1], alone.forward(ids[9:10], 9, 1))
+    # a scratch row sees only what its mask allows: its first branch row is a one-token step from empty
+    fresh = runner(directory, max_seq_len=128)
+    assert torch.equal(got[2][0], fresh.forward([5], 0)[0])
+
+
+def test_without_the_kernels_fp16_weights_runs_on_fbgemm_and_says_why(monkeypatch, checkpoints):
+    from workers.backends.cpu_fp16 import fp16_weights_available
+
+    monkeypatch.setattr(cpu_native, "load", lambda: "no C compiler (set CC, or install gcc)")
+    if not fp16_weights_available.__wrapped__():
+        pytest.skip("no fbgemm here either")
+    directory, _ = checkpoints["qwen2"]
+    model = runner(directory)
+    assert model.model.native is None
+    assert model.numerics == "fbgemm fp16 (no specpipe CPU kernels: no C compiler (set CC, or install gcc))"
+    reference = ModelRunner.from_checkpoint(directory, dtype="float32")
+    ids = list(range(3, 23))
+    assert torch.allclose(model.forward(ids, 0, last=20), reference.forward(ids, 0, last=20), atol=3e-2)
+
+
+def test_a_compiler_that_fails_is_named_and_a_built_library_is_found_again(tmp_path, monkeypatch):
+    first = cpu_native.build(tmp_path)
+    assert first.exists() and cpu_native.build(tmp_path) == first
+    monkeypatch.setenv("CC", "false")  # /bin/false: a compiler that fails
+    monkeypatch.setattr(cpu_native, "_compiler", lambda: "/bin/false")
+    with pytest.raises(RuntimeError, match="false failed to build cpu_kernels.c"):
+        cpu_native.build(tmp_path / "other")
+
+
+def test_the_kernels_say_which_widths_they_take(kernels):
+    assert cpu_native.fits(kernels, 512, 64, 1536) == ""
+    if kernels.vector_width > 1:
+        assert "FFN 1500 not a multiple of" in cpu_native.fits(kernels, 512, 64, 1500)
+
+
+def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECPIPE_CACHE", str(tmp_path / "here"))
+    assert cpu_native.cache_dir() == tmp_path / "here"
+    monkeypatch.delenv("SPECPIPE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_native.cache_dir() == tmp_path / "xdg" / "specpipe"
+    assert os.environ.get("SPECPIPE_CACHE") is None
+
+
+def test_drafted_branches_see_only_what_their_mask_shows(these_kernels, checkpoints):
+    # three branches forking at positions 20, 19 and 15 of a 20-token context, as the draft drafts ahead
+    directory, _ = checkpoints["llama3-gqa"]
+    ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    forks = torch.tensor([20, 19, 15])
+    columns = torch.arange(20 + 3)
+    mask = (columns[None, :] < forks[:, None]) | (columns[None, :] - 20 == torch.arange(3)[:, None])
+    branch = Segment(0, torch.tensor([7, 8, 9]), 20, forks, mask, logits=3)
+    ours, reference = runner(directory), ModelRunner.from_checkpoint(directory, dtype="float32")
+    for model in (ours, reference):
+        model.forward(ids, 0, prompt_pass=True)
+    got, want = ours.forward_batch([branch])[0], reference.forward_batch([branch])[0]
+    assert torch.allclose(got, want, atol=3e-2)
+    # the branch forking at 15 is the token that would follow the context's first 15
+    assert torch.allclose(got[2], reference.forward([9], 15)[0], atol=3e-2)

@@ -1,0 +1,353 @@
+/* specpipe's CPU decode kernels: a Llama-family forward pass over fp16 weights with fp32 activations.
+ *
+ * One call (`sp_forward`) runs every row of a pass through every layer, so a decode step costs one
+ * call from Python instead of ~150 tensor ops. A decode step on one core is bound by reading the
+ * weights, so each matrix is packed into panels of PANEL columns, stored so that one pass over a
+ * panel streams it from memory once for all the rows of the pass (up to ROW_BLOCK rows per sweep).
+ *
+ * Losslessness rests on every row coming out bitwise the same whatever else shares its pass: a
+ * one-token decode step, a verification window and a batch of sequences must agree. Here that holds
+ * by construction: a row's sums are accumulated in their own registers in a fixed order, whatever
+ * the row count, and its attention visits its visible keys in index order. Only IEEE-exact
+ * operations (+, *, fma, /, sqrt) are used; exp is a fixed polynomial of them, so a row's result
+ * depends on the binary and its inputs alone. Nothing here may be compiled with -ffast-math.
+ *
+ * Built at first use with -march=native (workers/backends/cpu_native.py): AVX-512F, or AVX2 with
+ * FMA and F16C, or plain C elsewhere.
+ */
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VLEN 16
+typedef __m512 vf;
+#define v_zero() _mm512_setzero_ps()
+#define v_set1(a) _mm512_set1_ps(a)
+#define v_load(p) _mm512_loadu_ps(p)
+#define v_store(p, a) _mm512_storeu_ps(p, a)
+#define v_add(a, b) _mm512_add_ps(a, b)
+#define v_sub(a, b) _mm512_sub_ps(a, b)
+#define v_mul(a, b) _mm512_mul_ps(a, b)
+#define v_div(a, b) _mm512_div_ps(a, b)
+#define v_max(a, b) _mm512_max_ps(a, b)
+#define v_min(a, b) _mm512_min_ps(a, b)
+#define v_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define v_load_half(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define v_round(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define v_to_int(a) _mm512_cvtps_epi32(a)
+#define v_pow2i(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23))
+typedef __m512i vi;
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define VLEN 8
+typedef __m256 vf;
+#define v_zero() _mm256_setzero_ps()
+#define v_set1(a) _mm256_set1_ps(a)
+#define v_load(p) _mm256_loadu_ps(p)
+#define v_store(p, a) _mm256_storeu_ps(p, a)
+#define v_add(a, b) _mm256_add_ps(a, b)
+#define v_sub(a, b) _mm256_sub_ps(a, b)
+#define v_mul(a, b) _mm256_mul_ps(a, b)
+#define v_div(a, b) _mm256_div_ps(a, b)
+#define v_max(a, b) _mm256_max_ps(a, b)
+#define v_min(a, b) _mm256_min_ps(a, b)
+#define v_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define v_load_half(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define v_round(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define v_to_int(a) _mm256_cvtps_epi32(a)
+#define v_pow2i(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23))
+typedef __m256i vi;
+#else
+/* Plain C: one lane, the same algorithm. */
+#define VLEN 1
+typedef float vf;
+typedef int32_t vi;
+#define v_zero() 0.0f
+#define v_set1(a) (a)
+#define v_load(p) (*(p))
+#define v_store(p, a) (*(p) = (a))
+#define v_add(a, b) ((a) + (b))
+#define v_sub(a, b) ((a) - (b))
+#define v_mul(a, b) ((a) * (b))
+#define v_div(a, b) ((a) / (b))
+#define v_max(a, b) ((a) > (b) ? (a) : (b))
+#define v_min(a, b) ((a) < (b) ? (a) : (b))
+#define v_fma(a, b, c) fmaf(a, b, c)
+#define v_load_half(p) ((float)*(const _Float16 *)(p))
+#define v_round(a) nearbyintf(a)
+#define v_to_int(a) ((int32_t)(a))
+static inline float v_pow2i(int32_t n) {
+    union { uint32_t u; float f; } bits = {(uint32_t)(n + 127) << 23};
+    return bits.f;
+}
+#endif
+
+#define PANEL (4 * VLEN)  /* columns per packed panel: four vectors */
+#if VLEN == 16
+#define ROW_BLOCK 4       /* rows per sweep of a panel: 4 rows x 4 accumulators + 4 weights in 32 registers */
+#else
+#define ROW_BLOCK 2       /* 16 registers: 2 rows x 4 accumulators + 4 weights */
+#endif
+#define PREFETCH_ROWS 16  /* panel rows ahead to prefetch (2 KB at PANEL 64) */
+
+int sp_panel_width(void) { return PANEL; }
+int sp_vector_width(void) { return VLEN; }
+
+/* ---------------------------------------------------------------------------------------------- */
+/* packing                                                                                        */
+
+/* w [in][out] fp16 (row-major, as `x @ W` reads it) -> panels [ceil(out/PANEL)][in][PANEL], the last
+ * panel's missing columns zero. */
+void sp_pack(const uint16_t *w, int in, int out, uint16_t *panels) {
+    int n_panels = (out + PANEL - 1) / PANEL;
+    for (int p = 0; p < n_panels; p++) {
+        uint16_t *dst = panels + (size_t)p * in * PANEL;
+        int first = p * PANEL, width = out - first < PANEL ? out - first : PANEL;
+        for (int k = 0; k < in; k++) {
+            memcpy(dst + (size_t)k * PANEL, w + (size_t)k * out + first, (size_t)width * sizeof(uint16_t));
+            if (width < PANEL) memset(dst + (size_t)k * PANEL + width, 0, (size_t)(PANEL - width) * sizeof(uint16_t));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* the matrix product                                                                              */
+
+typedef struct {
+    const uint16_t *panels; /* sp_pack's layout */
+    const float *bias;      /* [out] or NULL */
+    int32_t in, out;
+} sp_matrix;
+
+/* One panel for `rows` (<= ROW_BLOCK) rows: acc[r] = x[r] . W[:, panel], in k order. */
+static inline void panel_rows(const float *x, int rows, int in, const uint16_t *panel, float out[ROW_BLOCK][PANEL]) {
+    vf acc[ROW_BLOCK][4];
+    for (int r = 0; r < ROW_BLOCK; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = v_zero();
+    for (int k = 0; k < in; k++) {
+        const uint16_t *wk = panel + (size_t)k * PANEL;
+#if VLEN > 1
+        __builtin_prefetch(wk + PREFETCH_ROWS * PANEL);
+        __builtin_prefetch(wk + PREFETCH_ROWS * PANEL + PANEL / 2);
+#endif
+        vf w0 = v_load_half(wk), w1 = v_load_half(wk + VLEN), w2 = v_load_half(wk + 2 * VLEN),
+           w3 = v_load_half(wk + 3 * VLEN);
+        for (int r = 0; r < rows; r++) {
+            vf xr = v_set1(x[(size_t)r * in + k]);
+            acc[r][0] = v_fma(xr, w0, acc[r][0]);
+            acc[r][1] = v_fma(xr, w1, acc[r][1]);
+            acc[r][2] = v_fma(xr, w2, acc[r][2]);
+            acc[r][3] = v_fma(xr, w3, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++) v_store(&out[r][c * VLEN], acc[r][c]);
+}
+
+/* y [rows][ldy] = x [rows][in] @ W (+ bias), or y += that when `accumulate` (a residual). */
+static void matmul(const sp_matrix *m, const float *x, int rows, float *y, int ldy, int accumulate) {
+    float block[ROW_BLOCK][PANEL];
+    int n_panels = (m->out + PANEL - 1) / PANEL;
+    for (int first = 0; first < rows; first += ROW_BLOCK) {
+        int count = rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK;
+        for (int p = 0; p < n_panels; p++) {
+            panel_rows(x + (size_t)first * m->in, count, m->in, m->panels + (size_t)p * m->in * PANEL, block);
+            int col = p * PANEL, width = m->out - col < PANEL ? m->out - col : PANEL;
+            for (int r = 0; r < count; r++) {
+                float *yr = y + (size_t)(first + r) * ldy + col;
+                for (int c = 0; c < width; c++) {
+                    float v = m->bias ? block[r][c] + m->bias[col + c] : block[r][c];
+                    yr[c] = accumulate ? yr[c] + v : v;
+                }
+            }
+        }
+    }
+}
+
+void sp_matmul(const sp_matrix *m, const float *x, int rows, float *y) { matmul(m, x, rows, y, m->out, 0); }
+
+/* ---------------------------------------------------------------------------------------------- */
+/* element-wise pieces                                                                             */
+
+static inline float sum_lanes(vf a) {
+#if VLEN == 1
+    return a;
+#else
+    float lanes[VLEN];
+    v_store(lanes, a);
+    float s = 0.0f;
+    for (int i = 0; i < VLEN; i++) s += lanes[i];
+    return s;
+#endif
+}
+
+static inline float dot(const float *a, const float *b, int n) { /* n a multiple of VLEN */
+    vf acc = v_zero();
+    for (int i = 0; i < n; i += VLEN) acc = v_fma(v_load(a + i), v_load(b + i), acc);
+    return sum_lanes(acc);
+}
+
+/* e^x, for x in [-87, 88] (clamped there): x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial. */
+static inline vf v_exp(vf x) {
+    x = v_min(v_max(x, v_set1(-87.0f)), v_set1(88.0f));
+    vf n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    vf r = v_fma(n, v_set1(-0.693359375f), x); /* ln2 in two parts, Cody-Waite */
+    r = v_fma(n, v_set1(2.12194440e-4f), r);
+    vf p = v_set1(1.3888949e-3f);
+    p = v_fma(p, r, v_set1(8.3334519e-3f));
+    p = v_fma(p, r, v_set1(4.1665795e-2f));
+    p = v_fma(p, r, v_set1(1.6666665e-1f));
+    p = v_fma(p, r, v_set1(5.0000001e-1f));
+    p = v_fma(p, r, v_set1(1.0f));
+    p = v_fma(p, r, v_set1(1.0f));
+    return v_mul(p, v_pow2i(v_to_int(n)));
+}
+
+/* x * 1/sqrt(sum(x^2) + eps*d): RMSNorm without its gain or 1/sqrt(d), both folded into the next matrix. */
+static void normalize(const float *x, float *out, int d, float eps_times_dim) {
+    float scale = 1.0f / sqrtf(dot(x, x, d) + eps_times_dim);
+    vf s = v_set1(scale);
+    for (int i = 0; i < d; i += VLEN) v_store(out + i, v_mul(v_load(x + i), s));
+}
+
+/* RoPE on one head, in place: x*cos + rotate_half(x)*sin, the signs of rotate_half in the sin table. */
+static void rotate(float *x, const float *cos, const float *sin, int hd) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = fmaf(b, sin[i], a * cos[i]);
+        x[i + half] = fmaf(a, sin[i + half], b * cos[i + half]);
+    }
+}
+
+/* silu(gate) * up = gate / (1 + e^-gate) * up, over n values (a multiple of VLEN). */
+static void swiglu(const float *gate, const float *up, float *out, int n) {
+    vf one = v_set1(1.0f), zero = v_zero();
+    for (int i = 0; i < n; i += VLEN) {
+        vf g = v_load(gate + i);
+        vf silu = v_div(g, v_add(one, v_exp(v_sub(zero, g))));
+        v_store(out + i, v_mul(silu, v_load(up + i)));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* the model                                                                                       */
+
+typedef struct {
+    sp_matrix qkv, o, gate_up, down;
+    float *k_cache, *v_cache; /* [slots][kv_heads][max_seq][head_dim] */
+} sp_layer;
+
+typedef struct {
+    int32_t n_layers, d, n_heads, n_kv_heads, head_dim, ffn, vocab, max_seq;
+    float eps_times_dim, attn_scale;
+    const float *embed;          /* [vocab][d] */
+    const float *cos, *sin;      /* [max_seq][head_dim] */
+    const sp_layer *layers;
+    sp_matrix head;              /* the LM head, the final norm's gain folded in */
+} sp_model;
+
+typedef struct {
+    int32_t token, slot;
+    int32_t position; /* rotary position */
+    int32_t index;    /* cache index its keys and values go to */
+    int32_t end;      /* it attends to cache indices [0, end) ... */
+    int32_t pad;
+    const uint8_t *mask; /* ... where mask[j] is nonzero, or all of them when NULL */
+} sp_row;
+
+/* The floats of scratch one pass of `rows` rows needs. */
+size_t sp_scratch_floats(const sp_model *m, int rows) {
+    size_t q = (size_t)m->n_heads * m->head_dim, kv = (size_t)m->n_kv_heads * m->head_dim;
+    return (size_t)rows * (2 * m->d + q + 2 * kv + q + 3 * (size_t)m->ffn)
+           + (size_t)(m->max_seq + VLEN) * (m->n_heads / m->n_kv_heads);
+}
+
+/* One row's attention, every query head of one KV head at once (they share its keys and values).
+ * scores: group rows of max_seq + VLEN floats. */
+static void attend(const sp_model *m, const sp_row *row, const float *q, const float *keys, const float *values,
+                   float *out, float *scores) {
+    int hd = m->head_dim, group = m->n_heads / m->n_kv_heads, end = row->end;
+    int padded = (end + VLEN - 1) / VLEN * VLEN;
+    for (int g = 0; g < group; g++) {
+        float *s = scores + (size_t)g * (m->max_seq + VLEN);
+        const float *qg = q + (size_t)g * hd;
+        float best = -INFINITY;
+        for (int j = 0; j < end; j++) {
+            s[j] = (row->mask && !row->mask[j]) ? -INFINITY : dot(qg, keys + (size_t)j * hd, hd) * m->attn_scale;
+            best = s[j] > best ? s[j] : best;
+        }
+        for (int j = end; j < padded; j++) s[j] = -INFINITY;
+        /* e^(s - best), every lane alike; hidden keys then weigh exactly 0 */
+        vf top = v_set1(best);
+        for (int j = 0; j < padded; j += VLEN) v_store(s + j, v_exp(v_sub(v_load(s + j), top)));
+        float total = 0.0f;
+        for (int j = 0; j < end; j++) {
+            if (row->mask && !row->mask[j]) s[j] = 0.0f;
+            total += s[j];
+        }
+        float *og = out + (size_t)g * hd;
+        for (int i = 0; i < hd; i += VLEN) {
+            vf acc = v_zero();
+            for (int j = 0; j < end; j++)
+                if (s[j] != 0.0f) acc = v_fma(v_set1(s[j]), v_load(values + (size_t)j * hd + i), acc);
+            v_store(og + i, v_div(acc, v_set1(total)));
+        }
+    }
+}
+
+static void layer_forward(const sp_model *m, const sp_layer *L, const sp_row *rows, int count, float *x,
+                          float *scratch) {
+    int d = m->d, hd = m->head_dim, n_kv = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
+    int q_width = m->n_heads * hd, kv_width = n_kv * hd, qkv_width = q_width + 2 * kv_width, f = m->ffn;
+    float *h = scratch;                          /* [count][d] */
+    float *qkv = h + (size_t)count * d;          /* [count][qkv_width] */
+    float *attn = qkv + (size_t)count * qkv_width; /* [count][q_width] */
+    float *gate_up = attn + (size_t)count * q_width; /* [count][2f] */
+    float *act = gate_up + (size_t)count * 2 * f;  /* [count][f] */
+    float *scores = act + (size_t)count * f;       /* [group][max_seq + VLEN] */
+
+    for (int r = 0; r < count; r++) normalize(x + (size_t)r * d, h + (size_t)r * d, d, m->eps_times_dim);
+    matmul(&L->qkv, h, count, qkv, qkv_width, 0);
+    size_t slot_stride = (size_t)n_kv * m->max_seq * hd, head_stride = (size_t)m->max_seq * hd;
+    for (int r = 0; r < count; r++) { /* rotate q and k, then store k and v: every row's before any attends */
+        float *row_qkv = qkv + (size_t)r * qkv_width;
+        const float *cos = m->cos + (size_t)rows[r].position * hd, *sin = m->sin + (size_t)rows[r].position * hd;
+        for (int head = 0; head < m->n_heads + n_kv; head++) rotate(row_qkv + (size_t)head * hd, cos, sin, hd);
+        for (int g = 0; g < n_kv; g++) {
+            size_t at = rows[r].slot * slot_stride + g * head_stride + (size_t)rows[r].index * hd;
+            memcpy(L->k_cache + at, row_qkv + q_width + (size_t)g * hd, hd * sizeof(float));
+            memcpy(L->v_cache + at, row_qkv + q_width + kv_width + (size_t)g * hd, hd * sizeof(float));
+        }
+    }
+    for (int r = 0; r < count; r++) {
+        const float *row_qkv = qkv + (size_t)r * qkv_width;
+        for (int g = 0; g < n_kv; g++) {
+            size_t at = rows[r].slot * slot_stride + g * head_stride;
+            attend(m, &rows[r], row_qkv + (size_t)g * group * hd, L->k_cache + at, L->v_cache + at,
+                   attn + (size_t)r * q_width + (size_t)g * group * hd, scores);
+        }
+    }
+    matmul(&L->o, attn, count, x, d, 1);
+    for (int r = 0; r < count; r++) normalize(x + (size_t)r * d, h + (size_t)r * d, d, m->eps_times_dim);
+    matmul(&L->gate_up, h, count, gate_up, 2 * f, 0);
+    for (int r = 0; r < count; r++)
+        swiglu(gate_up + (size_t)r * 2 * f, gate_up + (size_t)r * 2 * f + f, act + (size_t)r * f, f);
+    matmul(&L->down, act, count, x, d, 1);
+}
+
+/* Every row through every layer (writing each row's keys and values), then logits [n_logits][vocab] for
+ * the rows listed in logit_rows. scratch: sp_scratch_floats(m, count) floats; x: [count][d]. */
+void sp_forward(const sp_model *m, const sp_row *rows, int count, const int32_t *logit_rows, int n_logits,
+                float *logits, float *x, float *scratch) {
+    int d = m->d;
+    for (int r = 0; r < count; r++) memcpy(x + (size_t)r * d, m->embed + (size_t)rows[r].token * d, d * sizeof(float));
+    for (int i = 0; i < m->n_layers; i++) layer_forward(m, &m->layers[i], rows, count, x, scratch);
+    float *h = scratch;
+    for (int i = 0; i < n_logits; i++) normalize(x + (size_t)logit_rows[i] * d, h + (size_t)i * d, d, m->eps_times_dim);
+    matmul(&m->head, h, n_logits, logits, m->vocab, 0);
+}

@@ -1,0 +1,207 @@
+"""specpipe's CPU decode kernels (cpu_kernels.c): built at first use, loaded with ctypes.
+
+`--dtype fp16-weights` runs every pass that is not a prompt's (decode steps, verification windows,
+drafted branches) through one C call, `sp_forward`, instead of ~20 tensor ops per layer: on one core
+the bundled target's decode step went from 4.1-4.5 ms to under 3 (docs/notes.md). The library is
+compiled with the machine's C compiler (`$CC`, else `cc`) and -march=native into the cache directory
+($SPECPIPE_CACHE, else $XDG_CACHE_HOME/specpipe or ~/.cache/specpipe), keyed by the source, the
+compiler and the CPU's flags; without a compiler, fp16-weights falls back to fbgemm (and says so in
+the worker's startup line).
+
+A row's result never depends on what shares its pass (see the C file), so no row-count probing is
+needed here as it is for BLAS (cpu_rows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O2", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
+         "-fno-math-errno")
+DISABLE = "SPECPIPE_CPU_KERNELS"  # =torch: use fbgemm for fp16-weights even where the kernels build
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [("panels", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("in_features", ctypes.c_int32),
+                ("out_features", ctypes.c_int32)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("qkv", Matrix), ("o", Matrix), ("gate_up", Matrix), ("down", Matrix),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in
+                ("n_layers", "d", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "max_seq")] + [
+        ("eps_times_dim", ctypes.c_float), ("attn_scale", ctypes.c_float), ("embed", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("layers", ctypes.POINTER(Layer)), ("head", Matrix)]
+
+
+# sp_row, as numpy lays out one pass's rows for the C side
+ROW = np.dtype([("token", "<i4"), ("slot", "<i4"), ("position", "<i4"), ("index", "<i4"), ("end", "<i4"),
+                ("pad", "<i4"), ("mask", "<u8")])
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The loaded library and what it was built for."""
+
+    lib: ctypes.CDLL
+    path: Path
+    vector_width: int  # floats per SIMD vector: 16 (AVX-512), 8 (AVX2), 1 (plain C)
+    panel_width: int
+
+    def describe(self) -> str:
+        isa = {16: "AVX-512", 8: "AVX2"}.get(self.vector_width, "plain C")
+        return f"specpipe CPU kernels ({isa})"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPECPIPE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specpipe"
+    return Path(root)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    name = os.environ.get("CC", "cc")
+    return shutil.which(name) or shutil.which("gcc") or shutil.which("clang")
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compiles the kernels (once per source, compiler and CPU) and returns the library's path; raises
+    RuntimeError saying why when it cannot."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (set CC, or install gcc)")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    directory = (directory or cache_dir() / "kernels") / key
+    library = directory / "libspecpipe_cpu.so"
+    if library.exists():
+        return library
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.mkdtemp(prefix="specpipe-kernels-"))
+        library = directory / "libspecpipe_cpu.so"
+    partial = directory / f".build-{os.getpid()}.so"  # two workers may build at once: each renames its own
+    done = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(compiler).name} failed to build {SOURCE.name}: "
+                           f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    os.replace(partial, library)
+    return library
+
+
+@functools.cache
+def load() -> Kernels | str:
+    """The kernels, or why there are none here (a line for the worker's startup message)."""
+    if os.environ.get(DISABLE, "").lower() == "torch":
+        return f"{DISABLE}=torch"
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+    except (RuntimeError, OSError) as error:
+        return str(error)
+    lib.sp_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.sp_matmul.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.sp_scratch_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
+    lib.sp_scratch_floats.restype = ctypes.c_size_t
+    lib.sp_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    for name in ("sp_pack", "sp_matmul", "sp_forward"):
+        getattr(lib, name).restype = None
+    return Kernels(lib, path, lib.sp_vector_width(), lib.sp_panel_width())
+
+
+class PackedMatrix:
+    """A [in, out] matrix in the kernels' fp16 panels, with its bias: y = x @ W + b."""
+
+    def __init__(self, kernels: Kernels, weight_in_out: Tensor, bias: Tensor | None) -> None:
+        in_features, out_features = weight_in_out.shape
+        panels = -(-out_features // kernels.panel_width)
+        half = weight_in_out.detach().to(torch.float16).contiguous()
+        self.panels = torch.empty(panels * in_features * kernels.panel_width, dtype=torch.float16)
+        kernels.lib.sp_pack(half.data_ptr(), in_features, out_features, self.panels.data_ptr())
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.struct = Matrix(self.panels.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(),
+                             in_features, out_features)
+        self.kernels = kernels
+        self.out_features = out_features
+
+    def __call__(self, x: Tensor) -> Tensor:
+        # x: [rows, in] float32 -> [rows, out]
+        x = x.contiguous()
+        y = x.new_empty(x.shape[0], self.out_features)
+        self.kernels.lib.sp_matmul(ctypes.byref(self.struct), x.data_ptr(), x.shape[0], y.data_ptr())
+        return y
+
+
+def fits(kernels: Kernels, hidden: int, head_dim: int, ffn: int) -> str:
+    """'' if the kernels take a model of these widths, else why not (they work in whole vectors)."""
+    odd = [f"{name} {value}" for name, value in (("hidden size", hidden), ("head_dim", head_dim), ("FFN", ffn))
+           if value % kernels.vector_width]
+    return f"{', '.join(odd)} not a multiple of {kernels.vector_width}" if odd else ""
+
+
+class NativeModel:
+    """A whole decoder for the kernels: the tensors it reads stay owned by the torch model (they must not be
+    reallocated while this lives); `forward` runs one pass of rows."""
+
+    def __init__(self, kernels: Kernels, *, hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int,
+                 vocab: int, max_seq: int, eps_times_dim: float, embed: Tensor, cos: Tensor, sin: Tensor,
+                 layers: list[tuple[PackedMatrix, PackedMatrix, PackedMatrix, PackedMatrix, Tensor, Tensor]],
+                 head: PackedMatrix) -> None:
+        for tensor in (embed, cos, sin):
+            assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+        self.kernels = kernels
+        self.keep = (embed, cos, sin, layers, head)
+        self.layer_structs = (Layer * len(layers))(*[
+            Layer(qkv.struct, o.struct, gate_up.struct, down.struct, k.data_ptr(), v.data_ptr())
+            for qkv, o, gate_up, down, k, v in layers])
+        self.model = Model(len(layers), hidden, heads, kv_heads, head_dim, ffn, vocab, max_seq, eps_times_dim,
+                           head_dim ** -0.5, embed.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                           self.layer_structs, head.struct)
+        self.hidden, self.vocab = hidden, vocab
+        self._scratch = torch.empty(0)
+        self._x = torch.empty(0)
+
+    def forward(self, rows: np.ndarray, logit_rows: np.ndarray) -> Tensor:
+        """rows: ROW records, one per row of the pass; logit_rows: int32 indices of the rows whose logits are
+        wanted. Returns logits [len(logit_rows), vocab] (float32)."""
+        count = len(rows)
+        need = self.kernels.lib.sp_scratch_floats(ctypes.byref(self.model), count)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        if self._x.numel() < count * self.hidden:
+            self._x = torch.empty(count * self.hidden)
+        logits = torch.empty(len(logit_rows), self.vocab)
+        self.kernels.lib.sp_forward(ctypes.byref(self.model), rows.ctypes.data, count, logit_rows.ctypes.data,
+                                    len(logit_rows), logits.data_ptr(), self._x.data_ptr(), self._scratch.data_ptr())
+        return logits
