@@ -51,6 +51,25 @@ class Sweep(click.ParamType):
         return tuple(self.item.convert(part, param, ctx) for part in parts)
 
 
+class ChoiceList(click.ParamType):
+    """A comma-separated subset of `choices`, as a tuple in the order given; "none" = the empty tuple."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+        self.name = ",".join(choices) + "|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        parts = [part.strip() for part in str(value).split(",") if part.strip()]
+        if parts == ["none"]:
+            return ()
+        unknown = [part for part in parts if part not in self.choices]
+        if unknown or not parts:
+            self.fail(f"{value!r}: give a comma-separated list of {', '.join(self.choices)}, or none", param, ctx)
+        return tuple(dict.fromkeys(parts))
+
+
 class CoreList(click.ParamType):
     """Comma-separated CPU core numbers, as a tuple ("" = none)."""
 

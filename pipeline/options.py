@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.bench.config import BENCH_PEERS
 from pipeline.config import (
     MEASURED_PROMPTS,
     K_POLICIES,
@@ -22,7 +23,7 @@ from pipeline.config import (
 )
 from pipeline.distill.config import DraftShape, TrainingConfig
 from pipeline.launcher import LivenessConfig
-from pipeline.option import CoreList, Option, options
+from pipeline.option import ChoiceList, CoreList, Option, options
 from pipeline.serving.config import HttpConfig, LoadConfig
 from workers.protocol.limits import MAX_BRANCHES, MAX_TRACE_SPANS
 from workers.sampling import SamplingParams
@@ -149,8 +150,10 @@ JSON_OUT = Option("--json-out", "json_out", "Write every figure to this JSON fil
 REPORT = Option("--report", "report_dir", "Write a Markdown report with PNG plots into this directory.",
                 click.Path(file_okay=False, path_type=Path), metavar="DIR")
 REPETITIONS = Option("--repetitions", "repetitions", "Passes over the prompts.", click.INT, 1)
-PEERS = Option("--peers/--no-peers", "peers", "Also run transformers generate and assisted generation on the same "
-               "models.", default=True)
+PEERS = Option("--peers", "peers", "Other engines to run on the same models and prompts: transformers (generate "
+               "and assisted generation), llama.cpp (its server, target alone and speculative at each --k; built by "
+               "scripts/build_llama_cpp.py, left out with a note when absent); none for neither.",
+               ChoiceList(BENCH_PEERS), ",".join(BENCH_PEERS))
 TRACE = Option("--trace", "trace_path", "Where to write the Chrome / Perfetto trace (trace-event JSON).",
                click.Path(dir_okay=False, path_type=Path), Path("specpipe-trace.json"))
 MAX_SPANS = Option("--max-spans", "max_spans", "Spans kept per process.", click.INT, MAX_TRACE_SPANS)

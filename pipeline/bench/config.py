@@ -9,6 +9,9 @@ from pipeline.config import MEASURED_PROMPTS, WARMUP_PROMPTS, DecodeConfig, Mode
 from workers.protocol.limits import MAX_BRANCHES
 
 
+BENCH_PEERS = ("transformers", "llama.cpp")
+
+
 @dataclass(frozen=True)
 class BenchOutput:
     """What bench writes besides its table."""
@@ -28,7 +31,7 @@ class BenchConfig:
     max_new_tokens: int = 128
     prefill_chunk: int = DecodeConfig.prefill_chunk  # prompt tokens per target step (0 = whole prompts)
     repetitions: int = 1  # passes over the prompt set
-    peers: bool = True  # also run transformers generate and assisted generation
+    peers: tuple[str, ...] = BENCH_PEERS  # other engines on the same models: transformers, llama.cpp
     output: BenchOutput = BenchOutput()
 
     @property
@@ -49,5 +52,8 @@ class BenchConfig:
         if self.max_new_tokens < 2:
             raise ValueError(f"--max-new-tokens must be at least 2 for bench (inter-token latency needs two), got "
                              f"{self.max_new_tokens}")
+        unknown = set(self.peers) - set(BENCH_PEERS)
+        if unknown:
+            raise ValueError(f"--peers takes {', '.join(BENCH_PEERS)} or none; got {', '.join(sorted(unknown))}")
         if self.repetitions < 1:
             raise ValueError(f"--repetitions must be at least 1, got {self.repetitions}")

@@ -98,7 +98,7 @@ class Figures:
     concurrency: int  # prompts decoded at once
     mode: str
     k: int | None
-    system: str  # "specpipe" or "transformers"
+    system: str  # "specpipe", "transformers" or "llama.cpp"
     sequences: int
     tokens: int
     wall_s: float  # the measured rounds' walls, added up
@@ -128,6 +128,7 @@ class Figures:
     warmup: dict[str, float] = field(default_factory=dict)  # the uncounted runs: rounds, sequences, tokens, wall_s
     speedup_vs_target_only: float | None = None  # against target-only at the same concurrency
     speedup_vs_hf_target_only: float | None = None  # against hf target-only at the same concurrency
+    speedup_vs_llama_cpp_target_only: float | None = None  # against llama.cpp target-only at the same concurrency
     predicted_speedup: float | None = None
     measured_over_predicted: float | None = None
     theory: dict[str, float] = field(default_factory=dict)  # the step costs and rates the prediction used
@@ -151,10 +152,12 @@ def figures(name: str, mode: str, k: int | None, system: str, rounds: list[Round
         warmup={"rounds": len(warmup), "sequences": len(warm), "tokens": sum(len(g.token_ids) for g in warm),
                 "wall_s": sum(r.wall_s for r in warmup)},
     )
-    if system != "specpipe":
-        return result
     result.drafted = sum(g.drafted for g in runs)
     result.accepted = sum(g.accepted for g in runs)
+    if system != "specpipe":  # a peer says at most what it drafted and accepted (llama.cpp's server does)
+        if result.drafted:
+            result.acceptance_rate = result.accepted / result.drafted
+        return result
     result.verifications = sum(g.verifications for g in runs)
     result.plain_steps = sum(g.plain_steps for g in runs)
     if result.verifications + result.plain_steps:

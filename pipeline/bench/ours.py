@@ -22,14 +22,23 @@ class Contender:
     no concurrency: each configuration runs at every one (Figures.concurrency)."""
 
     name: str
-    mode: str  # target-only | serial | overlap | hf-target-only | hf-assisted
+    mode: str  # target-only | serial | overlap; hf-target-only | hf-assisted; llama.cpp-target-only | llama.cpp-speculative
     k: int | None  # window size, or the largest one (None: no window, or the peer's own schedule)
     max_branches: int | None = None  # overlap: outcomes drafted ahead at most
     k_policy: str = "fixed"  # fixed | adaptive | goodput (DecodeConfig.k_policy)
 
     @property
+    def system(self) -> str:
+        """Whose engine runs it: specpipe, transformers or llama.cpp."""
+        if self.mode.startswith("hf-"):
+            return "transformers"
+        if self.mode.startswith("llama.cpp-"):
+            return "llama.cpp"
+        return "specpipe"
+
+    @property
     def ours(self) -> bool:
-        return not self.mode.startswith("hf-")
+        return self.system == "specpipe"
 
 
 def our_contenders(ks: tuple[int, ...],

@@ -11,6 +11,9 @@ from pipeline.bench.figures import Figures
 from pipeline.bench.run import BenchResult
 
 
+PEER_COLORS = {"transformers": "tab:gray", "llama.cpp": "tab:green"}  # bars of other engines (ours: default colours)
+
+
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
@@ -25,7 +28,8 @@ def speculation_off(f: Figures) -> str:
 
 
 def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
-    header = ["config", "conc", "tok/s", "decode tok/s", "vs target-only", "vs hf", "predicted", "meas/pred",
+    header = ["config", "conc", "tok/s", "decode tok/s", "vs target-only", "vs hf", "vs llama.cpp", "predicted",
+              "meas/pred",
               "TTFT ms", "ITL p50/p90/p99 ms", "accept", "mean len", "mean drafted", "hit", "branches", "spec off",
               "target busy/ipc/idle", "draft busy", "coord", "target wall: compute/draft/coord+IPC"]
     rows = []
@@ -39,6 +43,7 @@ def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
         rows.append([
             f.name, str(f.concurrency), f"{f.tokens_per_s:.1f}", f"{f.decode_tokens_per_s:.1f}",
             _fmt(f.speedup_vs_target_only, ".2f", "x"), _fmt(f.speedup_vs_hf_target_only, ".2f", "x"),
+            _fmt(f.speedup_vs_llama_cpp_target_only, ".2f", "x"),
             _fmt(f.predicted_speedup, ".2f", "x"), _fmt(f.measured_over_predicted, ".2f"), f"{f.ttft_s * 1e3:.0f}",
             "/".join(f"{f.itl_ms[p]:.1f}" for p in ("p50", "p90", "p99")),
             _fmt(f.acceptance_rate, ".1%"), _fmt(f.mean_acceptance_length, ".2f"), _fmt(f.mean_drafted_length, ".2f"),
@@ -111,6 +116,12 @@ def describe(result: BenchResult) -> list[str]:
                  "while the coordinator ran, while the draft handled messages, or while messages crossed)")
     lines += [f"{peer} identical to specpipe {reference}: {count} prompts"
               for peer, count in result.peers_identical.items()]
+    if any(f.system == "llama.cpp" for f in result.configs):
+        lines.append(f"llama.cpp: {s.get('llama_cpp', 'llama-server')}, one server per configuration pinned to our "
+                     "workers' cores, one thread per model, f16 GGUFs of the same checkpoints, prompts sent as token "
+                     "ids, cache_prompt off; spec k=K is its speculative decoding (draft-simple) with draft max K, "
+                     "its other settings its defaults; timed here as ours, from the request to each streamed token; "
+                     "concurrency 1 only")
     if any(c > 1 for c in levels) and any(f.system == "transformers" for f in result.configs):
         lines.append("hf target-only at concurrency > 1: one batched generate per round (left-padded); hf assisted "
                      "runs at concurrency 1 only: transformers' assisted generation takes batch size 1")
@@ -208,7 +219,7 @@ def _plots(result: BenchResult, directory: Path) -> list[Path]:
         level = {f.name: f for f in configs if f.concurrency == c}
         xs = [i + (offset - (len(levels) - 1) / 2) * width for i, name in enumerate(names) if name in level]
         values = [level[name].tokens_per_s for name in names if name in level]
-        colors = ["tab:gray" if level[name].system == "transformers" else None for name in names if name in level]
+        colors = [PEER_COLORS.get(level[name].system) for name in names if name in level]
         bars = axes.bar(xs, values, width, label=f"concurrency {c}")
         for bar, color in zip(bars, colors):
             if color is not None and len(levels) == 1:
@@ -228,7 +239,7 @@ def _plots(result: BenchResult, directory: Path) -> list[Path]:
     for name in names:
         points = sorted((f.concurrency, f.tokens_per_s) for f in configs if f.name == name)
         axes.plot([c for c, _ in points], [rate for _, rate in points], marker="o", label=name,
-                  linestyle="--" if any(f.system == "transformers" for f in configs if f.name == name) else "-")
+                  linestyle="--" if any(f.system != "specpipe" for f in configs if f.name == name) else "-")
     axes.set_xscale("log", base=2)
     axes.set_xticks(levels, [str(c) for c in levels])
     axes.set_xlabel("concurrency (prompts decoded at once)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.figures import Figures, figures
 from pipeline.bench.ours import Contender, PipelineRunner, our_contenders, start_cluster, worker_clocks
+from pipeline.bench.llama_cpp import LlamaCppBuild, LlamaCppRunner, LlamaServer, ServerConfig, default_root
 from pipeline.bench.peers import HfRunner, load_models
 from pipeline.bench.records import Round
 from pipeline.bench.theory import median_round_trip, predict, predict_concurrent
@@ -22,9 +24,45 @@ from workers.model.checkpoint import load_tokenizer
 from workers.models import HELDOUT_PROMPTS
 from workers.spec import resolved_dtype
 
-PEERS = (Contender("hf target-only", "hf-target-only", None), Contender("hf assisted", "hf-assisted", None))
-# transformers' assisted generation takes one sequence at a time: at a higher concurrency it does not run
-ONE_AT_A_TIME = frozenset({"hf-assisted"})
+HF_PEERS = (Contender("hf target-only", "hf-target-only", None), Contender("hf assisted", "hf-assisted", None))
+# transformers' assisted generation takes one sequence at a time, and the llama.cpp peer is run with one server
+# slot: at a higher concurrency they do not run
+ONE_AT_A_TIME = frozenset({"hf-assisted", "llama.cpp-target-only", "llama.cpp-speculative"})
+
+
+def llama_cpp_contenders(ks: tuple[int, ...]) -> list[Contender]:
+    """llama.cpp's target alone, and its speculative decoding with draft max = each of our k."""
+    return [Contender("llama.cpp target-only", "llama.cpp-target-only", None),
+            *(Contender(f"llama.cpp spec k={k}", "llama.cpp-speculative", k) for k in ks)]
+
+
+def llama_cpp_build(config: BenchConfig) -> LlamaCppBuild | None:
+    """The llama.cpp build, when asked for and all there; else None, having said on stderr why and how to make it."""
+    if "llama.cpp" not in config.peers:
+        return None
+    build = LlamaCppBuild(default_root())
+    missing = build.missing([config.models.target_dir, config.models.draft_dir])
+    if missing:
+        print(f"[coord] bench: the llama.cpp peer is left out: {missing}", file=sys.stderr)
+        return None
+    return build
+
+
+def start_llama_cpp(build: LlamaCppBuild, config: BenchConfig, contenders: list[Contender], cores: tuple[int, ...],
+                    stack: contextlib.ExitStack) -> dict[str, LlamaCppRunner]:
+    """A llama-server per llama.cpp configuration, each pinned to `cores` (our workers'), one thread per model."""
+    target, draft = build.gguf(config.models.target_dir), build.gguf(config.models.draft_dir)
+    runners = {}
+    for contender in contenders:
+        if contender.system != "llama.cpp":
+            continue
+        speculative = contender.mode == "llama.cpp-speculative"
+        server_config = ServerConfig(target, draft if speculative else None, contender.k if speculative else None,
+                                     config.workers.threads, cores)
+        server = LlamaServer(build, server_config)
+        stack.callback(server.close)
+        runners[contender.name] = LlamaCppRunner(server, config.max_new_tokens)
+    return runners
 
 Key = tuple[str, int]  # (configuration name, concurrency)
 
@@ -68,6 +106,12 @@ def rounds_of(count: int, concurrency: int) -> list[list[int]]:
     return [list(range(start, min(start + concurrency, count))) for start in range(0, count, concurrency)]
 
 
+def worker_cores(cluster) -> tuple[int, ...]:
+    """Every core our workers are pinned to (none: not pinned)."""
+    specs = [spec for spec in (cluster.config.target, cluster.config.draft) if spec is not None]
+    return tuple(sorted({core for spec in specs for core in spec.cores}))
+
+
 def runs_at(contender: Contender, concurrency: int) -> bool:
     return concurrency == 1 or contender.mode not in ONE_AT_A_TIME
 
@@ -78,22 +122,27 @@ def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> 
     machine's slow and fast spells fall on all of them alike)."""
     config.validate()
     warm, measured, pad_id = read_prompt_ids(config)
-    contenders = our_contenders(config.k, config.max_branches) + (list(PEERS) if config.peers else [])
+    build = llama_cpp_build(config)
+    contenders = (our_contenders(config.k, config.max_branches)
+                  + (list(HF_PEERS) if "transformers" in config.peers else [])
+                  + (llama_cpp_contenders(config.k) if build is not None else []))
     levels = config.concurrencies
     schedule = {c: [contender for contender in contenders if runs_at(contender, c)] for c in levels}
     runs: dict[Key, list[Round]] = {(x.name, c): [] for c in levels for x in schedule[c]}
     warmups: dict[Key, list[Round]] = {(x.name, c): [] for c in levels for x in schedule[c]}
-    with start_cluster(config) as cluster:
+    with start_cluster(config) as cluster, contextlib.ExitStack() as servers:
         clocks = worker_clocks(cluster)
         runners = {c.name: PipelineRunner(cluster, c, config.max_new_tokens, clocks, max(config.concurrency),
                                           config.prefill_chunk)
                    for c in contenders if c.ours}
-        if config.peers:
+        eos = cluster.limits().eos_ids
+        if "transformers" in config.peers:
             torch.set_num_threads(config.workers.threads)  # in this process, beside the draft: as each worker
             target, draft = load_models(config.models.target_dir, config.models.draft_dir)
-            eos = cluster.limits().eos_ids
             runners["hf target-only"] = HfRunner(target, None, config.max_new_tokens, eos, pad_id)
             runners["hf assisted"] = HfRunner(target, draft, config.max_new_tokens, eos, pad_id)
+        if build is not None:
+            runners |= start_llama_cpp(build, config, contenders, worker_cores(cluster), servers)
         total = sum(len(schedule[c]) * ((1 if warm else 0) + len(rounds_of(len(measured), c)) * config.repetitions)
                     for c in levels)
         with tqdm(total=total, desc="bench", unit="round", file=sys.stderr, disable=not progress) as bar:
@@ -111,7 +160,10 @@ def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> 
                             bar.set_postfix_str(f"{contender.name}, concurrency {c}")
                             runs[contender.name, c].append(runners[contender.name](prompts, c, indices))
                             bar.update()
-    return summarize(config, contenders, runs, warmups, command)
+    result = summarize(config, contenders, runs, warmups, command)
+    if build is not None:
+        result.settings["llama_cpp"] = build.version()
+    return result
 
 
 def tokens_by_prompt(rounds: list[Round]) -> list[tuple[int, list[int]]]:
@@ -126,14 +178,17 @@ def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[Key, 
     for c in levels:
         for x in contenders:
             if (x.name, c) in runs:
-                by_key[x.name, c] = figures(x.name, x.mode, x.k, "specpipe" if x.ours else "transformers",
-                                            runs[x.name, c], warmups.get((x.name, c), []), c, x.k_policy)
+                by_key[x.name, c] = figures(x.name, x.mode, x.k, x.system, runs[x.name, c],
+                                            warmups.get((x.name, c), []), c, x.k_policy)
     results = list(by_key.values())  # by concurrency, then configuration
     for (name, c), result in by_key.items():
         baseline, hf_baseline = by_key[("target-only", c)], by_key.get(("hf target-only", c))
+        llama_cpp_baseline = by_key.get(("llama.cpp target-only", c))
         result.speedup_vs_target_only = result.tokens_per_s / baseline.tokens_per_s
         if hf_baseline is not None:
             result.speedup_vs_hf_target_only = result.tokens_per_s / hf_baseline.tokens_per_s
+        if llama_cpp_baseline is not None:
+            result.speedup_vs_llama_cpp_target_only = result.tokens_per_s / llama_cpp_baseline.tokens_per_s
         if c == 1:
             decode_step_s = median_round_trip(runs["target-only", 1], "target", "decode")
             predict(result, baseline, decode_step_s, runs.get((f"serial k={result.k}", 1)), runs[name, c])
@@ -163,5 +218,7 @@ def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[Key, 
                 "identity_reference": f"target-only at concurrency {reference_level}", "threads": threads,
                 "dtype": resolved_dtype(config.workers.dtype, config.workers.target_device),
                 "prompts_file": str(config.prompts.file or HELDOUT_PROMPTS), "command": command,
-                "placement": f"{threads} core(s) per worker; peers in the coordinator with {threads} thread(s)"}
+                "placement": f"{threads} core(s) per worker; transformers in the coordinator with {threads} thread(s); "
+                             f"llama.cpp's server on our workers' cores, {threads} thread(s) per model",
+                "peers": list(config.peers)}
     return BenchResult(results, not differing, peers, machine(), settings, differing)

@@ -15,7 +15,7 @@ from pipeline.config import ModelsConfig, PromptsConfig, WorkersConfig
 from pipeline.distill.config import DistillConfig
 from pipeline.launch import LaunchConfig
 from pipeline.launcher import cluster_config
-from pipeline.option import SWEEP_HELP, CoreList, Sweep, config_from, field_paths
+from pipeline.option import SWEEP_HELP, ChoiceList, CoreList, Sweep, config_from, field_paths
 from pipeline.profile import ProfileConfig
 from pipeline.serving.config import BenchServeConfig, ServeConfig
 from pipeline.prompts import select_prompts
@@ -118,6 +118,8 @@ def other_value(param: click.Option, tmp_path: Path) -> list[str]:
         return [flag, next(choice for choice in kind.choices if choice not in (param.default, "draft"))]
     if isinstance(kind, CoreList):
         return [flag, "0,1"]
+    if isinstance(kind, ChoiceList):
+        return [flag, kind.choices[0]]
     if isinstance(kind, click.Path):
         return [flag, str(existing(kind, tmp_path / param.name) if kind.exists else tmp_path / param.name)]
     number = param.default if isinstance(param.default, (int, float)) else 0  # no default: None

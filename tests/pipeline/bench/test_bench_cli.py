@@ -1,10 +1,15 @@
-"""`specpipe bench` end to end on the bundled pair (2 short prompts): its figures agree with each other."""
+"""`specpipe bench` end to end on the bundled pair (2 short prompts): its figures agree with each other. The
+llama.cpp peer is a stand-in replaying a recorded stream (tests/pipeline/bench/fake_llama_server.py)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+
+from tests.pipeline.bench import fake_llama_server
+from workers.models import DRAFT_DIR, TARGET_DIR
 
 REQUIRED = {"name", "mode", "k", "tokens_per_s", "speedup_vs_target_only", "acceptance_rate",
             "mean_acceptance_length", "predicted_speedup"}
@@ -15,7 +20,10 @@ def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     command = [sys.executable, "-m", "pipeline.cli", "bench", "--prompts", "2", "--k", "2,3", "--max-new-tokens", "16",
                "--json-out", str(out / "bench.json"), "--report", str(out / "report")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    cache = out / "cache"  # the stand-in's build, in a cache of its own (the CPU kernels are built there too)
+    env = dict(os.environ, SPECPIPE_CACHE=str(cache),
+               **fake_llama_server.install(cache / "llama.cpp", [TARGET_DIR, DRAFT_DIR]))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     return result, json.loads((out / "bench.json").read_text()), out / "report"
 
@@ -25,7 +33,8 @@ def test_every_configuration_is_reported_with_the_required_figures(bench):
     result, figures, _ = bench
     names = [config["name"] for config in figures["configs"]]
     assert names == ["target-only", "serial k=2", "overlap k=2", "serial k=3", "overlap k=3",
-                     "overlap goodput k<=3", "hf target-only", "hf assisted"]
+                     "overlap goodput k<=3", "hf target-only", "hf assisted", "llama.cpp target-only",
+                     "llama.cpp spec k=2", "llama.cpp spec k=3"]
     for config in figures["configs"]:
         assert REQUIRED <= config.keys()
         assert config["name"] in result.stdout  # the table names it too
@@ -34,6 +43,11 @@ def test_every_configuration_is_reported_with_the_required_figures(bench):
     assert (settings["k"], settings["max_branches"], settings["max_new_tokens"]) == ([2, 3], [12], 16)
     assert (settings["prompts"], settings["warmup"], settings["threads"]) == (2, 1, 1)
     assert "greedy outputs token-identical across all specpipe configurations: yes" in result.stdout
+    # the stand-in answers every prompt with one recording: llama.cpp's rows are there, its identity is not
+    assert settings["llama_cpp"] == "llama.cpp 0.5.0-fake (build 1, commit 0000000)"
+    assert figures["peers_identical"]["llama.cpp spec k=3"] == "0/2"
+    spec = next(config for config in figures["configs"] if config["name"] == "llama.cpp spec k=3")
+    assert (spec["system"], spec["drafted"], spec["accepted"]) == ("llama.cpp", 22, 14)
 
 
 @pytest.mark.slow
@@ -46,6 +60,8 @@ def test_counts_add_up_and_speedups_are_ratios_of_rates(bench):
         assert config["tokens_per_s"] == pytest.approx(config["tokens"] / config["wall_s"])
         assert config["speedup_vs_target_only"] == pytest.approx(config["tokens_per_s"] / base["tokens_per_s"])
         assert config["speedup_vs_hf_target_only"] == pytest.approx(config["tokens_per_s"] / hf_base["tokens_per_s"])
+        assert config["speedup_vs_llama_cpp_target_only"] == pytest.approx(
+            config["tokens_per_s"] / configs["llama.cpp target-only"]["tokens_per_s"])
         assert config["warmup"]["sequences"] == 1  # reported apart, not in the counts above
         if config["mode"] not in ("serial", "overlap"):
             continue

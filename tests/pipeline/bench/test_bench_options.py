@@ -21,7 +21,7 @@ def test_concurrency_takes_a_comma_separated_list():
 def test_a_concurrency_below_1_is_refused_naming_the_option(monkeypatch):
     ran = []
     monkeypatch.setattr(pipeline.bench.command, "run_bench", lambda *args: ran.append(args))
-    result = CliRunner().invoke(main, ["bench", "--concurrency", "1,0,4", "--no-peers"])
+    result = CliRunner().invoke(main, ["bench", "--concurrency", "1,0,4", "--peers", "none"])
     assert result.exit_code == 2 and not ran
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("specpipe: error: --concurrency") and "1,0,4" in line

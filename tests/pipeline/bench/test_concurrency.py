@@ -12,7 +12,7 @@ from pipeline.bench.ours import our_contenders
 from pipeline.bench.peers import HfRunner, left_padded, up_to_eos
 from pipeline.bench.records import Generation, Round
 from pipeline.bench.report import as_json, describe, table_rows, text_table, write_json, write_report
-from pipeline.bench.run import PEERS, rounds_of, runs_at, summarize
+from pipeline.bench.run import HF_PEERS, llama_cpp_contenders, rounds_of, runs_at, summarize
 from pipeline.critical_path import TargetTimeSplit
 
 
@@ -68,12 +68,16 @@ def test_controller_summaries_add_counts_and_weigh_means():
     assert combined_speculation([Round([], 1.0)]) == {}
 
 
-def test_prompts_run_in_rounds_of_the_concurrency_and_hf_assisted_only_alone():
+def test_prompts_run_in_rounds_of_the_concurrency_and_hf_assisted_and_llama_cpp_only_alone():
     assert rounds_of(6, 4) == [[0, 1, 2, 3], [4, 5]]
     assert rounds_of(3, 1) == [[0], [1], [2]]
     assert rounds_of(2, 16) == [[0, 1]]
-    hf_target, hf_assisted = PEERS
+    hf_target, hf_assisted = HF_PEERS
     assert runs_at(hf_target, 4) and runs_at(hf_assisted, 1) and not runs_at(hf_assisted, 4)
+    llama_target, llama_spec = llama_cpp_contenders((3,))
+    assert (llama_target.system, llama_spec.system, llama_spec.k) == ("llama.cpp", "llama.cpp", 3)
+    assert llama_spec.name == "llama.cpp spec k=3" and not llama_spec.ours
+    assert runs_at(llama_target, 1) and not runs_at(llama_target, 4) and not runs_at(llama_spec, 2)
 
 
 def test_the_goodput_controller_is_a_contender_of_its_own():
@@ -107,7 +111,7 @@ def made(indices: list[int], rate: float, wall: float, tokens=REFERENCE, **stats
 @pytest.fixture
 def result():
     config = BenchConfig(k=(2,), concurrency=(1, 2), max_new_tokens=3)
-    contenders = our_contenders((2,)) + list(PEERS)
+    contenders = our_contenders((2,)) + list(HF_PEERS) + llama_cpp_contenders((2,))
     wrong = {**REFERENCE, 3: [10, 20, 99]}
     controller = {"plans": 8, "mean_k": 1.5, "zero_k_share": 0.25, "speculation_off_events": 2,
                   "speculation_off_s": 0.3, "predicted_speedup": 1.25, "reasons": {"acceptance low": 2}}
@@ -118,6 +122,8 @@ def result():
         ("overlap goodput k<=2", 1): [made([i], 0.01, 0.05) for i in range(PROMPTS)],
         ("hf target-only", 1): [made([i], 0.01, 0.2) for i in range(PROMPTS)],
         ("hf assisted", 1): [made([i], 0.01, 0.2) for i in range(PROMPTS)],
+        ("llama.cpp target-only", 1): [made([i], 0.01, 0.08) for i in range(PROMPTS)],  # 12 tokens in 0.32 s
+        ("llama.cpp spec k=2", 1): [made([i], 0.01, 0.16, drafted=4, accepted=1) for i in range(PROMPTS)],
         ("target-only", 2): [made([0, 1], 0.01, 0.12), made([2, 3], 0.01, 0.12)],  # 12 tokens in 0.24 s: 50 tok/s
         ("serial k=2", 2): [made([0, 1], 0.01, 0.12), made([2, 3], 0.01, 0.12, wrong)],
         ("overlap k=2", 2): [made([0, 1], 0.01, 0.1), made([2, 3], 0.01, 0.1)],
@@ -135,7 +141,13 @@ def test_speedups_are_against_target_only_at_the_same_concurrency(result):
     assert by["overlap k=2", 2].speedup_vs_target_only == pytest.approx(0.24 / 0.2)
     assert by["overlap k=2", 1].speedup_vs_target_only == pytest.approx(0.4 / 0.2)
     assert by["overlap k=2", 2].speedup_vs_hf_target_only == pytest.approx(0.6 / 0.2)
-    assert ("hf assisted", 2) not in by  # batch size 1 only
+    assert ("hf assisted", 2) not in by and ("llama.cpp target-only", 2) not in by  # one at a time only
+    assert by["overlap k=2", 1].speedup_vs_llama_cpp_target_only == pytest.approx(0.32 / 0.2)
+    assert by["target-only", 2].speedup_vs_llama_cpp_target_only is None  # no llama.cpp at concurrency 2
+    spec = by["llama.cpp spec k=2", 1]
+    assert spec.system == "llama.cpp" and spec.acceptance_rate == pytest.approx(0.25)  # 4 of 16 drafted accepted
+    assert spec.speedup_vs_llama_cpp_target_only == pytest.approx(0.32 / 0.64)
+    assert spec.mean_acceptance_length is None and spec.predicted_speedup is None  # the server does not say
     # at concurrency 2 the prediction is the controller's, where there is one
     goodput = by["overlap goodput k<=2", 2]
     assert goodput.predicted_speedup == pytest.approx(1.25) and goodput.k_policy == "goodput"
@@ -143,21 +155,24 @@ def test_speedups_are_against_target_only_at_the_same_concurrency(result):
     assert goodput.speculation["speculation_off_events"] == 4 and goodput.speculation["mean_k"] == pytest.approx(1.5)
     assert by["overlap k=2", 2].predicted_speedup is None
     # by concurrency, then configuration; no name holds the concurrency
-    assert [(f.concurrency, f.name) for f in result.configs][:7] == [
+    assert [(f.concurrency, f.name) for f in result.configs][:6] == [
         (1, "target-only"), (1, "serial k=2"), (1, "overlap k=2"), (1, "overlap goodput k<=2"), (1, "hf target-only"),
-        (1, "hf assisted"), (2, "target-only")]
+        (1, "hf assisted")]
+    assert [(f.concurrency, f.name) for f in result.configs][6:9] == [
+        (1, "llama.cpp target-only"), (1, "llama.cpp spec k=2"), (2, "target-only")]
     assert not any("conc" in f.name or "c=" in f.name for f in result.configs)
 
 
 def test_identity_is_against_target_only_at_concurrency_1_for_every_concurrency(result):
     assert result.identical_greedy_outputs is False
     assert result.differing == [{"config": "serial k=2", "concurrency": 2, "prompts": [3]}]
-    assert result.peers_identical == {"hf target-only": "4/4", "hf assisted": "4/4",
-                                      "hf target-only at concurrency 2": "3/4"}
+    assert result.peers_identical == {"hf target-only": "4/4", "hf assisted": "4/4", "llama.cpp target-only": "4/4",
+                                      "llama.cpp spec k=2": "4/4", "hf target-only at concurrency 2": "3/4"}
     lines = describe(result)
     assert "greedy outputs token-identical across all specpipe configurations: NO" in "\n".join(lines)
     assert any(line.startswith("serial k=2 at concurrency 2 differed") and "prompt(s) 3" in line for line in lines)
     assert any("hf assisted runs at concurrency 1 only" in line for line in lines)
+    assert any(line.startswith("llama.cpp: ") and "draft max K" in line for line in lines)
     assert any(line.startswith("concurrency 2: best overlap goodput k<=2") for line in lines)
     assert ("overlap goodput k<=2 at concurrency 2: the controller switched speculation off 4 times (0.6 s): "
             "drafting did not pay") in lines
@@ -178,7 +193,9 @@ def test_json_configs_carry_their_concurrency(result, tmp_path):
 def test_table_and_report_have_the_concurrency_column_and_the_throughput_plot(result, tmp_path):
     header, rows = table_rows(result)
     assert header[:2] == ["config", "conc"] and "mean drafted" in header and "spec off" in header
-    assert [row[1] for row in rows] == ["1"] * 6 + ["2"] * 5
+    assert [row[1] for row in rows] == ["1"] * 8 + ["2"] * 5
+    llama = header.index("vs llama.cpp")
+    assert rows[2][0] == "overlap k=2" and rows[2][llama] == "1.60x" and rows[-1][llama] == "-"
     spec_off = header.index("spec off")
     assert rows[-2][spec_off] == "4 (0.6 s)" and rows[0][spec_off] == "-"
     assert text_table(result).splitlines()[0].split()[:2] == ["config", "conc"]
