@@ -91,15 +91,16 @@ def _compiler() -> str | None:
     return shutil.which(name) or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(directory: Path | None = None) -> Path:
-    """Compiles the kernels (once per source, compiler and CPU) and returns the library's path; raises
-    RuntimeError saying why when it cannot."""
+def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compiles the kernels (once per source, compiler, flags and CPU) and returns the library's path; raises
+    RuntimeError saying why when it cannot. `extra_flags` (e.g. -mno-avx512f) are for tests of other paths."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (set CC, or install gcc)")
+    flags = (*FLAGS, *extra_flags)
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     directory = (directory or cache_dir() / "kernels") / key
     library = directory / "libspecpipe_cpu.so"
@@ -111,7 +112,7 @@ def build(directory: Path | None = None) -> Path:
         directory = Path(tempfile.mkdtemp(prefix="specpipe-kernels-"))
         library = directory / "libspecpipe_cpu.so"
     partial = directory / f".build-{os.getpid()}.so"  # two workers may build at once: each renames its own
-    done = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True)
+    done = subprocess.run([compiler, *flags, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{Path(compiler).name} failed to build {SOURCE.name}: "
                            f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -125,10 +126,14 @@ def load() -> Kernels | str:
     if os.environ.get(DISABLE, "").lower() == "torch":
         return f"{DISABLE}=torch"
     try:
-        path = build()
-        lib = ctypes.CDLL(str(path))
+        return load_library(build())
     except (RuntimeError, OSError) as error:
         return str(error)
+
+
+def load_library(path: Path) -> Kernels:
+    """The kernels of one built library (raises OSError if it does not load)."""
+    lib = ctypes.CDLL(str(path))
     lib.sp_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.sp_matmul.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.sp_scratch_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
