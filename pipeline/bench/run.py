@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +113,13 @@ def worker_cores(cluster) -> tuple[int, ...]:
     return tuple(sorted({core for spec in specs for core in spec.cores}))
 
 
+def settle(cluster) -> None:
+    """Waits out our workers' busy-polling after their last request (LocalCluster spins the target, and the draft
+    beside the coordinator, a few tens of milliseconds for the next one), so that a peer's run starts on idle
+    cores rather than beside two spinning processes."""
+    time.sleep(cluster.config.target_spin_ms / 1000 + 0.02)
+
+
 def runs_at(contender: Contender, concurrency: int) -> bool:
     return concurrency == 1 or contender.mode not in ONE_AT_A_TIME
 
@@ -158,6 +166,8 @@ def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> 
                         prompts = [measured[i] for i in indices]
                         for contender in schedule[c]:
                             bar.set_postfix_str(f"{contender.name}, concurrency {c}")
+                            if not contender.ours:
+                                settle(cluster)
                             runs[contender.name, c].append(runners[contender.name](prompts, c, indices))
                             bar.update()
     result = summarize(config, contenders, runs, warmups, command)

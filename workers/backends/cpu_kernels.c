@@ -88,7 +88,7 @@ static inline float v_pow2i(int32_t n) {
 
 #define PANEL (4 * VLEN)  /* columns per packed panel: four vectors */
 #if VLEN == 16
-#define ROW_BLOCK 4       /* rows per sweep of a panel: 4 rows x 4 accumulators + 4 weights in 32 registers */
+#define ROW_BLOCK 6       /* rows per sweep of a panel: 6 rows x 4 accumulators + 4 weights in 32 registers */
 #else
 #define ROW_BLOCK 2       /* 16 registers: 2 rows x 4 accumulators + 4 weights */
 #endif
@@ -123,10 +123,13 @@ typedef struct {
     int32_t in, out;
 } sp_matrix;
 
-/* One panel for `rows` (<= ROW_BLOCK) rows: acc[r] = x[r] . W[:, panel], in k order. */
-static inline void panel_rows(const float *x, int rows, int in, const uint16_t *panel, float out[ROW_BLOCK][PANEL]) {
+/* One panel for `rows` (<= ROW_BLOCK) rows: acc[r] = x[r] . W[:, panel], in k order. Inlined into a call per
+ * row count (panel_sweep), so that the accumulators live in registers. */
+static inline __attribute__((always_inline)) void panel_rows(const float *x, const int rows, int in,
+                                                              const uint16_t *panel, float out[ROW_BLOCK][PANEL]) {
     vf acc[ROW_BLOCK][4];
-    for (int r = 0; r < ROW_BLOCK; r++)
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = v_zero();
     for (int k = 0; k < in; k++) {
         const uint16_t *wk = panel + (size_t)k * PANEL;
@@ -136,6 +139,7 @@ static inline void panel_rows(const float *x, int rows, int in, const uint16_t *
 #endif
         vf w0 = v_load_half(wk), w1 = v_load_half(wk + VLEN), w2 = v_load_half(wk + 2 * VLEN),
            w3 = v_load_half(wk + 3 * VLEN);
+#pragma GCC unroll 8
         for (int r = 0; r < rows; r++) {
             vf xr = v_set1(x[(size_t)r * in + k]);
             acc[r][0] = v_fma(xr, w0, acc[r][0]);
@@ -144,18 +148,34 @@ static inline void panel_rows(const float *x, int rows, int in, const uint16_t *
             acc[r][3] = v_fma(xr, w3, acc[r][3]);
         }
     }
+#pragma GCC unroll 8
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < 4; c++) v_store(&out[r][c * VLEN], acc[r][c]);
+}
+
+static void panel_sweep(const float *x, int rows, int in, const uint16_t *panel, float out[ROW_BLOCK][PANEL]) {
+    switch (rows) {
+    case 1: panel_rows(x, 1, in, panel, out); break;
+    case 2: panel_rows(x, 2, in, panel, out); break;
+#if ROW_BLOCK > 2
+    case 3: panel_rows(x, 3, in, panel, out); break;
+    case 4: panel_rows(x, 4, in, panel, out); break;
+    case 5: panel_rows(x, 5, in, panel, out); break;
+    case 6: panel_rows(x, 6, in, panel, out); break;
+#endif
+    }
 }
 
 /* y [rows][ldy] = x [rows][in] @ W (+ bias), or y += that when `accumulate` (a residual). */
 static void matmul(const sp_matrix *m, const float *x, int rows, float *y, int ldy, int accumulate) {
     float block[ROW_BLOCK][PANEL];
     int n_panels = (m->out + PANEL - 1) / PANEL;
-    for (int first = 0; first < rows; first += ROW_BLOCK) {
-        int count = rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK;
-        for (int p = 0; p < n_panels; p++) {
-            panel_rows(x + (size_t)first * m->in, count, m->in, m->panels + (size_t)p * m->in * PANEL, block);
+    /* panel by panel, then its rows block by block: a panel (PANEL x in fp16, 64 KB at 512 inputs) comes from
+     * memory once, and the sweeps for further row blocks find it in cache */
+    for (int p = 0; p < n_panels; p++) {
+        for (int first = 0; first < rows; first += ROW_BLOCK) {
+            int count = rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK;
+            panel_sweep(x + (size_t)first * m->in, count, m->in, m->panels + (size_t)p * m->in * PANEL, block);
             int col = p * PANEL, width = m->out - col < PANEL ? m->out - col : PANEL;
             for (int r = 0; r < count; r++) {
                 float *yr = y + (size_t)(first + r) * ldy + col;
@@ -173,15 +193,20 @@ void sp_matmul(const sp_matrix *m, const float *x, int rows, float *y) { matmul(
 /* ---------------------------------------------------------------------------------------------- */
 /* element-wise pieces                                                                             */
 
-static inline float sum_lanes(vf a) {
-#if VLEN == 1
-    return a;
+static inline float sum_lanes(vf a) { /* a fixed tree of additions */
+#if VLEN == 16
+    __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)); /* AVX-512F alone */
+    __m256 half = _mm256_add_ps(_mm512_castps512_ps256(a), high);
+#elif VLEN == 8
+    __m256 half = a;
+#endif
+#if VLEN > 1
+    __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+    quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+    quarter = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+    return _mm_cvtss_f32(quarter);
 #else
-    float lanes[VLEN];
-    v_store(lanes, a);
-    float s = 0.0f;
-    for (int i = 0; i < VLEN; i++) s += lanes[i];
-    return s;
+    return a;
 #endif
 }
 
