@@ -276,12 +276,14 @@ typedef struct {
     sp_matrix head;              /* the LM head, the final norm's gain folded in */
 } sp_model;
 
+/* One row of a pass, as the caller lays it out: five int32 per row. */
+enum { ROW_TOKEN, ROW_SLOT, ROW_POSITION, ROW_INDEX, ROW_END, ROW_FIELDS };
+
 typedef struct {
     int32_t token, slot;
     int32_t position; /* rotary position */
     int32_t index;    /* cache index its keys and values go to */
     int32_t end;      /* it attends to cache indices [0, end) ... */
-    int32_t pad;
     const uint8_t *mask; /* ... where mask[j] is nonzero, or all of them when NULL */
 } sp_row;
 
@@ -366,11 +368,18 @@ static void layer_forward(const sp_model *m, const sp_layer *L, const sp_row *ro
 }
 
 /* Every row through every layer (writing each row's keys and values), then logits [n_logits][vocab] for
- * the rows listed in logit_rows. scratch: sp_scratch_floats(m, count) floats; x: [count][d]. */
-void sp_forward(const sp_model *m, const sp_row *rows, int count, const int32_t *logit_rows, int n_logits,
-                float *logits, float *x, float *scratch) {
+ * the rows listed in logit_rows. fields: [count][ROW_FIELDS] int32; masks: [count] mask rows (a NULL entry,
+ * or masks NULL: the row sees all of [0, end)); scratch: sp_scratch_floats(m, count) floats; x: [count][d]. */
+void sp_forward(const sp_model *m, const int32_t *fields, const uint8_t *const *masks, int count,
+                const int32_t *logit_rows, int n_logits, float *logits, float *x, float *scratch) {
     int d = m->d;
-    for (int r = 0; r < count; r++) memcpy(x + (size_t)r * d, m->embed + (size_t)rows[r].token * d, d * sizeof(float));
+    sp_row rows[count];
+    for (int r = 0; r < count; r++) {
+        const int32_t *f = fields + (size_t)r * ROW_FIELDS;
+        rows[r] = (sp_row){f[ROW_TOKEN], f[ROW_SLOT], f[ROW_POSITION], f[ROW_INDEX], f[ROW_END],
+                           masks ? masks[r] : NULL};
+        memcpy(x + (size_t)r * d, m->embed + (size_t)rows[r].token * d, d * sizeof(float));
+    }
     for (int i = 0; i < m->n_layers; i++) layer_forward(m, &m->layers[i], rows, count, x, scratch);
     float *h = scratch;
     for (int i = 0; i < n_logits; i++) normalize(x + (size_t)logit_rows[i] * d, h + (size_t)i * d, d, m->eps_times_dim);

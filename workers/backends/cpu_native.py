@@ -14,6 +14,7 @@ needed here as it is for BLAS (cpu_rows).
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import hashlib
@@ -24,7 +25,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,9 +51,7 @@ class Model(ctypes.Structure):
         ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("layers", ctypes.POINTER(Layer)), ("head", Matrix)]
 
 
-# sp_row, as numpy lays out one pass's rows for the C side
-ROW = np.dtype([("token", "<i4"), ("slot", "<i4"), ("position", "<i4"), ("index", "<i4"), ("end", "<i4"),
-                ("pad", "<i4"), ("mask", "<u8")])
+ROW_FIELDS = 5  # per row of a pass, int32: token, slot, rotary position, cache index, end of the keys it sees
 
 
 @dataclass(frozen=True)
@@ -138,8 +136,8 @@ def load_library(path: Path) -> Kernels:
     lib.sp_matmul.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.sp_scratch_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
     lib.sp_scratch_floats.restype = ctypes.c_size_t
-    lib.sp_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.sp_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     for name in ("sp_pack", "sp_matmul", "sp_forward"):
         getattr(lib, name).restype = None
     return Kernels(lib, path, lib.sp_vector_width(), lib.sp_panel_width())
@@ -193,20 +191,23 @@ class NativeModel:
         self.model = Model(len(layers), hidden, heads, kv_heads, head_dim, ffn, vocab, max_seq, eps_times_dim,
                            head_dim ** -0.5, embed.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                            self.layer_structs, head.struct)
+        self._model_ref = ctypes.byref(self.model)
         self.hidden, self.vocab = hidden, vocab
-        self._scratch = torch.empty(0)
-        self._x = torch.empty(0)
+        self._rows_fit = 0
+        self._scratch = self._x = torch.empty(0)
 
-    def forward(self, rows: np.ndarray, logit_rows: np.ndarray) -> Tensor:
-        """rows: ROW records, one per row of the pass; logit_rows: int32 indices of the rows whose logits are
-        wanted. Returns logits [len(logit_rows), vocab] (float32)."""
-        count = len(rows)
-        need = self.kernels.lib.sp_scratch_floats(ctypes.byref(self.model), count)
-        if self._scratch.numel() < need:
-            self._scratch = torch.empty(need)
-        if self._x.numel() < count * self.hidden:
+    def forward(self, fields: array.array, masks: list[int] | None, logit_rows: array.array) -> Tensor:
+        """One pass. fields: ROW_FIELDS int32 per row ('i' array); masks: per row the address of its mask row (bool
+        [end]), 0 for none, or None when no row has one; logit_rows: the rows whose logits are wanted ('i' array).
+        Returns logits [len(logit_rows), vocab] (float32)."""
+        count = len(fields) // ROW_FIELDS
+        if count > self._rows_fit:  # scratch for this many rows (kept: a pass is usually no wider than the last)
+            self._scratch = torch.empty(self.kernels.lib.sp_scratch_floats(self._model_ref, count))
             self._x = torch.empty(count * self.hidden)
+            self._rows_fit = count
         logits = torch.empty(len(logit_rows), self.vocab)
-        self.kernels.lib.sp_forward(ctypes.byref(self.model), rows.ctypes.data, count, logit_rows.ctypes.data,
-                                    len(logit_rows), logits.data_ptr(), self._x.data_ptr(), self._scratch.data_ptr())
+        mask_rows = None if masks is None else (ctypes.c_void_p * count)(*masks)
+        self.kernels.lib.sp_forward(self._model_ref, fields.buffer_info()[0], mask_rows, count,
+                                    logit_rows.buffer_info()[0], len(logit_rows), logits.data_ptr(), self._x.data_ptr(),
+                                    self._scratch.data_ptr())
         return logits

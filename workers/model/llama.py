@@ -12,11 +12,11 @@ stored [in, out] for `x @ W`, and each RMSNorm's gain folded into the matrix tha
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -284,28 +284,27 @@ class Transformer(nn.Module):
         return out  # type: ignore[return-value]
 
     def _forward_native(self, segments: list[Segment]) -> list[Tensor]:
-        # One record per row (cpu_native.ROW): its token, slot, rotary position, cache index and visible keys.
-        total = sum(segment.rows for segment in segments)
-        rows = np.zeros(total, cpu_native.ROW)
-        logit_rows, masks, first = [], [], 0
+        # Per row five ints (cpu_native.ROW_FIELDS): token, slot, rotary position, cache index, and the end of the
+        # keys it sees (all below it, or those its mask row shows, for scratch rows).
+        fields, masks, logit_rows, first = array.array("i"), None, array.array("i"), 0
         for segment in segments:
-            T, start = segment.rows, segment.write_at
-            part = rows[first : first + T]
-            indices = np.arange(start, start + T, dtype=np.int32)
-            part["token"] = segment.tokens.numpy()
-            part["slot"] = segment.slot
-            part["index"] = indices
-            part["position"] = indices if segment.positions is None else segment.positions.numpy()
+            T, start, slot = segment.rows, segment.write_at, segment.slot
+            tokens = segment.tokens.tolist()
             if segment.mask is None:  # appended rows: each sees the cache up to itself
-                part["end"] = indices + 1
-            else:  # scratch rows: mask [T, start + T], row i sees index j where mask[i, j]
-                mask = segment.mask.contiguous()
-                masks.append(mask)  # alive until the call returns
-                part["end"] = start + T
-                part["mask"] = mask.data_ptr() + np.arange(T, dtype=np.uint64) * (start + T)
+                for i, token in enumerate(tokens):
+                    fields.extend((token, slot, start + i, start + i, start + i + 1))
+                if masks is not None:
+                    masks += [0] * T
+            else:  # scratch rows: mask [T, start + T] (bool, contiguous: checked), row i sees j where mask[i, j]
+                address, width = segment.mask.data_ptr(), start + T
+                for i, (token, position) in enumerate(zip(tokens, segment.positions.tolist())):
+                    fields.extend((token, slot, position, start + i, width))
+                masks = ([0] * first if masks is None else masks) + [address + i * width for i in range(T)]
             logit_rows.extend(range(first + T - segment.logits, first + T))
             first += T
-        logits = self.native.forward(rows, np.asarray(logit_rows, dtype=np.int32))
+        logits = self.native.forward(fields, masks, logit_rows)
+        if len(segments) == 1:
+            return [logits]
         out, taken = [], 0
         for segment in segments:
             out.append(logits[taken : taken + segment.logits])

@@ -103,20 +103,23 @@ class ModelRunner(RunnerBase):
     ) -> Tensor:
         """As RunnerBase.forward: one appended segment."""
         tokens, start = self.check_forward(tokens, positions, slot, last)
-        return self.forward_batch([Segment(slot, tokens, start, logits=last or tokens.numel(),
-                                           prompt_pass=prompt_pass)])[0]
+        return self._forward_checked([Segment(slot, tokens, start, logits=last or tokens.numel(),
+                                              prompt_pass=prompt_pass)])[0]
 
     @torch.inference_mode()
     def forward_batch(self, segments: Sequence[Segment]) -> list[Tensor]:
         """Every segment in one pass: the weights are read once for all their rows (continuous batching), each
         segment attends to its own slot, and each row comes out exactly as it would in a pass of its own."""
-        segments = self.check_segments(segments)
-        device = self.device
-        on_device = [Segment(s.slot, s.tokens.to(device, non_blocking=True), s.write_at,
-                             None if s.positions is None else s.positions.to(device),
-                             None if s.mask is None else s.mask.to(device), s.logits, s.prompt_pass)
-                     for s in segments]
-        logits = self.model(on_device)
+        return self._forward_checked(self.check_segments(segments))
+
+    def _forward_checked(self, segments: list[Segment]) -> list[Tensor]:
+        if self.device.type != "cpu":
+            device = self.device
+            segments = [Segment(s.slot, s.tokens.to(device, non_blocking=True), s.write_at,
+                                None if s.positions is None else s.positions.to(device),
+                                None if s.mask is None else s.mask.to(device), s.logits, s.prompt_pass)
+                        for s in segments]
+        logits = self.model(segments)
         for segment in segments:
             if not segment.scratch:
                 self.slot_table.set_length(segment.slot, segment.write_at + segment.rows)

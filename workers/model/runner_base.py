@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -122,8 +123,8 @@ class RunnerBase(ABC):
                 raise CacheCapacityError(f"positions must lie in [0, {self.max_seq_len})")
         if not 0 <= segment.logits <= tokens.numel():
             raise ValueError(f"logits must be between 0 and the {tokens.numel()} tokens read, got {segment.logits}")
-        return Segment(segment.slot, tokens, start, segment.positions, segment.mask, segment.logits,
-                       segment.prompt_pass)
+        mask = None if segment.mask is None else segment.mask.contiguous()
+        return Segment(segment.slot, tokens, start, segment.positions, mask, segment.logits, segment.prompt_pass)
 
     def check_forward(self, tokens: Sequence[int] | Tensor, positions: Sequence[int] | Tensor | int, slot: int,
                       last: int | None) -> tuple[Tensor, int]:
@@ -151,6 +152,11 @@ class RunnerBase(ABC):
 
     def check_tokens(self, tokens: Sequence[int] | Tensor) -> Tensor:
         """Token ids [T] int64: a non-empty 1-D sequence within the vocabulary."""
+        if isinstance(tokens, list) and tokens and all(type(token) is int for token in tokens):
+            # a list of ints (as the cores pass them) is checked in Python: quicker than three tensor ops
+            if min(tokens) < 0 or max(tokens) >= self.config.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+            return torch.from_numpy(np.array(tokens, dtype=np.int64))
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         if tokens.ndim != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D sequence, got shape {tuple(tokens.shape)}")
