@@ -385,3 +385,29 @@ void sp_forward(const sp_model *m, const int32_t *fields, const uint8_t *const *
     for (int i = 0; i < n_logits; i++) normalize(x + (size_t)logit_rows[i] * d, h + (size_t)i * d, d, m->eps_times_dim);
     matmul(&m->head, h, n_logits, logits, m->vocab, 0);
 }
+
+/* Reads `count` floats (a multiple of 4 * VLEN) and returns their sum, so that no read can be skipped: the
+ * memory bandwidth a decode step is bound by (scripts/profile_step.py). */
+float sp_read(const float *p, size_t count) {
+    vf a = v_zero(), b = v_zero(), c = v_zero(), e = v_zero();
+    for (size_t i = 0; i < count; i += 4 * VLEN) {
+        a = v_add(a, v_load(p + i));
+        b = v_add(b, v_load(p + i + VLEN));
+        c = v_add(c, v_load(p + i + 2 * VLEN));
+        e = v_add(e, v_load(p + i + 3 * VLEN));
+    }
+    return sum_lanes(v_add(v_add(a, b), v_add(c, e)));
+}
+
+/* Every matrix of the model once for one row, in a step's order, and nothing else: the products' share of a
+ * decode step (scripts/profile_step.py). x: max(widest input) floats, y: max(widest output) floats. */
+void sp_products(const sp_model *m, const float *x, float *y) {
+    for (int i = 0; i < m->n_layers; i++) {
+        const sp_layer *L = &m->layers[i];
+        matmul(&L->qkv, x, 1, y, L->qkv.out, 0);
+        matmul(&L->o, x, 1, y, L->o.out, 0);
+        matmul(&L->gate_up, x, 1, y, L->gate_up.out, 0);
+        matmul(&L->down, x, 1, y, L->down.out, 0);
+    }
+    matmul(&m->head, x, 1, y, m->vocab, 0);
+}

@@ -138,6 +138,10 @@ def load_library(path: Path) -> Kernels:
     lib.sp_scratch_floats.restype = ctypes.c_size_t
     lib.sp_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.sp_products.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p]
+    lib.sp_products.restype = None
+    lib.sp_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.sp_read.restype = ctypes.c_float
     for name in ("sp_pack", "sp_matmul", "sp_forward"):
         getattr(lib, name).restype = None
     return Kernels(lib, path, lib.sp_vector_width(), lib.sp_panel_width())
