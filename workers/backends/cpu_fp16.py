@@ -1,18 +1,21 @@
 """`--dtype fp16-weights` on a CPU: weights held in fp16, multiplied with fp32 activations.
 
-On one CPU thread MKL's fp32 sgemm is slow for the 2-9 rows of a verification window; an fp16 kernel
-reads half the bytes and keeps a k-token pass close to a one-token pass. That kernel is specpipe's own
-(cpu_native, which also runs whole decode passes in one call) where it builds, else fbgemm's. A prefill of many rows
+Where specpipe's CPU kernels build (cpu_native), every pass runs through them, prompts included: one
+kernel whose rows are each computed alone, in fp32, whatever the row count, so nothing below is needed
+(and a prompt comes out as an fp32 engine computes it: transformers' and llama.cpp's greedy tokens match
+ours). The rest of this module is the fallback without them (no C compiler), measured in docs/notes.md:
+
+On one CPU thread MKL's fp32 sgemm is slow for the 2-9 rows of a verification window; fbgemm's fp16
+kernel reads half the bytes and keeps a k-token pass close to a one-token pass. A prefill of many rows
 is compute-bound instead, so a prompt's pass of PREFILL_ROWS rows or more takes oneDNN's bf16 GEMM
-where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else MKL on an fp32 copy (figures in
-docs/notes.md).
+where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else MKL on an fp32 copy.
 
 Losslessness rests on which kernel a row takes. Target-only decodes each position alone, so every
 row of a verification window, and of a batch of many sequences, must come out exactly as it would
-alone: the fp16 kernels' rows do at any row count. The prefill kernels' rows change with the number of rows
+alone: fbgemm's rows do at any row count. The prefill kernels' rows change with the number of rows
 multiplied at once, so they only ever multiply tiles of exactly PREFILL_TILE rows (the last one
 padded), tiled from the start of each prompt chunk the caller marks (`prompt_rows`); every other row
-runs the fp16 kernel. A prompt then comes out the same whatever else shares its passes.
+runs fbgemm. A prompt then comes out the same whatever else shares its passes.
 """
 
 from __future__ import annotations
@@ -38,15 +41,14 @@ class PackedFp16:
 
     def __init__(self, weight_in_out: Tensor, bias: Tensor | None) -> None:
         kernels = cpu_native.load()
-        if isinstance(kernels, cpu_native.Kernels):
-            self.native: cpu_native.PackedMatrix | None = cpu_native.PackedMatrix(kernels, weight_in_out, bias)
-            self.packed = None
-        else:
-            self.native = None
-            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight_in_out.float().t().contiguous())
         self.bias = torch.zeros(weight_in_out.shape[1]) if bias is None else bias.float()
         self.has_bias = bias is not None
         self.out_features = weight_in_out.shape[1]
+        if isinstance(kernels, cpu_native.Kernels):  # one kernel for every row: no fbgemm, no prefill copy
+            self.native: cpu_native.PackedMatrix | None = cpu_native.PackedMatrix(kernels, weight_in_out, bias)
+            return
+        self.native = None
+        self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight_in_out.float().t().contiguous())
         if native_bf16_gemm():
             self.long_weight = torch.ops.mkldnn._reorder_linear_weight(weight_in_out.t().contiguous().bfloat16(), None)
         else:
@@ -54,6 +56,8 @@ class PackedFp16:
 
     def __call__(self, x: Tensor, prompt_rows: tuple[tuple[int, int], ...] = ()) -> Tensor:
         # x: [rows, in] -> [rows, out]; prompt_rows: (first, end) ranges of x that are prompt chunks
+        if self.native is not None:
+            return self.native(x)
         tiles = [(a, min(a + self.PREFILL_TILE, end)) for first, end in prompt_rows
                  for a in range(first, end, self.PREFILL_TILE)]
         tiles = [(a, b) for a, b in tiles if b - a >= self.PREFILL_ROWS]
@@ -72,8 +76,6 @@ class PackedFp16:
         return y
 
     def _fp16(self, x: Tensor) -> Tensor:
-        if self.native is not None:
-            return self.native(x)
         return torch.fbgemm_linear_fp16_weight(x, self.packed, self.bias)
 
     def _prefill_tile(self, x: Tensor) -> Tensor:

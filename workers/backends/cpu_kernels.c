@@ -320,8 +320,12 @@ static void attend(const sp_model *m, const sp_row *row, const float *q, const f
         float *og = out + (size_t)g * hd;
         for (int i = 0; i < hd; i += VLEN) {
             vf acc = v_zero();
-            for (int j = 0; j < end; j++)
-                if (s[j] != 0.0f) acc = v_fma(v_set1(s[j]), v_load(values + (size_t)j * hd + i), acc);
+            if (row->mask) { /* hidden keys' values may be stale scratch: skipped, not multiplied by 0 */
+                for (int j = 0; j < end; j++)
+                    if (row->mask[j]) acc = v_fma(v_set1(s[j]), v_load(values + (size_t)j * hd + i), acc);
+            } else {
+                for (int j = 0; j < end; j++) acc = v_fma(v_set1(s[j]), v_load(values + (size_t)j * hd + i), acc);
+            }
             v_store(og + i, v_div(acc, v_set1(total)));
         }
     }

@@ -235,8 +235,8 @@ class Transformer(nn.Module):
         self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
 
     def attach_native_decoder(self) -> None:
-        """With every matrix packed in fp16 (cpu_fp16), runs the passes that are not a prompt's through
-        specpipe's CPU kernels: one C call for the whole pass (workers.backends.cpu_native)."""
+        """With every matrix packed in fp16 (cpu_fp16), runs every pass through specpipe's CPU kernels: one C
+        call for the whole pass (workers.backends.cpu_native)."""
         kernels = cpu_native.load()
         if not isinstance(kernels, cpu_native.Kernels):
             self.native_missing = kernels
@@ -267,21 +267,12 @@ class Transformer(nn.Module):
         return "" if self.gemm_rows is None else self.gemm_rows.describe()
 
     def forward(self, segments: list[Segment]) -> list[Tensor]:
-        """Logits [segment.logits, vocab] per segment (the rows of its final positions), all in one pass.
-
-        With the native decoder, prompt chunks take the torch path below (their prefill kernel) and every
-        other segment one call of the kernels; both write only their own slots."""
-        if self.native is None or all(segment.prompt_pass for segment in segments):
-            return self._forward(segments)
-        out: list[Tensor | None] = [None] * len(segments)
-        for wanted_prompts in (False, True):
-            chosen = [i for i, segment in enumerate(segments) if segment.prompt_pass == wanted_prompts]
-            if not chosen:
-                continue
-            run = self._forward if wanted_prompts else self._forward_native
-            for i, logits in zip(chosen, run([segments[i] for i in chosen])):
-                out[i] = logits
-        return out  # type: ignore[return-value]
+        """Logits [segment.logits, vocab] per segment (the rows of its final positions), all in one pass: one call
+        of the CPU kernels where the model has them (prompt chunks included: their rows are computed as any
+        other, so a prompt reads the same in every engine that computes in fp32), else the torch path below."""
+        if self.native is not None:
+            return self._forward_native(segments)
+        return self._forward(segments)
 
     def _forward_native(self, segments: list[Segment]) -> list[Tensor]:
         # Per row five ints (cpu_native.ROW_FIELDS): token, slot, rotary position, cache index, and the end of the
