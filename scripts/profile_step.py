@@ -22,7 +22,6 @@ import argparse
 import array
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench.run import machine
 from workers.backends import cpu_native
 from workers.model import ModelRunner
 from workers.models import DRAFT_DIR, TARGET_DIR
@@ -149,8 +149,9 @@ def main() -> None:
     kernels = cpu_native.load()
     if isinstance(kernels, str):
         raise SystemExit(f"no CPU kernels here: {kernels}")
-    report: dict = {"machine": f"{platform.processor() or platform.machine()}, core {core}",
-                    "date": time.strftime("%Y-%m-%d"), "context": args.context}
+    about = machine()
+    report: dict = {"machine": f"{about['cpu']}, core {core}, torch {about['torch']}", "date": about["date"],
+                    "context": args.context}
     for role, directory in (("target", args.target), ("draft", args.draft)):
         ours = step_profile(directory, args.context, args.repeats)
         nbytes = int(ours["weights_mb"] * 1e6)
