@@ -56,12 +56,14 @@ def test_a_product_is_x_times_the_fp16_matrix_and_each_row_its_own(kernels, shap
     weight = torch.randn(in_features, out_features, generator=generator) * 0.05
     bias = torch.randn(out_features, generator=generator)
     matrix = cpu_native.PackedMatrix(kernels, weight, bias)
-    x = torch.randn(9, in_features, generator=generator)
+    x = torch.randn(20, in_features, generator=generator)
     y = matrix(x)
     expected = x.double() @ weight.half().double() + bias.double()
     assert torch.allclose(y.double(), expected, atol=1e-4, rtol=1e-4)
-    for count in range(1, 9):  # every row count, every offset: the same bits as alone
-        assert torch.equal(matrix(x[9 - count :])[-1], matrix(x[8:])[0])
+    alone = torch.cat([matrix(x[i : i + 1]) for i in range(20)])
+    for count in range(1, 21):  # every row count (several row blocks past 6), from either end: the bits alone
+        assert torch.equal(matrix(x[:count]), alone[:count])
+        assert torch.equal(matrix(x[20 - count :]), alone[20 - count :])
 
 
 def runner(directory, **kwargs) -> ModelRunner:
