@@ -6,7 +6,10 @@ in decoding) the draft is scored by
   - greedy speculation at window k: acceptance rate (accepted / drafted) and mean acceptance length
     (accepted + the target's own token per verification). Greedy speculative decoding emits exactly the
     target's greedy tokens, so it is replayed here against the recorded continuation;
-  - cost: single-token decode time of each model on one CPU thread, and their ratio.
+  - cost: single-token decode time of each model on one CPU thread, run as `specpipe launch` runs it there
+    (`--dtype auto`: fp16 weights on specpipe's CPU kernels where they build), and their ratio.
+
+The scores come from fp32 runners, the same on every machine; the cost from the runners a user gets.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
+from workers.spec import AUTO_DTYPE, resolved_dtype
 
 DECODE_STEPS = 48
 
@@ -55,6 +59,7 @@ class PairReport:
     windows: tuple[WindowFigures, ...]
     draft_decode_ms: float
     target_decode_ms: float
+    cost_numerics: str = ""  # what the timed runners ran on (their startup line)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -71,15 +76,16 @@ class PairReport:
             out.append(f"k={w.k}: acceptance rate {w.acceptance_rate:.1%}, mean acceptance length "
                        f"{w.mean_acceptance_length:.2f} ({w.verifications} verifications; per position "
                        f"{', '.join(f'{p:.2f}' for p in w.per_position)})")
-        out.append(f"single-token decode on 1 CPU thread: draft {self.draft_decode_ms:.2f} ms, target "
-                   f"{self.target_decode_ms:.2f} ms (draft = 1/{1 / self.cost_ratio:.1f} of the target)")
+        out.append(f"single-token decode on 1 CPU thread ({self.cost_numerics}): draft {self.draft_decode_ms:.2f} ms, "
+                   f"target {self.target_decode_ms:.2f} ms (draft = 1/{1 / self.cost_ratio:.1f} of the target)")
         return out
 
     def to_json(self) -> dict:
         return {"draft": self.draft, "target": self.target, "draft_params": self.draft_params,
                 "target_params": self.target_params, "prompts": self.prompts, "target_tokens": self.target_tokens,
                 "agreement": self.agreement, "draft_decode_ms": self.draft_decode_ms,
-                "target_decode_ms": self.target_decode_ms, "cost_ratio": self.cost_ratio, **self.extra,
+                "target_decode_ms": self.target_decode_ms, "cost_ratio": self.cost_ratio,
+                "cost_numerics": self.cost_numerics, **self.extra,
                 "k": {str(w.k): {"verifications": w.verifications, "drafted": w.drafted, "accepted": w.accepted,
                                  "acceptance_rate": w.acceptance_rate,
                                  "mean_acceptance_length": w.mean_acceptance_length,
@@ -156,7 +162,7 @@ def decode_ms(runner: ModelRunner, prompt: list[int], steps: int = DECODE_STEPS)
 
 def evaluate_pair(draft_dir: Path, target_dir: Path, texts: Sequence[str], max_new_tokens: int,
                   ks: Sequence[int]) -> PairReport:
-    """The figures above for `texts`, in fp32 on one CPU thread (the threads are restored afterwards)."""
+    """The figures above for `texts` on one CPU thread (the threads are restored afterwards)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -176,12 +182,16 @@ def evaluate_pair(draft_dir: Path, target_dir: Path, texts: Sequence[str], max_n
             matches, positions = matches + m, positions + n
         windows = tuple(window_figures(k, [w for p, c in zip(prompts, continuations) for w in speculate(draft, p, c, k)])
                         for k in ks)
+        dtype = resolved_dtype(AUTO_DTYPE, "cpu")
+        timed = {"draft": ModelRunner.from_checkpoint(draft_dir, dtype=dtype),
+                 "target": ModelRunner.from_checkpoint(target_dir, dtype=dtype)}
         samples: dict[str, list[float]] = {"draft": [], "target": []}
         for _ in range(5):  # interleaved, so machine noise hits both alike
-            for name, runner in (("draft", draft), ("target", target)):
+            for name, runner in timed.items():
                 samples[name].append(decode_ms(runner, prompts[0]))
     finally:
         torch.set_num_threads(threads)
     return PairReport(str(draft_dir), str(target_dir), draft.config.num_params, target.config.num_params,
                       len(prompts), positions, matches / max(positions, 1), windows,
-                      statistics.median(samples["draft"]), statistics.median(samples["target"]))
+                      statistics.median(samples["draft"]), statistics.median(samples["target"]),
+                      timed["target"].numerics)

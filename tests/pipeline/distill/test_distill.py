@@ -18,6 +18,7 @@ from pipeline.local import LocalTransport
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
 from workers.models import HELDOUT_PROMPTS, TARGET_DIR
+from workers.spec import AUTO_DTYPE, resolved_dtype
 
 TINY_DRAFT = ["--layers", "1", "--width", "32"]
 QUICK = ["--batch-size", "4", "--seq-len", "64", "--generations", "4", "--prompts", "2", "--max-new-tokens", "12"]
@@ -74,13 +75,16 @@ def test_the_draft_is_a_checkpoint_transformers_loads_with_the_targets_tokenizer
     assert logits.shape[-1] == 4096 and torch.isfinite(logits).all()
 
 
-def test_the_run_reports_agreement_acceptance_at_1_3_5_and_cost(distilled):
+def test_the_run_reports_agreement_acceptance_at_1_3_5_and_cost(distilled, tiny_target):
     out, done = distilled
     assert "greedy agreement:" in done.stdout
     for k in (1, 3, 5):
         assert f"k={k}: acceptance rate" in done.stdout
     assert "draft = 1/" in done.stdout
     figures = json.loads((out / "eval.json").read_text())
+    # the cost is timed on the runners `launch` gives a CPU worker (--dtype auto), not the fp32 ones that score
+    launched = ModelRunner.from_checkpoint(tiny_target, dtype=resolved_dtype(AUTO_DTYPE, "cpu"))
+    assert figures["cost_numerics"] == launched.numerics and f"({launched.numerics})" in done.stdout
     assert set(figures["k"]) == {"1", "3", "5"} and 0 <= figures["agreement"] <= 1
     for k, window in figures["k"].items():
         assert 1 <= window["mean_acceptance_length"] <= int(k) + 1
