@@ -59,7 +59,7 @@ class PairReport:
     windows: tuple[WindowFigures, ...]
     draft_decode_ms: float
     target_decode_ms: float
-    cost_numerics: str = ""  # what the timed runners ran on (their startup line)
+    cost_numerics: str = ""  # what the timed runners ran on (their startup lines, each once)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -194,4 +194,4 @@ def evaluate_pair(draft_dir: Path, target_dir: Path, texts: Sequence[str], max_n
     return PairReport(str(draft_dir), str(target_dir), draft.config.num_params, target.config.num_params,
                       len(prompts), positions, matches / max(positions, 1), windows,
                       statistics.median(samples["draft"]), statistics.median(samples["target"]),
-                      timed["target"].numerics)
+                      "; ".join(dict.fromkeys(runner.numerics for runner in timed.values())))

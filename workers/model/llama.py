@@ -263,6 +263,9 @@ class Transformer(nn.Module):
         if self.native is not None:
             return self.native.kernels.describe()
         if self.native_missing:
+            products = getattr(self.lm_head, "native", None)  # a PackedFp16 packs for the kernels whenever they load
+            if products is not None:
+                return f"{products.kernels.describe()} for the products, torch for the rest ({self.native_missing})"
             return f"fbgemm fp16 (no specpipe CPU kernels: {self.native_missing})"
         return "" if self.gemm_rows is None else self.gemm_rows.describe()
 

@@ -121,6 +121,25 @@ def test_without_the_kernels_fp16_weights_runs_on_fbgemm_and_says_why(monkeypatc
     assert torch.allclose(model.forward(ids, 0, last=20), reference.forward(ids, 0, last=20), atol=3e-2)
 
 
+def test_widths_the_whole_pass_cannot_take_run_its_products_in_torch_and_say_so(these_kernels, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # FFN 180: not a whole number of vectors on any SIMD path
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=180, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = runner(tmp_path)
+    if these_kernels.vector_width == 1:
+        assert model.model.native is not None  # plain C takes any width
+        return
+    assert model.model.native is None
+    assert model.numerics == (f"{these_kernels.describe()} for the products, torch for the rest "
+                              f"(FFN 180 not a multiple of {these_kernels.vector_width})")
+    ids = list(range(3, 23))
+    reference = ModelRunner.from_checkpoint(tmp_path, dtype="float32")
+    assert torch.allclose(model.forward(ids, 0, last=20), reference.forward(ids, 0, last=20), atol=3e-2)
+
+
 def test_a_compiler_that_fails_is_named_and_a_built_library_is_found_again(tmp_path, monkeypatch):
     first = cpu_native.build(tmp_path)
     assert first.exists() and cpu_native.build(tmp_path) == first
