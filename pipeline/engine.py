@@ -8,8 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.errors import WorkerFailed
+from pipeline.errors import Stalled, WorkerFailed
 from pipeline.scheduler import Scheduler
+from pipeline.sequence import Sequence
 from workers.protocol.messages import (
     DraftBatch,
     DraftBatchResult,
@@ -24,6 +25,7 @@ from workers.protocol.messages import (
 )
 from workers.spans import SpanRecorder
 
+LAST_REPLIES = 8  # replies a stall report quotes
 DISPATCH_ORDER = ("target", "draft")  # the target is the bottleneck: it gets its next request first
 REQUESTS = (TargetBatch, DraftBatch)  # work for a model: every sequence's, one batch at a time
 RESULTS = (TargetBatchResult, DraftBatchResult)
@@ -61,8 +63,10 @@ class Engine:
     def __init__(
         self, scheduler: Scheduler, transport: Transport, poll_s: float = 0.5, stop: Callable[[], bool] | None = None,
         spans: SpanRecorder | None = None, trips_kept: int | None = None,
+        clock: Callable[[], float] = time.perf_counter, on_stall: Callable[[str], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.clock = clock  # round trips and the coordinator's own time (a test drives it by hand)
         self.spans = spans or SpanRecorder()  # `specpipe profile` starts it; idle otherwise
         self.stop = stop  # checked between replies: True cancels the generation (see cancel)
         self.transport = transport
@@ -80,6 +84,10 @@ class Engine:
         self.failures: deque[str] = deque(maxlen=trips_kept)  # "[role] request N: what the worker said", per item
         # workers that may hold the CPU during this run: a draft spins between its requests
         self.in_use = frozenset(scheduler.roles)
+        # A stall (see `_stalled`) raises Stalled; with on_stall (a server's log) the stalled sequences fail
+        # instead, on_stall hears why, and the engine goes on.
+        self.on_stall = on_stall
+        self.last_replies: deque[tuple[str, object]] = deque(maxlen=LAST_REPLIES)  # what a stall report quotes
 
     def run(self) -> None:
         """Runs until every sequence is finished and both workers have freed its slots."""
@@ -96,19 +104,28 @@ class Engine:
     def step(self) -> None:
         """Sends what the scheduler has for each worker, then takes the replies that come within poll_s
         (a server calls this in its own loop, adding and cancelling sequences between steps)."""
-        began = time.perf_counter()
+        began = self.clock()
         self._dispatch()
-        ended = time.perf_counter()
+        ended = self.clock()
         self.coordinator_s += ended - began
         self.spans.add("schedule", began, ended)
-        if not any(self.busy.values()) and not self.releases_pending:
-            raise RuntimeError("coordinator stalled: no worker is busy and the scheduler has nothing to send")
+        if not self._awaiting:
+            # The draft's turn can leave work for the target, whose turn has passed (a sequence with nothing
+            # left to draft becomes a plain step): one more round before calling it a stall.
+            self._dispatch()
+            if not self._awaiting:
+                return self._stalled()
         for role, reply in self.transport.wait(self.poll_s, self.in_use):
-            began = time.perf_counter()
+            began = self.clock()
             self._take(role, reply)
-            ended = time.perf_counter()
+            ended = self.clock()
             self.coordinator_s += ended - began
             self.spans.add("take", began, ended, getattr(reply, "seq_id", -1))
+
+    @property
+    def _awaiting(self) -> bool:
+        """A request or a release is at a worker: a reply will come."""
+        return any(self.busy.values()) or self.releases_pending > 0
 
     def cancel(self, timeout_s: float = 1.0) -> None:
         """Marks every unfinished sequence "cancelled" and frees all KV slots in every worker.
@@ -129,22 +146,47 @@ class Engine:
                 else:
                     self._take(role, reply)
 
+    def _stalled(self) -> None:
+        """Nothing sent and nothing awaited while sequences remain: no reply will ever move them. Raises
+        Stalled naming them, or (with on_stall) ends them with that error, so that their releases go out
+        and every other sequence, and any that arrive later, are served."""
+        stuck = self.scheduler.active
+        lines = [f"  {describe(sequence)}" for sequence in stuck]
+        if self.scheduler.waiting:
+            lines.append(f"  {len(self.scheduler.waiting)} more waiting to be admitted")
+        replies = [f"  [{role}] {summarize(reply)}" for role, reply in self.last_replies] or ["  none"]
+        lines += ["last replies, oldest first:", *replies]
+        message = ("coordinator stalled: no worker is busy and the scheduler has nothing to send for "
+                   f"{len(stuck)} sequence(s); please report this with the lines below\n" + "\n".join(lines))
+        if self.on_stall is None:
+            raise Stalled(message, [sequence.seq_id for sequence in stuck])
+        for sequence in stuck:  # the report goes to the log; each request's stream gets one line
+            self.scheduler.fail(sequence.seq_id, "the coordinator stalled on this request (a bug in specpipe's "
+                                                 "scheduler); the server's log has the report")
+        self.scheduler.forget_in_flight()  # nothing is at a worker: whatever the scheduler still awaits never comes
+        self.failures.append(message)
+        self.on_stall(message)
+
     def _dispatch(self) -> None:
         for role in DISPATCH_ORDER:
-            while True:
-                request = self.scheduler.next_request(role, self.busy[role])
-                if request is None:
-                    break
-                if isinstance(request, REQUESTS):
-                    self._kinds[request.request_id] = (*request_kind(request), _sequences(request),
-                                                       request_sequence(request))
-                    self._startable_at[request.request_id] = time.perf_counter()
-                    self._queued[role].append(request.request_id)
-                self.transport.submit(role, request)
-                if isinstance(request, REQUESTS):
-                    self.busy[role] += 1
-                else:
-                    self.releases_pending += 1
+            while self._send_next(role):
+                pass
+
+    def _send_next(self, role: str) -> bool:
+        """Sends the worker its next request or release, if the scheduler has one."""
+        request = self.scheduler.next_request(role, self.busy[role])
+        if request is None:
+            return False
+        if isinstance(request, REQUESTS):
+            self._kinds[request.request_id] = (*request_kind(request), _sequences(request),
+                                               request_sequence(request))
+            self._startable_at[request.request_id] = self.clock()
+            self._queued[role].append(request.request_id)
+            self.busy[role] += 1
+        else:
+            self.releases_pending += 1
+        self.transport.submit(role, request)
+        return True
 
     def _answered(self, role: str, request_id: int, now: float) -> None:
         self.busy[role] -= 1
@@ -153,8 +195,9 @@ class Engine:
             self._startable_at[waiting] = max(self._startable_at[waiting], now)
 
     def _take(self, role: str, reply: object) -> None:
+        self.last_replies.append((role, reply))
         if isinstance(reply, RESULTS):
-            now = time.perf_counter()
+            now = self.clock()
             started = self._startable_at.pop(reply.request_id)  # the queueing is not the worker's
             round_trip = now - started
             kind, size, sequences, seq_id = self._kinds.pop(reply.request_id)
@@ -176,6 +219,37 @@ class Engine:
             raise WorkerFailed(f"[{role}] {reply.message}")
         else:
             raise WorkerFailed(f"[{role}] unexpected reply {type(reply).__name__}")
+
+
+def describe(sequence: Sequence) -> str:
+    """One sequence as a stall report shows it."""
+    verification = sequence.verification
+    parts = [f"sequence {sequence.seq_id}: {sequence.phase.value}", f"k {sequence.k}",
+             f"{len(sequence.generated)}/{sequence.max_new_tokens} tokens"]
+    if sequence.window is not None:
+        parts.append(f"window of {len(sequence.window)}")
+    if verification is not None:
+        ahead = verification.ahead
+        parts.append(f"verification {verification.request_id}" + (
+            "" if ahead is None else f", drafted ahead by {ahead.request_id} "
+            f"({'back' if ahead.branches is not None else 'at the draft'}"
+            f"{'' if ahead.chain is None else f', chained as {ahead.chain.request_id}'})"))
+    return ", ".join(parts)
+
+
+def summarize(reply: object) -> str:
+    """One reply as a stall report quotes it: what each item said."""
+    if isinstance(reply, TargetBatchResult):
+        items = [f"verified seq {r.seq_id} ({r.accepted} accepted, next {r.next_token})" for r in reply.verified]
+        items += [f"prefilled seq {r.seq_id}" for r in reply.prefilled]
+        items += [f"skipped seq {r.seq_id}" for r in reply.skipped]
+    elif isinstance(reply, DraftBatchResult):
+        items = [f"drafted {len(r.tokens)} for seq {r.seq_id}" for r in reply.drafted]
+        items += [f"drafted ahead {len(r.heads)} branches for seq {r.seq_id}" for r in reply.speculated]
+    else:
+        return type(reply).__name__ + (f" seq {reply.seq_id}" if hasattr(reply, "seq_id") else "")
+    items += [f"error for request {e.request_id}" for e in reply.errors]
+    return f"batch {reply.request_id}: " + ("; ".join(items) or "no items")
 
 
 def _sequences(batch: TargetBatch | DraftBatch) -> int:

@@ -151,7 +151,14 @@ class Scheduler:
         branches = self.branch_budget.value if self.config.mode == "overlap" else 1
         plan = self.controller.plan(running, branches)
         for seq_id, k in plan.ks.items():
-            self.sequences[seq_id].k = k
+            sequence = self.sequences[seq_id]
+            sequence.k = k
+            if sequence.phase is Phase.DRAFT_NEEDED and not self._window_budget(
+                    sequence, len(sequence.tokens), len(sequence.generated)):
+                # it waited for the draft, busy with others, and now drafts nothing: a plain step for the target
+                # (left to the draft's turn, the target's turn would have passed, and with nothing else in
+                # flight no reply would ever come to move it: the stall of issue 32)
+                sequence.phase, sequence.window = Phase.READY, EMPTY
 
     def observe_pass(self, role: str, rows: int, steps: int, seconds: float) -> None:
         """A batch's measured round trip: `steps` forward passes of `rows` rows in all (what the controller
@@ -216,6 +223,12 @@ class Scheduler:
             return False
         self._finish(sequence, "cancelled", self.clock())
         return True
+
+    def forget_in_flight(self) -> None:
+        """Stops awaiting every request sent (the engine knows none is at a worker any more)."""
+        self._in_flight.clear()
+        self._batches.clear()
+        self._batch_of.clear()
 
     def prune(self) -> list[Sequence]:
         """Forgets the finished sequences that nothing in flight refers to any more (a server runs for days);
@@ -419,6 +432,10 @@ class Scheduler:
             pending.discard(reply.request_id)
             if not pending:
                 del self._batches[batch]
+        if sequence.phase is Phase.FINISHED:
+            # Its slots are being released: what a late reply says of its caches no longer matters (a VerifyNext
+            # the target went on with after the sequence was cancelled holds positions no mirror was told of).
+            return
         if isinstance(reply, VerifyResult):
             self._on_verified(sequence, reply)
         elif isinstance(reply, Prefilled):
@@ -436,15 +453,11 @@ class Scheduler:
     def _on_drafted(self, sequence: Sequence, reply: DraftResult) -> None:
         sequence.draft_cache.extend(reply.tokens[:-1])  # read back in, all but the last
         sequence.draft_cache.settle(reply.cached, sequence.seq_id)
-        if sequence.phase is Phase.FINISHED:
-            return
         self._check_probs(sequence, reply.probs, (len(reply.tokens), self.vocab_size))
         sequence.phase, sequence.window = Phase.READY, Drafted(reply.tokens, reply.probs, reply.alternatives)
 
     def _on_drafted_ahead(self, sequence: Sequence, reply: SpeculateResult) -> None:
         sequence.draft_cache.settle(reply.cached, sequence.seq_id)
-        if sequence.phase is Phase.FINISHED:
-            return
         ahead = sequence.verification.ahead
         ahead.branches = self._branches(sequence, ahead.outcomes, reply)
         if sequence.phase is Phase.AWAITING_AHEAD:  # the verification came back first
@@ -474,8 +487,6 @@ class Scheduler:
 
     def _on_verified(self, sequence: Sequence, reply: VerifyResult) -> None:
         sequence.target_cache.settle(reply.cached, sequence.seq_id)
-        if sequence.phase is Phase.FINISHED:
-            return
         verification = sequence.verification
         if reply.request_id != verification.request_id:
             raise RuntimeError(f"sequence {sequence.seq_id}: verification {reply.request_id} came back while "

@@ -211,6 +211,46 @@ def test_a_client_leaving_mid_stream_frees_its_sequence_within_a_second(server, 
     assert scrape(server)["specpipe:request_success_total"] >= 1
 
 
+def test_a_stalled_request_fails_alone_and_the_server_goes_on(server, client, expected, monkeypatch):
+    # A scheduler bug that never sends one request's prompt to the target: once nothing else runs, the engine
+    # finds nothing to send and nothing awaited. That request gets a 503 saying so; the one beside it and the
+    # ones after it are served, and the log has the report naming the stuck sequence.
+    scheduler = server.engine.scheduler
+    poisoned = server.tokenizer(PROMPTS[5], add_special_tokens=False)["input_ids"]
+    honest_chunk = scheduler._prompt_chunk
+    monkeypatch.setattr(scheduler, "_prompt_chunk", lambda sequence: (
+        10**9 if sequence.prompt == poisoned else honest_chunk(sequence)))
+    failures_before = len(server.engine.engine.failures)
+    outcomes: dict[str, object] = {}
+
+    def ask(name: str, prompt: str) -> None:
+        try:
+            outcomes[name] = client.completions.create(model=MODEL, prompt=prompt, max_tokens=DECODE.max_new_tokens,
+                                                       temperature=0, extra_body={"return_token_ids": True})
+        except openai.APIStatusError as error:
+            outcomes[name] = error
+
+    threads = [threading.Thread(target=ask, args=args) for args in (("stuck", PROMPTS[5]), ("beside", PROMPTS[1]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    stuck, beside = outcomes["stuck"], outcomes["beside"]
+    assert isinstance(stuck, openai.APIStatusError) and stuck.status_code == 503
+    assert "stalled" in stuck.message
+    assert beside.choices[0].model_extra["token_ids"] == expected[PROMPTS[1]]
+    (report,) = list(server.engine.engine.failures)[failures_before:]
+    assert "sequence" in report and "ready" in report and "last replies" in report
+    after = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=DECODE.max_new_tokens,
+                                      temperature=0, extra_body={"return_token_ids": True})
+    assert after.choices[0].model_extra["token_ids"] == expected[PROMPTS[2]]
+    assert server.engine.alive
+    deadline = time.monotonic() + 2
+    while server.target.free_slot_count < server.target.n_slots and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.target.free_slot_count == server.target.n_slots
+
+
 # --- what /metrics tells -----------------------------------------------------------------------------
 
 
