@@ -147,9 +147,17 @@ class Scheduler:
         """--k-policy goodput: every running sequence's k for the next step."""
         if self.controller is None:
             return
-        running = [s.seq_id for s in self.active]
+        # the sequences the next pass verifies a window of, and the prompt rows it reads beside them
+        decoding, prompt_rows = [], 0
+        for sequence in self.active:
+            if sequence.generated or sequence.phase is Phase.VERIFYING:  # nothing generated: its prompt's last chunk
+                decoding.append(sequence.seq_id)
+            else:
+                prompt_rows += len(sequence.prompt) - self._prompt_cached(sequence)
+        if self.config.prefill_chunk:
+            prompt_rows = min(prompt_rows, self.config.prefill_chunk)
         branches = self.branch_budget.value if self.config.mode == "overlap" else 1
-        plan = self.controller.plan(running, branches)
+        plan = self.controller.plan(decoding, branches, prompt_rows)
         for seq_id, k in plan.ks.items():
             sequence = self.sequences[seq_id]
             sequence.k = k

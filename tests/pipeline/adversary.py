@@ -131,7 +131,7 @@ class DrawnPlans:
         self.choices = choices
         self.cap = cap
 
-    def plan(self, seq_ids: list[int], branches: int = 1) -> SpeculationPlan:
+    def plan(self, seq_ids: list[int], branches: int = 1, prompt_rows: int = 0) -> SpeculationPlan:
         ks = {seq_id: self.cap - self.choices.pick("a sequence's k", self.cap + 1) for seq_id in seq_ids}
         return SpeculationPlan(ks, None, None, "drawn")
 

@@ -244,7 +244,7 @@ def serial_sequence_awaiting_its_draft(clock: ManualClock, k_policy: str = "fixe
 class NothingPays:
     """A goodput controller that finds drafting no longer pays for anyone."""
 
-    def plan(self, seq_ids, branches=1):
+    def plan(self, seq_ids, branches=1, prompt_rows=0):
         return SpeculationPlan({seq_id: 0 for seq_id in seq_ids}, None, None, "goodput")
 
     def forget(self, seq_id):

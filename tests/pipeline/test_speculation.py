@@ -54,6 +54,26 @@ def cpu_stream(clock: Clock | None = None, **options) -> GoodputController:
     return controller
 
 
+def this_cpu_target_ms(rows: float) -> float:
+    """The bundled target's pass on this project's 2-vCPU EPYC (AVX2: a register block of 2 rows), round trip."""
+    return 3.6 + 0.4 * min(rows - 1, 1) + 1.0 * max(0.0, rows - 2)
+
+
+def this_cpu(streams: int, rate: float, mode: str = "overlap", **options) -> GoodputController:
+    """`streams` sequences of acceptance `rate` with this CPU's costs: the target's above, the draft 1.2 ms a
+    step plus 0.1 ms a row; a pre-draft miss one verification in five."""
+    options.setdefault("explore_every", 0)
+    controller = GoodputController(3, mode, clock=Clock(), **options)
+    for count in (1, 2, 3, 4, 8, 16, 32, 64, 80):
+        controller.observe_target(count, this_cpu_target_ms(count) * MS)
+    for count in (1, 4, 16, 64, 128):
+        controller.observe_draft(count, 3, 3 * (1.2 + 0.1 * count) * MS)
+    controller.miss_rate = 0.2
+    for seq_id in range(streams):
+        accepting(controller, seq_id, rate)
+    return controller
+
+
 def speedup(plan: SpeculationPlan) -> float:
     assert plan.tokens_per_s is not None and plan.baseline_tokens_per_s is not None
     return plan.tokens_per_s / plan.baseline_tokens_per_s
@@ -66,29 +86,58 @@ def test_expected_tokens_counts_the_bonus_token():
     assert expected_tokens(1.0, 4) == 5.0
 
 
-def test_step_costs_interpolate_between_and_stay_flat_below_observed_row_counts():
+def test_step_costs_interpolate_between_and_take_a_lower_bound_below_observed_row_counts():
     costs = StepCosts()
     assert not costs.observed and costs.estimate(3) is None
     for count, seconds in [(2, 1.0), (4, 2.0), (8, 3.0)]:
         costs.observe(count, seconds)
-    assert costs.observed
+    assert costs.observed and costs.fewest == 2
     assert costs.estimate(4) == 2.0
     assert costs.estimate(3) == pytest.approx(1.5)
     assert costs.estimate(6) == pytest.approx(2.5)
-    assert costs.estimate(1) == 1.0  # never cheaper than the fewest rows seen
+    assert costs.estimate(1) == pytest.approx(0.5)  # on the line from the origin to the fewest rows' cost
+    prompts = StepCosts()  # only prompt chunks seen so far: 56 and 64 rows
+    prompts.observe(56, 60 * MS)
+    prompts.observe(64, 68 * MS)
+    # a plain step of 2 rows: a lower bound, not as dear as a chunk's pass (a flat guess, 60 ms), nor on the
+    # chunks' slope (their fixed cost, a few ms in 60, is noise)
+    assert prompts.estimate(2) == pytest.approx(60 * MS * 2 / 56)
 
 
 def test_step_costs_extrapolate_above_the_largest_row_count():
     costs = StepCosts()
     costs.observe(4, 2.0)
     assert costs.estimate(8) == pytest.approx(4.0)  # one point: linear through the origin
-    assert costs.estimate(2) == 2.0
+    assert costs.estimate(2) == pytest.approx(1.0)
     costs.observe(8, 3.0)
     assert costs.estimate(12) == pytest.approx(4.0)  # the slope of the largest two
     falling = StepCosts()
     falling.observe(2, 2.0)
     falling.observe(4, 1.0)
-    assert falling.estimate(10) == pytest.approx(1.0)  # a slope never below zero
+    # a pass never gets cheaper with more rows: the two are pooled, and the slope is never below zero
+    assert [falling.estimate(count) for count in (2, 4, 10)] == pytest.approx([1.5, 1.5, 1.5])
+    upper = StepCosts()
+    for count, ms in [(1, 3.0), (2, 3.1), (10, 12.0), (16, 18.0), (20, 22.0)]:
+        upper.observe(count, ms * MS)
+    # above the largest: the least-squares slope of the upper half (10, 16, 20: 1 ms a row), not of the
+    # cheap first rows
+    assert upper.estimate(40) == pytest.approx(42.0 * MS)
+
+
+def test_step_costs_fit_rows_past_the_register_block_and_ignore_a_noisy_spike():
+    # the CPU kernels: about one price up to 6 rows (the register block), then 1 ms a row (FMA-bound)
+    def true_ms(rows: float) -> float:
+        return 3.6 + 0.1 * min(rows, 6) + 1.0 * max(0.0, rows - 6)
+
+    costs = StepCosts()
+    for count in (1, 3, 6, 9, 16, 24, 40):
+        costs.observe(count, true_ms(count) * MS)
+    for rows in (2, 6, 7, 12, 16, 20, 30, 64, 80):  # between the counts seen and past them: the cost itself
+        assert costs.estimate(rows) == pytest.approx(true_ms(rows) * MS)
+    assert costs.estimate(12.5) == pytest.approx(true_ms(12.5) * MS)  # an expected, fractional row count
+    costs.observe(20, 3 * true_ms(20) * MS)  # a busy spell at one row count
+    values = [costs.estimate(rows) for rows in range(1, 60)]
+    assert all(b >= a for a, b in zip(values, values[1:]))  # rows past it never look free
 
 
 def test_step_costs_average_repeated_observations():
@@ -138,9 +187,15 @@ def test_evaluate_models_a_serial_cycle():
     assert controller.evaluate({1: 0, 2: 0}) == pytest.approx(2 / (4 * MS))  # no draft cost needed
     assert controller.evaluate({1: 2, 2: 0}) is None
     controller.observe_draft(1, 2, 2 * 0.5 * MS)
+    controller.observe_draft(2, 2, 2 * 0.5 * MS)  # a draft step: 0.5 ms for one row or two
     accepting(controller, 1, 0.5)
-    # target 3 + 1 rows: 6 ms; drafting 2 steps of 1 row: 1 ms; tokens 1.75 + 1
-    assert controller.evaluate({1: 2, 2: 0}) == pytest.approx(2.75 / (7 * MS))
+    accepting(controller, 2, 0.5)
+    # both draft: the target waits for the draft, 2 steps of 2 rows (1 ms), then verifies 3 + 3 rows (8 ms)
+    # (acceptance 0.5 within 0.1 %: the prior, 0.6, weighs 4 windows of 40)
+    assert controller.evaluate({1: 2, 2: 2}) == pytest.approx(3.5 / (9 * MS), rel=1e-3)
+    # one drafts: sequence 2 is ready at once, so the target runs a pass without sequence 1 (drafted meanwhile),
+    # which joins the next: it is in every other pass, 1 + 3 / 2 rows and 1 + 1.75 / 2 tokens a pass
+    assert controller.evaluate({1: 2, 2: 0}) == pytest.approx(1.875 / (4.5 * MS), rel=1e-3)
 
 
 def test_a_compute_bound_target_with_many_streams_drafts_less_per_sequence():
@@ -161,6 +216,132 @@ def test_a_compute_bound_target_with_many_streams_drafts_less_per_sequence():
     assert many < one
     assert speedup(alone) > 1.3
     assert batched.tokens_per_s >= batched.baseline_tokens_per_s
+
+
+def test_at_concurrency_16_rows_past_the_register_block_cost_more_than_drafting_gains():
+    # this CPU: a row past the first two costs 1 ms, while target-only spends 19.6 / 16 = 1.2 ms a token at
+    # 16 rows; a drafted token accepted 7 times in 10, behind a miss one time in five, does not pay for its row
+    many = this_cpu(16, 0.7)
+    plan = many.plan(list(range(16)), branches=6)
+    assert plan.reason == "goodput" and set(plan.ks.values()) == {0}
+    assert plan.tokens_per_s == pytest.approx(16 / (this_cpu_target_ms(16) * MS))
+    assert plan.speedup == pytest.approx(1.0)
+    # one stream on the same costs: its second row is nearly free, and the draft's steps hide behind the pass
+    one = this_cpu(1, 0.7)
+    alone = one.plan([0], branches=6)
+    assert alone.ks[0] >= 1 and speedup(alone) > 1.2
+    # four streams: drafting pays only where the target agrees more often
+    assert set(this_cpu(4, 0.7).plan(list(range(4)), branches=6).ks.values()) == {0}
+    assert all(this_cpu(4, 0.9).plan(list(range(4)), branches=6).ks.values())
+
+
+def test_the_predicted_pass_costs_what_its_rows_cost():
+    # a linear cost per row past 6 rows: the model's pass is the cost of its rows, its baseline n / T(n)
+    def true_ms(rows: float) -> float:
+        return 2.0 + 0.05 * min(rows, 6) + 0.4 * max(0.0, rows - 6)
+
+    controller = GoodputController(3, "overlap", explore_every=0)
+    for count in (1, 6, 10, 20, 40, 60):
+        controller.observe_target(count, true_ms(count) * MS)
+    controller.observe_draft(1, 3, 3 * 0.2 * MS)
+    for _ in range(40):
+        controller.observe_predraft(True)  # no misses: every pass holds every sequence
+    assert controller.evaluate({s: 0 for s in range(16)}) == pytest.approx(16 / (true_ms(16) * MS))
+    for seq_id in range(16):
+        accepting(controller, seq_id, 0.5)
+    ks = {s: 2 for s in range(16)}  # 48 rows, 1.75 tokens a window
+    assert controller.evaluate(ks, branches=1) == pytest.approx(
+        16 * 1.75 / (true_ms(48) * MS), rel=0.02)  # the miss rate left is below 2 %
+
+
+def test_a_miss_at_concurrency_skips_a_pass_and_alone_waits_for_the_draft():
+    controller = GoodputController(2, "overlap", explore_every=0)
+    linear_target(controller, 4.0, 1.0, range(1, 40))
+    controller.observe_draft(1, 2, 2 * 1.0 * MS)
+    controller.observe_draft(8, 2, 2 * 1.0 * MS)  # a draft step: 1 ms, whatever its rows
+    controller.miss_rate = 0.25
+    accepting(controller, 1, 0.5)
+    accepting(controller, 2, 0.5)
+    # alone: the target waits for a fresh draft (2 steps, 2 ms) one time in four
+    assert controller.evaluate({1: 2}, branches=2) == pytest.approx(1.75 / ((7 + 0.25 * 2) * MS), rel=1e-3)
+    # beside a plain sequence the target goes on without it: it is in 1 / 1.25 of the passes
+    present = 1 / 1.25
+    expected = (1 + present * 1.75) / ((4 + 1 + present * 3) * MS)
+    assert controller.evaluate({1: 2, 2: 0}, branches=2) == pytest.approx(expected, rel=1e-3)
+
+
+def test_prompt_rows_in_the_pass_dilute_the_speedup_not_the_plan():
+    controller = this_cpu(4, 0.9)
+    ids = list(range(4))
+    decode = controller.plan(ids, branches=6)
+    with_prompt = controller.plan(ids, branches=6, prompt_rows=64)
+    assert with_prompt.ks == decode.ks and any(decode.ks.values())
+    assert speedup(with_prompt) == pytest.approx(speedup(decode), rel=0.02)  # the decode goodputs
+    # the pass's speedup: target-only reads the same prompt rows in the same time, so it is closer to 1
+    assert 1.0 < with_prompt.speedup < decode.speedup
+    assert decode.speedup == pytest.approx(speedup(decode))  # without prompt rows: the goodputs' ratio
+
+
+def test_a_pass_of_prompt_rows_alone_counts_as_no_speedup():
+    clock = Clock()
+    controller = this_cpu(2, 0.8)
+    controller.clock = clock
+    reading = controller.plan([], branches=6, prompt_rows=64)  # nothing decodes yet: the pass reads a prompt
+    assert reading.ks == {} and reading.speedup == 1.0
+    clock.now += 3.0
+    decoding = controller.plan([0, 1], branches=6)
+    clock.now += 1.0
+    assert controller.summary()["predicted_speedup"] == pytest.approx((3 * 1.0 + decoding.speedup) / 4)
+    controller.plan([], branches=6)  # nothing at all: no time counted
+    clock.now += 5.0
+    assert controller.summary()["predicted_speedup"] == pytest.approx((3 * 1.0 + decoding.speedup) / 4)
+
+
+def test_sequences_that_were_not_drafting_start_one_per_plan():
+    controller = this_cpu(0, 0.9)  # costs only: no sequence has drafted yet
+    for seq_id in range(4):
+        for _ in range(20):
+            controller.observe_acceptance(seq_id + 10, 3, 3)  # others agreed: the prior is high
+    ids = [0, 1, 2, 3]
+    started = []
+    for _ in range(4):  # the draft must read each one's prompt first: not all four at once
+        plan = controller.plan(ids, branches=6)
+        started.append(sum(1 for k in plan.ks.values() if k))
+    assert started == [1, 2, 3, 4]
+    exploring = this_cpu(0, 0.9, explore_every=1)
+    for seq_id in range(16):
+        exploring.observe_acceptance(seq_id + 100, 3, 3)
+    for _ in range(3):  # every plan may explore: still one starts a plan at most
+        plan = exploring.plan(list(range(16)), branches=6)
+        assert sum(1 for k in plan.ks.values() if k) <= 1
+
+
+def test_passes_that_read_prompt_rows_are_a_cost_curve_of_their_own():
+    controller = this_cpu(4, 0.8)
+    ids = list(range(4))
+    controller.plan(ids, branches=6, prompt_rows=64)
+    controller.observe_target(68, 40 * MS)  # a chunk beside few windows: cheap rows
+    assert controller.target_prompt.estimate(68) == pytest.approx(40 * MS)
+    assert controller.target.estimate(68) == pytest.approx(this_cpu_target_ms(68) * MS)  # windows' passes untouched
+    controller.plan(ids, branches=6)
+    controller.observe_target(16, 30 * MS)
+    assert controller.target.estimate(16) == pytest.approx((this_cpu_target_ms(16) + 0.3 * (30 - this_cpu_target_ms(16))) * MS)
+
+
+def test_target_only_is_explored_while_its_row_count_is_unmeasured():
+    controller = GoodputController(3, "overlap", clock=Clock(), explore_every=2)
+    for count, ms in ((6, 3.7), (8, 3.8), (12, 4.0)):  # windows only: 2 rows (target-only) never measured
+        controller.observe_target(count, ms * MS)
+    controller.observe_draft(12, 3, 3 * 0.5 * MS)
+    accepting(controller, 1, 0.95)
+    accepting(controller, 2, 0.95)
+    assert all(controller.plan([1, 2], branches=6).ks.values())
+    explored = controller.plan([1, 2], branches=6)
+    assert explored.reason == "exploring" and explored.ks == {1: 0, 2: 0}
+    controller.observe_target(2, 3.0 * MS)
+    controller.plan([1, 2], branches=6)
+    explored = controller.plan([1, 2], branches=6)  # measured now: one sequence at another k
+    assert explored.reason == "exploring" and sum(1 for k in explored.ks.values() if k) == 1
 
 
 def test_low_acceptance_with_linear_costs_falls_back_to_the_target_alone():
@@ -278,7 +459,7 @@ def test_probes_bring_speculation_back_within_three_probes():
     assert [event.split(":")[0] for event in events] == ["speculation off", "speculation on again"]
 
 
-def test_costs_are_measured_first_then_other_row_counts_are_explored():
+def test_costs_are_measured_first_then_one_drafting_sequence_at_a_time_explores():
     controller = GoodputController(3, "overlap", clock=Clock(), explore_every=4)
     ids = [1, 2]
     first = controller.plan(ids, branches=2)
@@ -287,17 +468,36 @@ def test_costs_are_measured_first_then_other_row_counts_are_explored():
     controller.observe_target(8, 9 * MS)
     second = controller.plan(ids, branches=2)
     assert second.reason == "warming up" and second.baseline_tokens_per_s is not None
-    controller.observe_draft(4, 3, 3 * 1.0 * MS)
-    reasons, explored = [], []
+    for count, ms in ((2, 5.0), (4, 6.0), (8, 9.0)):  # AVX2-like: the second row nearly free
+        controller.observe_target(count, ms * MS)
+    controller.observe_draft(4, 3, 3 * 0.5 * MS)
+    accepting(controller, 1, 0.9)
+    accepting(controller, 2, 0.9)
+    reasons, explored, planned = [], [], None
     for _ in range(14):
         plan = controller.plan(ids, branches=2)
         reasons.append(plan.reason)
         if plan.reason == "exploring":
             explored.append(plan.ks)
-    # plans 4, 8, 12, 16 explore: uniform k cycling through 0..cap
+        else:
+            planned = plan.ks
+    assert all(planned.values())
+    # plans 4, 8, 12, 16 explore: one drafting sequence in turn at another k than planned, k cycling 0..cap
     assert [i + 3 for i, reason in enumerate(reasons) if reason == "exploring"] == [4, 8, 12, 16]
-    assert explored == [{1: 0, 2: 0}, {1: 1, 2: 1}, {1: 2, 2: 2}, {1: 3, 2: 3}]
     assert set(reasons) == {"goodput", "exploring"}
+    for turn, ks in enumerate(explored):
+        mine, other = ids[turn % 2], ids[(turn + 1) % 2]
+        assert ks[other] == planned[other] and ks[mine] != planned[mine]
+    assert {ks[ids[turn % 2]] for turn, ks in enumerate(explored)} >= {0}
+
+
+def test_many_sequences_on_expensive_rows_explore_nothing():
+    # nothing drafts at concurrency 16 on this CPU, so no sequence is sent drafting to explore: each would wait
+    # for the draft to read its whole context first
+    controller = this_cpu(16, 0.7, explore_every=16)
+    plans = [controller.plan(list(range(16)), branches=6) for _ in range(32)]
+    assert all(not any(plan.ks.values()) for plan in plans)
+    assert {plan.reason for plan in plans} == {"goodput"}
 
 
 def test_summary_reports_what_was_planned_and_the_predicted_speedup():
@@ -327,6 +527,17 @@ def test_predicted_speedup_weighs_plans_by_the_time_they_held():
     assert plain.reason == "exploring" and speedup(plain) == pytest.approx(1.0)
     clock.now += 1.0
     assert controller.summary()["predicted_speedup"] == pytest.approx((3 * speedup(good) + 1.0) / 4)
+
+
+def test_one_rejected_first_window_does_not_stop_drafting_for_good():
+    controller = GoodputController(3, "overlap", explore_every=0)
+    for count, ms in ((1, 5.15), (4, 7.3), (59, 61.0), (64, 55.0)):
+        controller.observe_target(count, ms * MS)
+    controller.observe_draft(199, 4, 27.6 * MS)  # the draft's first request read the prompt
+    controller.observe_acceptance(0, 3, 0)  # the first window, drafted on the prompt alone: all rejected
+    # everything seen so far is one rejection, but it weighs as one window against the prior's four
+    plan = controller.plan([0], branches=5)
+    assert plan.ks[0] > 0
 
 
 def test_bad_arguments_are_refused():
