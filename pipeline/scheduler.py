@@ -161,8 +161,7 @@ class Scheduler:
         for seq_id, k in plan.ks.items():
             sequence = self.sequences[seq_id]
             sequence.k = k
-            if sequence.phase is Phase.DRAFT_NEEDED and not self._window_budget(
-                    sequence, len(sequence.tokens), len(sequence.generated)):
+            if sequence.phase is Phase.DRAFT_NEEDED and not self._next_window_budget(sequence):
                 # it waited for the draft, busy with others, and now drafts nothing: a plain step for the target
                 # (left to the draft's turn, the target's turn would have passed, and with nothing else in
                 # flight no reply would ever come to move it: the stall of issue 32)
@@ -212,9 +211,7 @@ class Scheduler:
                 self._finish(sequence, "cancelled", now, release=False)
         self.waiting.clear()
         self.control = {"draft": [], "target": []}
-        self._in_flight.clear()
-        self._batches.clear()
-        self._batch_of.clear()
+        self.forget_in_flight()
         return list(self.sequences)
 
     def cancel_sequence(self, seq_id: int) -> bool:
@@ -374,9 +371,13 @@ class Scheduler:
         room = self.max_context - context_len - 1
         return max(0, min(sequence.k, remaining - 1, room))
 
+    def _next_window_budget(self, sequence: Sequence) -> int:
+        """How many tokens the window after its committed tokens may draft."""
+        return self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
+
     def _draft(self, sequence: Sequence) -> DraftRequest | None:
         """A window for the committed tokens; None, and a plain step, if its k became 0 meanwhile."""
-        count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
+        count = self._next_window_budget(sequence)
         if count == 0:
             sequence.phase, sequence.window = Phase.READY, EMPTY
             return None
@@ -547,7 +548,7 @@ class Scheduler:
             sequence.target_cache.extend([sequence.tokens[-1], *resolved.window.tokens])  # trimmed on reply
             return
         sequence.verification = None
-        count = self._window_budget(sequence, len(sequence.tokens), len(sequence.generated))
+        count = self._next_window_budget(sequence)
         if resolved.how is Resolution.HIT:
             sequence.phase, sequence.window = Phase.READY, resolved.branch.drafted.head(count)
         elif not self.config.uses_draft or count == 0:

@@ -210,12 +210,6 @@ class StepCosts:
 
         return seconds
 
-    def estimates(self, first: int, last: int) -> list[float] | None:
-        """[estimate(rows) for rows in first..last]."""
-        if not self._rows:
-            return None
-        return [self.estimate(rows) for rows in range(first, last + 1)]  # type: ignore[misc]
-
     @property
     def observed(self) -> bool:
         return bool(self._rows)

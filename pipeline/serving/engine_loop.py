@@ -108,7 +108,7 @@ class EngineLoop:
         self.on_failure = on_failure  # called once, from the engine thread, when the engine cannot go on
         self.scheduler = Scheduler(decode, limits.vocab_size, set(limits.eos_ids), limits.max_context,
                                    decode.max_seqs, self._on_tokens, on_event=log)
-        # a stall fails the stalled requests alone (each stream ends with the report), the rest are served
+        # a stall fails the stalled requests alone (each stream gets a line, the log the report); the rest go on
         self.engine = Engine(self.scheduler, transport, poll_s=STEP_WAIT_S, trips_kept=TRIPS_KEPT, on_stall=log)
         self.failure: str | None = None  # why the engine stopped, once it has
         self._inbox: queue.SimpleQueue[Add | Cancel | Stop] = queue.SimpleQueue()

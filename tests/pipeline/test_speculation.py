@@ -147,10 +147,6 @@ def test_step_costs_average_repeated_observations():
     assert costs.estimate(2) == pytest.approx(1.3)
     costs.observe(2, 2.0)
     assert costs.estimate(2) == pytest.approx(1.51)
-    sweep = [(1, 0.5), (3, 1.0), (7, 1.2)]
-    for count, seconds in sweep:
-        costs.observe(count, seconds)
-    assert costs.estimates(0, 12) == pytest.approx([costs.estimate(count) for count in range(13)])
 
 
 def test_acceptance_is_the_geometric_estimate_shrunk_to_the_prior():
