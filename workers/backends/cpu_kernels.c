@@ -86,12 +86,18 @@ static inline float v_pow2i(int32_t n) {
 }
 #endif
 
-#define PANEL (4 * VLEN)  /* columns per packed panel: four vectors */
-#if VLEN == 16
-#define ROW_BLOCK 6       /* rows per sweep of a panel: 6 rows x 4 accumulators + 4 weights in 32 registers */
+/* A panel is PANEL_VECTORS vectors wide, and a sweep of it keeps ROW_BLOCK rows x PANEL_VECTORS accumulators
+ * in registers. AVX-512 (32 registers): 6 rows x 4 accumulators + 4 weights. AVX2 (16 registers): 6 rows x 2
+ * accumulators + 2 weights + the broadcast x, the 6x16 tile of BLAS kernels on AVX2; its passes of 1 or 2 rows
+ * sweep two panels at once, so that they too keep 4 or more FMAs in flight. */
+#if VLEN == 8
+#define PANEL_VECTORS 2
 #else
-#define ROW_BLOCK 2       /* 16 registers: 2 rows x 4 accumulators + 4 weights */
+#define PANEL_VECTORS 4
 #endif
+#define PANEL (PANEL_VECTORS * VLEN) /* columns per packed panel */
+#define ROW_BLOCK (VLEN == 1 ? 2 : 6)
+#define PAIRED_ROWS (PANEL_VECTORS == 2 ? 2 : 0) /* passes of at most this many rows sweep panel pairs */
 #define PREFETCH_ROWS 16  /* panel rows ahead to prefetch (2 KB at PANEL 64) */
 
 int sp_panel_width(void) { return PANEL; }
@@ -123,60 +129,96 @@ typedef struct {
     int32_t in, out;
 } sp_matrix;
 
-/* One panel for `rows` (<= ROW_BLOCK) rows: acc[r] = x[r] . W[:, panel], in k order. Inlined into a call per
- * row count (panel_sweep), so that the accumulators live in registers. */
-static inline __attribute__((always_inline)) void panel_rows(const float *x, const int rows, int in,
-                                                              const uint16_t *panel, float out[ROW_BLOCK][PANEL]) {
-    vf acc[ROW_BLOCK][4];
+/* `rows` (<= ROW_BLOCK) rows over `panels` (1, or 2 adjacent) panels: acc[r] = x[r] . W[:, their columns],
+ * in k order. Inlined into a call per shape (sweep), so that the accumulators live in registers. Prefetches
+ * `ahead` + k * `ahead_step` (and as far into the second panel) at row k of the panel. */
+static inline __attribute__((always_inline)) void sweep_rows(const float *x, const int rows, int in,
+                                                              const uint16_t *panel, const int panels,
+                                                              const char *ahead, size_t ahead_step,
+                                                              float out[ROW_BLOCK][2 * PANEL]) {
+    const size_t second = (size_t)in * PANEL; /* the next panel, in halves */
+    vf acc[ROW_BLOCK][2 * PANEL_VECTORS];
 #pragma GCC unroll 8
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < 4; c++) acc[r][c] = v_zero();
+        for (int c = 0; c < panels * PANEL_VECTORS; c++) acc[r][c] = v_zero();
     for (int k = 0; k < in; k++) {
         const uint16_t *wk = panel + (size_t)k * PANEL;
 #if VLEN > 1
-        __builtin_prefetch(wk + PREFETCH_ROWS * PANEL);
-        __builtin_prefetch(wk + PREFETCH_ROWS * PANEL + PANEL / 2);
+#pragma GCC unroll 2
+        for (int q = 0; q < panels; q++) {
+            __builtin_prefetch(ahead + k * ahead_step + q * second * sizeof(uint16_t));
+            if (PANEL_VECTORS == 4) __builtin_prefetch(ahead + k * ahead_step + q * second * sizeof(uint16_t) + PANEL);
+        }
 #endif
-        vf w0 = v_load_half(wk), w1 = v_load_half(wk + VLEN), w2 = v_load_half(wk + 2 * VLEN),
-           w3 = v_load_half(wk + 3 * VLEN);
+        vf w[2 * PANEL_VECTORS];
+#pragma GCC unroll 8
+        for (int c = 0; c < panels * PANEL_VECTORS; c++)
+            w[c] = v_load_half(wk + (c / PANEL_VECTORS) * second + (c % PANEL_VECTORS) * VLEN);
 #pragma GCC unroll 8
         for (int r = 0; r < rows; r++) {
             vf xr = v_set1(x[(size_t)r * in + k]);
-            acc[r][0] = v_fma(xr, w0, acc[r][0]);
-            acc[r][1] = v_fma(xr, w1, acc[r][1]);
-            acc[r][2] = v_fma(xr, w2, acc[r][2]);
-            acc[r][3] = v_fma(xr, w3, acc[r][3]);
+#pragma GCC unroll 8
+            for (int c = 0; c < panels * PANEL_VECTORS; c++) acc[r][c] = v_fma(xr, w[c], acc[r][c]);
         }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < 4; c++) v_store(&out[r][c * VLEN], acc[r][c]);
+        for (int c = 0; c < panels * PANEL_VECTORS; c++) v_store(&out[r][c * VLEN], acc[r][c]);
 }
 
-static void panel_sweep(const float *x, int rows, int in, const uint16_t *panel, float out[ROW_BLOCK][PANEL]) {
+static void sweep(const float *x, int rows, int in, const uint16_t *panel, int panels, const char *ahead,
+                  size_t ahead_step, float out[ROW_BLOCK][2 * PANEL]) {
+#define SWEEP(n, q) sweep_rows(x, n, in, panel, q, ahead, ahead_step, out)
+    if (panels == 2) {
+#if PAIRED_ROWS
+        if (rows == 1) SWEEP(1, 2); else SWEEP(2, 2);
+#endif
+        return;
+    }
     switch (rows) {
-    case 1: panel_rows(x, 1, in, panel, out); break;
-    case 2: panel_rows(x, 2, in, panel, out); break;
+    case 1: SWEEP(1, 1); break;
+    case 2: SWEEP(2, 1); break;
 #if ROW_BLOCK > 2
-    case 3: panel_rows(x, 3, in, panel, out); break;
-    case 4: panel_rows(x, 4, in, panel, out); break;
-    case 5: panel_rows(x, 5, in, panel, out); break;
-    case 6: panel_rows(x, 6, in, panel, out); break;
+    case 3: SWEEP(3, 1); break;
+    case 4: SWEEP(4, 1); break;
+    case 5: SWEEP(5, 1); break;
+    case 6: SWEEP(6, 1); break;
 #endif
     }
+#undef SWEEP
+}
+
+/* The rows of the next sweep, of `left` still to do: blocks as even as ROW_BLOCK allows (8 rows sweep as
+ * 4 + 4, not 6 + 2), since a sweep of 1 or 2 rows has too few accumulators to hide the FMAs' latency. */
+static inline int sweep_rows_of(int left) {
+    int sweeps = (left + ROW_BLOCK - 1) / ROW_BLOCK;
+    return (left + sweeps - 1) / sweeps;
 }
 
 /* y [rows][ldy] = x [rows][in] @ W (+ bias), or y += that when `accumulate` (a residual). */
 static void matmul(const sp_matrix *m, const float *x, int rows, float *y, int ldy, int accumulate) {
-    float block[ROW_BLOCK][PANEL];
+    float block[ROW_BLOCK][2 * PANEL];
     int n_panels = (m->out + PANEL - 1) / PANEL;
-    /* panel by panel, then its rows block by block: a panel (PANEL x in fp16, 64 KB at 512 inputs) comes from
-     * memory once, and the sweeps for further row blocks find it in cache */
-    for (int p = 0; p < n_panels; p++) {
-        for (int first = 0; first < rows; first += ROW_BLOCK) {
-            int count = rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK;
-            panel_sweep(x + (size_t)first * m->in, count, m->in, m->panels + (size_t)p * m->in * PANEL, block);
-            int col = p * PANEL, width = m->out - col < PANEL ? m->out - col : PANEL;
+    int panels = rows <= PAIRED_ROWS ? 2 : 1; /* per step; a pair's last panel may be alone */
+    int sweeps = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    size_t panel_bytes = (size_t)m->in * PANEL * sizeof(uint16_t);
+    /* panel by panel (or pair by pair), then its rows block by block: a panel (PANEL x in fp16, 16 KB at 512
+     * inputs on AVX2) comes from memory once, and the sweeps for further row blocks find it in cache */
+    for (int p = 0; p < n_panels; p += panels) {
+        const uint16_t *panel = m->panels + (size_t)p * m->in * PANEL;
+        int here = n_panels - p < panels ? n_panels - p : panels;
+        for (int first = 0, left = rows, s = 0; left > 0; s++) {
+            int count = sweep_rows_of(left);
+            const char *ahead = (const char *)(panel + PREFETCH_ROWS * PANEL);
+            size_t step = PANEL * sizeof(uint16_t);
+            if (sweeps > 1 && p + 1 < n_panels) {
+                /* each sweep fetches its share of the next panel, so that memory works while the FMAs do
+                 * (otherwise the sweeps after the first, FMA-bound on a cached panel, leave it idle) */
+                ahead = (const char *)panel + panel_bytes + s * panel_bytes / sweeps;
+                step /= sweeps;
+            }
+            sweep(x + (size_t)first * m->in, count, m->in, panel, here, ahead, step, block);
+            int col = p * PANEL, width = m->out - col < here * PANEL ? m->out - col : here * PANEL;
             for (int r = 0; r < count; r++) {
                 float *yr = y + (size_t)(first + r) * ldy + col;
                 for (int c = 0; c < width; c++) {
@@ -184,6 +226,8 @@ static void matmul(const sp_matrix *m, const float *x, int rows, float *y, int l
                     yr[c] = accumulate ? yr[c] + v : v;
                 }
             }
+            first += count;
+            left -= count;
         }
     }
 }
