@@ -549,3 +549,21 @@ def test_bad_arguments_are_refused():
     controller.observe_draft(4, 0, 1.0)
     controller.observe_target(3, float("nan"))
     assert not controller.target.observed and not controller.draft.observed
+
+
+def test_a_sequence_left_at_k0_by_unlucky_first_windows_is_measured_again():
+    controller = this_cpu(1, 0.8, explore_every=4)
+    accepting(controller, 7, 0.05)  # its first windows: nearly nothing accepted
+    for seq_id in range(1, 6):  # the rest of the run so far accepts as usual
+        accepting(controller, 100 + seq_id, 0.8)
+    plans = [controller.plan([7]) for _ in range(8)]
+    assert [plan.reason for plan in plans].count("exploring") == 2
+    assert all(plan.ks == ({7: 1} if plan.reason == "exploring" else {7: 0}) for plan in plans)
+    accepting(controller, 7, 0.9, windows=60)  # drafting again, it turns out to agree
+    assert controller.plan([7]).ks[7] > 0
+
+
+def test_no_sequence_explores_where_drafting_would_not_pay_at_anyone_s_acceptance():
+    controller = this_cpu(1, 0.05, explore_every=2)
+    plans = [controller.plan([0]) for _ in range(8)]
+    assert all(plan.ks == {0: 0} and plan.reason == "goodput" for plan in plans)
