@@ -100,6 +100,8 @@ class WorkersConfig:
     target_device: str = "cpu"
     threads: int = 1  # per worker
     dtype: str = AUTO_DTYPE  # resolved by each worker for its device (workers.spec.resolved_dtype)
+    # niceness added to a draft that shares the coordinator's core: 0 = none, no worker below the coordinator
+    draft_nice: int = 0
 
     def device(self, role: str) -> str:
         return self.target_device if role == "target" else self.draft_device

@@ -56,7 +56,10 @@ class ClusterConfig:
     remote: RemoteConfig = RemoteConfig()  # workers that run already: used instead of spawning them
     protect_target_core: bool = True  # see LocalCluster._start
     target_spin_ms: float = 50.0
-    draft_nice: int = 19
+    # added niceness of a draft on the coordinator's core: none unless asked (--draft-nice). At 19, any
+    # normal-priority neighbour (a compile, a test run) took nearly all of its core: speculation ran at
+    # 0.05x target-only beside two nice-5 busy loops (docs/notes.md).
+    draft_nice: int = WorkersConfig.draft_nice
 
 
 def default_cores(threads: int, roles: int) -> list[tuple[int, ...]]:
@@ -79,7 +82,8 @@ def cluster_config(models: ModelsConfig, workers: WorkersConfig, mode: str, slot
                               device=workers.device(role), dtype=workers.dtype, threads=workers.threads,
                               cores=cores if on_cpu[role] else (), slots=max(slots, 1))
              for role, cores in zip(roles, blocks)}
-    return ClusterConfig(target=specs["target"], draft=specs.get("draft"), liveness=liveness, remote=remote)
+    return ClusterConfig(target=specs["target"], draft=specs.get("draft"), liveness=liveness, remote=remote,
+                         draft_nice=workers.draft_nice)
 
 
 def ipc_address(directory: str, role: str) -> str:
@@ -138,10 +142,11 @@ class LocalCluster:
                 specs["target"] = replace(specs["target"], spin_ms=self.config.target_spin_ms,
                                           io_cores=tuple(sorted(coordinator_cores)))
                 # Someone must keep the coordinator's core awake (a halted vCPU wakes in hundreds of
-                # microseconds). A draft sharing the core busy-polls between its requests and, being
-                # nicer, yields the core to the coordinator the moment a reply wakes it; the coordinator
-                # itself busy-polls only while that draft is out of use (target-only), since two
-                # spinners on one core take turns in slices of milliseconds.
+                # microseconds). A draft sharing the core busy-polls between its requests, yielding the
+                # core at every turn (the coordinator, woken by a reply, runs at once) and sleeping
+                # instead once another task wants it (workers.spin); the coordinator itself busy-polls
+                # only while that draft is out of use (target-only), since two spinners on one core take
+                # turns in slices of milliseconds.
                 self.coordinator_spin_s = self.config.target_spin_ms / 1000
                 if "draft" in specs and set(specs["draft"].cores) & coordinator_cores:
                     specs["draft"] = replace(specs["draft"], nice=self.config.draft_nice,

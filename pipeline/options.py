@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.bench.background import BackgroundLoad
 from pipeline.bench.config import BENCH_PEERS
 from pipeline.config import (
     MEASURED_PROMPTS,
@@ -88,6 +89,9 @@ TARGET_DEVICE = Option("--target-device", "target_device", f"The target worker's
                        WorkersConfig.target_device)
 THREADS = Option("--threads", "threads", "CPU threads per worker; the workers a command starts are pinned to cores of "
                  "their own when the machine has enough.", click.INT, WorkersConfig.threads)
+DRAFT_NICE = Option("--draft-nice", "draft_nice", "Niceness to add to a draft worker that shares the coordinator's "
+                    "core (0-19): a draft that matters less than anything else on the machine. 0 = as the "
+                    "coordinator.", click.INT, WorkersConfig.draft_nice)
 DTYPE = Option("--dtype", "dtype", "float32, bfloat16, or fp16-weights (CPU: fp16 weights, fp32 maths, via fbgemm); "
                "auto = fp16-weights on a CPU where fbgemm runs (else float32), bfloat16 on CUDA, as each worker finds.",
                click.STRING, WorkersConfig.dtype, metavar="auto|float32|bfloat16|fp16-weights")
@@ -154,6 +158,14 @@ PEERS = Option("--peers", "peers", "Other engines to run on the same models and 
                "and assisted generation), llama.cpp (its server, target alone and speculative at each --k; built by "
                "scripts/build_llama_cpp.py, left out with a note when absent); none for neither.",
                ChoiceList(BENCH_PEERS), ",".join(BENCH_PEERS))
+BACKGROUND_LOAD = Option("--background-load", "background_load", "Busy processes to run beside the whole bench (a "
+                         "stand-in for a compile or a neighbouring service): each a Python loop, started before the "
+                         "workers and ended with the run; 0 = none.", click.INT, BackgroundLoad.background_load)
+BACKGROUND_NICE = Option("--background-nice", "background_nice", "The niceness of --background-load's processes.",
+                         click.INT, BackgroundLoad.background_nice)
+BACKGROUND_CORES = Option("--background-cores", "background_cores", "Comma-separated cores for --background-load's "
+                          "processes, one each in turn (default: every core bench may use).", CoreList(), "",
+                          show_default=False)
 TRACE = Option("--trace", "trace_path", "Where to write the Chrome / Perfetto trace (trace-event JSON).",
                click.Path(dir_okay=False, path_type=Path), Path("specpipe-trace.json"))
 MAX_SPANS = Option("--max-spans", "max_spans", "Spans kept per process.", click.INT, MAX_TRACE_SPANS)
@@ -226,17 +238,18 @@ remote_options = options(TARGET_ADDR, DRAFT_ADDR, CURVE_SECRET_KEY, TARGET_SERVE
 
 launch_options = options(
     models_options, PROMPT, PROMPTS_FILE, MAX_NEW_TOKENS, K, MODE, K_POLICY, MAX_BRANCHES, sampling_options,
-    CONCURRENCY, MAX_SEQS, PREFILL_CHUNK, BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DTYPE, liveness_options,
+    CONCURRENCY, MAX_SEQS, PREFILL_CHUNK, BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DRAFT_NICE, DTYPE, liveness_options,
     remote_options, JSON)
 bench_options = options(
     models_options, PROMPTS_FILE, PROMPT_COUNT, WARMUP, K.sweep(), MAX_BRANCHES.sweep(), CONCURRENCY.sweep(),
-    MAX_NEW_TOKENS, PREFILL_CHUNK, REPETITIONS, PEERS, THREADS, DTYPE, JSON_OUT, REPORT)
+    MAX_NEW_TOKENS, PREFILL_CHUNK, REPETITIONS, PEERS, THREADS, DRAFT_NICE, DTYPE, BACKGROUND_LOAD, BACKGROUND_NICE,
+    BACKGROUND_CORES, JSON_OUT, REPORT)
 profile_options = options(
     models_options, PROMPT, PROMPTS_FILE, PROMPT_COUNT, WARMUP, MAX_NEW_TOKENS, K, MODE, K_POLICY, CONCURRENCY,
-    MAX_SEQS, PREFILL_CHUNK, THREADS, DTYPE, TRACE, MAX_SPANS)
+    MAX_SEQS, PREFILL_CHUNK, THREADS, DRAFT_NICE, DTYPE, TRACE, MAX_SPANS)
 serve_options = options(
     models_options, MAX_NEW_TOKENS, K, MODE, K_POLICY, MAX_BRANCHES, sampling_options, MAX_SEQS, PREFILL_CHUNK,
-    BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DTYPE, liveness_options, remote_options, HOST, PORT, API_KEY,
+    BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DRAFT_NICE, DTYPE, liveness_options, remote_options, HOST, PORT, API_KEY,
     SERVED_MODEL_NAME, MAX_WAITING, DRAIN_TIMEOUT)
 bench_serve_options = options(
     URL, API_KEY, SERVED_MODEL_NAME, PROMPTS_FILE, WARMUP, REQUESTS, CONCURRENCY, REQUEST_RATE, DURATION, MAX_NEW_TOKENS,

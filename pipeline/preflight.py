@@ -60,10 +60,12 @@ def check_checkpoints(models: ModelsConfig, uses_draft: bool) -> int:
 
 
 def check_workers(workers: WorkersConfig) -> None:
-    """The dtype, thread count and devices of the workers to spawn."""
+    """The dtype, thread count, draft niceness and devices of the workers to spawn."""
     check_dtype(workers.dtype)
     if workers.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {workers.threads}")
+    if not 0 <= workers.draft_nice <= 19:
+        raise ValueError(f"--draft-nice takes a niceness to add from 0 to 19, got {workers.draft_nice}")
     for role in ("target", "draft"):
         check_device(workers.backend, workers.device(role), f"--{role}-device")
 

@@ -15,6 +15,7 @@ from workers.protocol.codec import ProtocolError, decode, encode
 from workers.protocol.limits import MAX_MESSAGE_BYTES
 from workers.protocol.messages import ErrorReply, Hello, Ready, Shutdown
 from workers.spans import SpanRecorder
+from workers.spin import Spinner
 
 LAST_WORDS_S = 0.1  # after a worker exits or drops its connection: time for its last messages to arrive
 
@@ -37,7 +38,8 @@ class ZmqTransport:
         self.sockets: dict[str, zmq.Socket] = {}
         self.poller = zmq.Poller()
         self.health_check = health_check
-        self.spin_s = spin_s  # busy-poll this long before blocking
+        self.spin_s = spin_s  # busy-poll this long before blocking, on a core no other task wants (workers.spin)
+        self.spinner = Spinner(spin_s)
         self.shares_core_with = shares_core_with  # workers on our core: no spinning while they are in use
         self.spans = SpanRecorder()  # `specpipe profile` starts it
         self.addresses = dict(addresses)
@@ -80,9 +82,12 @@ class ZmqTransport:
         events = {}
         waited_from = time.perf_counter()
         if self.spin_s and not busy & self.shares_core_with:
-            deadline = time.perf_counter() + min(self.spin_s, timeout_s)
-            while not events and time.perf_counter() < deadline:
+            def arrived() -> bool:
+                nonlocal events
                 events = dict(self.poller.poll(0))
+                return bool(events)
+
+            self.spinner.spin(arrived, limit_s=timeout_s)
         if not events:
             events = dict(self.poller.poll(timeout_s * 1000))
         if not events and self.health_check is not None:

@@ -37,6 +37,7 @@ from workers.protocol.messages import (
 from workers.service import WorkerService
 from workers.spans import SpanRecorder
 from workers.spec import WorkerSpec, resolved_dtype
+from workers.spin import Spinner
 
 
 def log(role: str, text: str) -> None:
@@ -105,11 +106,12 @@ def serve(spec: WorkerSpec) -> int:
                    f"{', cores ' + ','.join(map(str, spec.cores)) if spec.cores else ''}, listening on {spec.bind}"
                    f"{' (CURVE)' if authenticator else ''}")
     spans = SpanRecorder()  # started and collected by `specpipe profile`
+    spinner = Spinner(spec.spin_ms / 1000)
     owner = Owner()
     try:
         while True:
             idle_from = time.perf_counter()
-            _await_message(socket, poller, spec.spin_ms / 1000)
+            _await_message(socket, poller, spinner)
             arrived = time.perf_counter()
             identity, payload = _receive(socket)
             if payload is None:
@@ -191,16 +193,17 @@ def _poller_woken_by_signals(socket: zmq.Socket) -> zmq.Poller:
     return poller
 
 
-def _await_message(socket: zmq.Socket, poller: zmq.Poller, spin_s: float) -> None:
-    """Polls without sleeping for up to `spin_s` before blocking: the next request usually follows
-    within milliseconds, and waking a sleeping process costs hundreds of microseconds on a VM.
-    A signal ends the wait by running its handler (SIGTERM raises KeyboardInterrupt) on the way out."""
-    deadline = time.perf_counter() + spin_s
+def _await_message(socket: zmq.Socket, poller: zmq.Poller, spinner: Spinner) -> None:
+    """Polls without sleeping while `spinner` lets it (the next request usually follows within milliseconds,
+    and waking a sleeping process costs hundreds of microseconds on a VM; but not on a core another task
+    wants: workers.spin), then blocks. A signal ends the wait by running its handler (SIGTERM raises
+    KeyboardInterrupt) on the way out."""
+    if spinner.spin(lambda: bool(socket.poll(0))):
+        return
     while not socket.poll(0):
-        if time.perf_counter() > deadline:
-            for fd, _ in poller.poll():
-                if isinstance(fd, int):
-                    os.read(fd, 512)  # drain the signal bytes; the handler runs when poll returns
+        for fd, _ in poller.poll():
+            if isinstance(fd, int):
+                os.read(fd, 512)  # drain the signal bytes; the handler runs when poll returns
 
 
 def _trace_control(message: ClockProbe | TraceStart | TraceCollect, spans: SpanRecorder) -> object:

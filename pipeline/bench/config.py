@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.bench.background import BackgroundLoad
 from pipeline.config import MEASURED_PROMPTS, WARMUP_PROMPTS, DecodeConfig, ModelsConfig, PromptsConfig, WorkersConfig
 from workers.protocol.limits import MAX_BRANCHES
 
@@ -33,6 +34,7 @@ class BenchConfig:
     repetitions: int = 1  # passes over the prompt set
     peers: tuple[str, ...] = BENCH_PEERS  # other engines on the same models: transformers, llama.cpp
     output: BenchOutput = BenchOutput()
+    background: BackgroundLoad = BackgroundLoad()
 
     @property
     def concurrencies(self) -> list[int]:
@@ -41,6 +43,7 @@ class BenchConfig:
 
     def validate(self) -> None:
         self.prompts.validate()
+        self.background.validate()
         if not self.k or min(self.k) < 1:
             raise ValueError(f"--k takes window sizes of at least 1, e.g. 2,3,5; got {','.join(map(str, self.k))}")
         if not self.max_branches or not all(1 <= count <= MAX_BRANCHES for count in self.max_branches):

@@ -98,7 +98,8 @@ def describe(result: BenchResult) -> list[str]:
     s, m = result.settings, result.machine
     levels = concurrencies(result)
     reference = s.get("identity_reference", "target-only at concurrency 1")
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['date']}",
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['date']}; "
+             f"background load: {s.get('background_load', 'none')}",
              f"{s['prompts']} prompts x {s['repetitions']} repetition(s), {s['max_new_tokens']} new tokens at most, "
              f"greedy, dtype {s['dtype']}, {s['placement']}; warm-up: {s['warmup']} prompt(s) per configuration "
              "and concurrency, not counted",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from pipeline.bench.background import running
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.figures import Figures, figures
 from pipeline.bench.ours import Contender, PipelineRunner, our_contenders, start_cluster, worker_clocks
@@ -138,7 +139,7 @@ def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> 
     schedule = {c: [contender for contender in contenders if runs_at(contender, c)] for c in levels}
     runs: dict[Key, list[Round]] = {(x.name, c): [] for c in levels for x in schedule[c]}
     warmups: dict[Key, list[Round]] = {(x.name, c): [] for c in levels for x in schedule[c]}
-    with start_cluster(config) as cluster, contextlib.ExitStack() as servers:
+    with running(config.background), start_cluster(config) as cluster, contextlib.ExitStack() as servers:
         clocks = worker_clocks(cluster)
         runners = {c.name: PipelineRunner(cluster, c, config.max_new_tokens, clocks, max(config.concurrency),
                                           config.prefill_chunk)
@@ -230,5 +231,5 @@ def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[Key, 
                 "prompts_file": str(config.prompts.file or HELDOUT_PROMPTS), "command": command,
                 "placement": f"{threads} core(s) per worker; transformers in the coordinator with {threads} thread(s); "
                              f"llama.cpp's server on our workers' cores, {threads} thread(s) per model",
-                "peers": list(config.peers)}
+                "peers": list(config.peers), "background_load": config.background.describe()}
     return BenchResult(results, not differing, peers, machine(), settings, differing)

@@ -40,6 +40,21 @@ def cluster():
     assert os.sched_getaffinity(0) == affinity  # the coordinator's pinning is undone
 
 
+def test_a_draft_asked_to_yield_does_so_as_a_whole_session():
+    # first in the module: the cluster fixture, while it runs, pins this process to the coordinator's core
+    draft_cores, target_cores = default_cores(1, 2)
+    if not os.path.exists("/proc/self/autogroup") or not target_cores:
+        pytest.skip("no autogroup scheduling here, or nothing pinned")
+    config = ClusterConfig(
+        target=WorkerSpec("target", str(TARGET_DIR), "", slots=1, max_seq_len=64, cores=target_cores),
+        draft=WorkerSpec("draft", str(DRAFT_DIR), "", slots=1, max_seq_len=64, cores=draft_cores), draft_nice=19)
+    with LocalCluster(config) as running:
+        draft = running.processes["draft"].pid
+        assert os.getpriority(os.PRIO_PROCESS, draft) == os.getpriority(os.PRIO_PROCESS, 0) + 19
+        with open(f"/proc/{draft}/autogroup") as group:
+            assert group.read().strip().endswith("nice 19")
+
+
 def test_twenty_prompts_identical_across_modes_k_and_concurrency(cluster, prompts):
     def run(mode, k, concurrency):
         sequences, _ = generate(cluster.transport, prompts, DecodeConfig(mode, k, max_new_tokens=16), cluster.limits(),
@@ -76,11 +91,10 @@ def test_every_thread_of_a_worker_stays_on_its_cores(cluster):
     assert all(not os.sched_getaffinity(int(tid)) & set(cluster.config.target.cores) for tid in coordinator_threads)
 
 
-def test_the_draft_yields_its_core_as_a_whole_session(cluster):
-    if not os.path.exists("/proc/self/autogroup") or not cluster.config.target.cores:
-        pytest.skip("no autogroup scheduling here, or nothing pinned")
-    with open(f"/proc/{cluster.processes['draft'].pid}/autogroup") as group:
-        assert group.read().strip().endswith(f"nice {cluster.config.draft_nice}")
+def test_no_worker_runs_below_the_coordinator_s_priority_unless_asked(cluster):
+    # a draft niced below the coordinator lost its core to any normal-priority neighbour (a compile, a test run)
+    for process in cluster.processes.values():
+        assert os.getpriority(os.PRIO_PROCESS, process.pid) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def launch(*args, timeout=120):
