@@ -374,6 +374,16 @@ class GoodputController:
         self._ratio_sum = 0.0
         self._ratio_count = 0
 
+    @property
+    def drafting_off(self) -> bool:
+        """Whether speculation is switched off now, the draft too slow to pay (probed back every probe_every_s)."""
+        return self._off_since is not None
+
+    @property
+    def off_events(self) -> int:
+        """Times speculation was switched off so far."""
+        return self._off_events
+
     # --- observations
 
     def observe_target(self, rows: int, seconds: float) -> None:

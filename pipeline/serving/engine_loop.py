@@ -222,6 +222,9 @@ class EngineLoop:
         self.scheduler.prune()
         self.metrics.running.set(len(self.scheduler.active))
         self.metrics.waiting.set(len(self.scheduler.waiting))
+        controller = self.scheduler.controller
+        if controller is not None:
+            self.metrics.draft_state(controller.drafting_off, controller.off_events)
 
     def _fail(self, message: str) -> None:
         with self._lock:

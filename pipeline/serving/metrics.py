@@ -72,6 +72,11 @@ class ServingMetrics:
                                      "drafted ahead (overlap).").labels(**labels)
         self.predraft_misses = counter("spec_decode_predraft_misses_total", "Verifications whose next window had "
                                        "to be drafted after them (overlap).").labels(**labels)
+        self.draft_off = gauge("spec_decode_draft_too_slow", "1 while the goodput controller has speculation switched "
+                               "off because the draft got too slow to pay (a busy host, a starved device), else 0.")
+        self.draft_off_events = counter("spec_decode_speculation_switched_off_total", "Times the goodput "
+                                        "controller switched speculation off for a slow draft.").labels(**labels)
+        self._off_events_seen = 0
         self._labels = labels
         self._positions: list[Counter] = []
         for position in range(k):  # shown from the start, at 0
@@ -94,6 +99,12 @@ class ServingMetrics:
                 self._position(position).inc()
         seen.verifications, seen.drafted, seen.accepted = stats.verifications, stats.drafted, stats.accepted
         seen.windows, seen.hits, seen.misses = len(stats.accepted_lengths), stats.predraft_hits, stats.predraft_misses
+
+    def draft_state(self, off: bool, off_events: int) -> None:
+        """The goodput controller's switch: on or off now, and how often it has gone off so far."""
+        self.draft_off.set(1 if off else 0)
+        self.draft_off_events.inc(max(0, off_events - self._off_events_seen))
+        self._off_events_seen = max(self._off_events_seen, off_events)
 
     def _position(self, position: int) -> Counter:
         while position >= len(self._positions):
