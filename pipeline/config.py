@@ -39,7 +39,7 @@ class DecodeConfig:
     # fixed: every window drafts k. adaptive: one longer after a fully accepted window, down to accepted + 1
     # after a rejection (transformers' assisted generation, PEARL's adaptive draft length in spirit).
     # goodput: per step and sequence, 0..k, whatever maximises the batch's expected tokens per second.
-    k_policy: str = "fixed"
+    k_policy: str = "goodput"
     # Overlap: at most this many branches (outcomes of a verification) drafted ahead per window;
     # 1 is the classic optimistic pre-draft (all accepted, the bonus guessed by the draft's argmax).
     max_branches: int = 12

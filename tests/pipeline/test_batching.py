@@ -48,7 +48,7 @@ class Recording(LocalTransport):
 def run(pair, concurrency, timing=None, **decode):
     draft, target, prompts, limits = pair
     transport = Recording(None if decode.get("mode") == "target-only" else draft, target, **(timing or {}))
-    config = DecodeConfig(max_new_tokens=NEW_TOKENS, prefill_chunk=CHUNK, **decode)
+    config = DecodeConfig(**{"k_policy": "fixed", "max_new_tokens": NEW_TOKENS, "prefill_chunk": CHUNK, **decode})
     sequences, engine = generate(transport, prompts, config, limits, concurrency)
     assert target.free_slot_count == target.n_slots and draft.free_slot_count == draft.n_slots  # all released
     return sequences, engine, transport

@@ -44,7 +44,7 @@ def held_sequences(cluster) -> dict[str, int]:
 @pytest.mark.parametrize("mode", ["overlap", "serial", "target-only"])
 def test_cancelled_sequences_keep_their_tokens_and_free_their_slots(cluster, mode):
     prompts = [[1, 450, 12, 99 + i] for i in range(6)]
-    config = DecodeConfig(mode, 3, max_new_tokens=60)
+    config = DecodeConfig(mode, 3, max_new_tokens=60, k_policy="fixed")
     full, _ = generate(cluster.transport, prompts, config, cluster.limits(), concurrency=3)
     committed = []
     stop_after = 40

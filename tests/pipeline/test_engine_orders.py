@@ -278,7 +278,7 @@ def test_work_the_drafts_turn_leaves_for_the_target_is_sent_before_calling_it_a_
 
 def test_a_stall_names_the_stuck_sequences_and_a_server_fails_only_them(monkeypatch):
     clock = ManualClock()
-    scheduler = Scheduler(DecodeConfig(mode="serial", k=3, max_new_tokens=8), VOCAB, set(), CONTEXT, clock=clock)
+    scheduler = Scheduler(DecodeConfig(mode="serial", k=3, max_new_tokens=8, k_policy="fixed"), VOCAB, set(), CONTEXT, clock=clock)
     scheduler.add(0, [1, 2, 3])
     engine = Engine(scheduler, Recording(), clock=clock)
     monkeypatch.setattr(scheduler, "next_request", lambda role, unanswered=0: None)  # a scheduler with a bug

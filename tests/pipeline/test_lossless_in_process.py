@@ -38,7 +38,7 @@ def run(pair, timing="target-first", **config):
     draft, target, prompts, limits = pair
     concurrency = config.pop("concurrency", 1)
     transport = LocalTransport(draft, target, **TIMINGS[timing])
-    sequences, _ = generate(transport, prompts, DecodeConfig(**config), limits, concurrency)
+    sequences, _ = generate(transport, prompts, DecodeConfig(**{"k_policy": "fixed", **config}), limits, concurrency)
     assert draft.free_slot_count == draft.n_slots and target.free_slot_count == target.n_slots  # all released
     return sequences
 
@@ -54,10 +54,10 @@ def baseline(pair):
 @pytest.mark.parametrize("k", [1, 4])
 def test_the_reference_loop_is_lossless_itself(pair, baseline, k):
     draft, target, prompts, limits = pair
-    speculative = DecodeConfig(mode="serial", k=k, max_new_tokens=40)
+    speculative = DecodeConfig(mode="serial", k=k, max_new_tokens=40, k_policy="fixed")
     assert [reference_decode(target, draft, p, speculative, limits.eos_ids) for p in prompts] == baseline
     # sampling from top-1 is greedy: the rejection rule must then keep exactly the greedy tokens
-    top1 = DecodeConfig(mode="serial", k=k, max_new_tokens=40, sampling=SamplingParams(1.0, top_k=1, seed=3))
+    top1 = DecodeConfig(mode="serial", k=k, max_new_tokens=40, k_policy="fixed", sampling=SamplingParams(1.0, top_k=1, seed=3))
     assert reference_decode(target, draft, prompts[0], top1, limits.eos_ids) == baseline[0]
     assert draft.free_slot_count == draft.n_slots and target.free_slot_count == target.n_slots
 
@@ -96,7 +96,7 @@ def test_overlap_uses_predrafts(pair):
 def test_the_target_goes_on_by_itself_when_the_next_window_is_ready(pair, baseline):
     draft, target, prompts, limits = pair
     sequences, engine = generate(LocalTransport(draft, target, **TIMINGS["draft-first"]), prompts,
-                                 DecodeConfig(mode="overlap", k=3, max_new_tokens=40), limits)
+                                 DecodeConfig(mode="overlap", k=3, max_new_tokens=40, k_policy="fixed"), limits)
     assert [s.generated for s in sequences] == baseline
     chained = [trip for trip in engine.trips if trip.kind == "chained" and trip.rows]  # not all skipped
     verified = [trip for trip in engine.trips if trip.kind == "verify"]
@@ -111,7 +111,7 @@ def test_eos_stops_the_sequence(pair, baseline, timing):
     eos_limits = ModelLimits(limits.vocab_size, frozenset({eos_token}), limits.max_context)
     for mode in ("target-only", "serial", "overlap"):
         sequences, _ = generate(LocalTransport(draft, target, **TIMINGS[timing]), prompts[:1],
-                                DecodeConfig(mode=mode, k=5, max_new_tokens=40), eos_limits)
+                                DecodeConfig(mode=mode, k=5, max_new_tokens=40, k_policy="fixed"), eos_limits)
         first = baseline[0].index(eos_token)
         assert sequences[0].generated == baseline[0][: first + 1]
         assert sequences[0].finish_reason == "eos"
@@ -128,7 +128,7 @@ def test_prompt_that_fills_the_context(pair):
     long_prompt = (prompts[0] * 10)[: limits.max_context - 3]  # room for 3 new tokens only
     for mode in ("target-only", "overlap"):
         sequences, _ = generate(LocalTransport(draft, target), [long_prompt],
-                                DecodeConfig(mode=mode, k=5, max_new_tokens=40), limits)
+                                DecodeConfig(mode=mode, k=5, max_new_tokens=40, k_policy="fixed"), limits)
         assert len(sequences[0].tokens) == limits.max_context
         assert sequences[0].finish_reason == "length"
     with pytest.raises(ValueError, match="does not fit the context"):

@@ -57,7 +57,7 @@ def test_a_draft_asked_to_yield_does_so_as_a_whole_session():
 
 def test_twenty_prompts_identical_across_modes_k_and_concurrency(cluster, prompts):
     def run(mode, k, concurrency):
-        sequences, _ = generate(cluster.transport, prompts, DecodeConfig(mode, k, max_new_tokens=16), cluster.limits(),
+        sequences, _ = generate(cluster.transport, prompts, DecodeConfig(mode, k, max_new_tokens=16, k_policy="fixed"), cluster.limits(),
                                 concurrency)
         return [s.generated for s in sequences]
 

@@ -40,7 +40,8 @@ class Clock:
 
 
 def scheduler(concurrency: int = 1, clock=None, **decode) -> Scheduler:
-    return Scheduler(DecodeConfig(**decode), VOCAB, {EOS}, CONTEXT, concurrency, clock=clock or Clock())
+    config = DecodeConfig(**{"k_policy": "fixed", **decode})
+    return Scheduler(config, VOCAB, {EOS}, CONTEXT, concurrency, clock=clock or Clock())
 
 
 def next_item(s: Scheduler, role: str, unanswered: int = 0):

@@ -114,7 +114,7 @@ def window_token_counts(draft, target, mode, runs=3000, concurrency=1):
     counts = torch.zeros(64)
     limits = ModelLimits(8, frozenset(), 64)
     for seed in range(runs // concurrency):
-        config = DecodeConfig(mode=mode, k=2, max_new_tokens=4, sampling=SamplingParams(1.0, seed=seed))
+        config = DecodeConfig(mode=mode, k=2, max_new_tokens=4, k_policy="fixed", sampling=SamplingParams(1.0, seed=seed))
         sequences, engine = generate(LocalTransport(draft, target, through_wire=False), [PROMPT] * concurrency,
                                      config, limits, concurrency)
         if concurrency > 1:  # the windows really shared target passes
@@ -181,7 +181,7 @@ def second_window_counts(draft, target, temperature, runs):
     counts, from_rejections = torch.zeros(64), 0
     limits = ModelLimits(8, frozenset(), 64)
     for seed in range(runs):
-        config = DecodeConfig(mode="overlap", k=2, max_new_tokens=8, sampling=SamplingParams(temperature, seed=seed))
+        config = DecodeConfig(mode="overlap", k=2, max_new_tokens=8, k_policy="fixed", sampling=SamplingParams(temperature, seed=seed))
         # drafting ahead finishes while the target verifies: the target goes on by itself (VerifyNext)
         transport = LocalTransport(draft, target, through_wire=False, draft_first=True, one_at_a_time=True)
         (sequence,), _ = generate(transport, [PROMPT], config, limits)

@@ -118,7 +118,7 @@ def test_speculating_with_the_distilled_draft_gives_the_targets_own_tokens(disti
         return [sequence.generated for sequence in sequences]
 
     alone = tokens(DecodeConfig(mode="target-only", max_new_tokens=24))
-    assert tokens(DecodeConfig(mode=mode, k=3, max_new_tokens=24)) == alone
+    assert tokens(DecodeConfig(mode=mode, k=3, max_new_tokens=24, k_policy="fixed")) == alone
 
 
 def test_eval_only_measures_a_pair_without_training(tiny_target, tmp_path):

@@ -24,7 +24,7 @@ from workers.models import HELDOUT_PROMPTS, TARGET_DIR
 
 pytestmark = pytest.mark.slow
 
-DECODE = DecodeConfig(mode="overlap", k=3, max_new_tokens=24, max_seqs=16)
+DECODE = DecodeConfig(mode="overlap", k=3, max_new_tokens=24, max_seqs=16, k_policy="fixed")
 PROMPTS = [json.loads(line)[:200] for line in HELDOUT_PROMPTS.read_text().splitlines()[:8]]
 
 

@@ -195,7 +195,7 @@ def speculate(mode: str, k: int, ttnn_draft: bool = False, draft_first: bool = F
     limits = ModelLimits(target.config.vocab_size, frozenset(target.config.eos_token_ids), 160)
     transport = LocalTransport(None if mode == "target-only" else draft, target, draft_first=draft_first,
                                one_at_a_time=draft_first)
-    sequences, _ = generate(transport, prompt_ids, DecodeConfig(mode, k, 40), limits, concurrency=2)
+    sequences, _ = generate(transport, prompt_ids, DecodeConfig(mode, k, 40, k_policy="fixed"), limits, concurrency=2)
     assert target.free_slot_count == 2
     return [sequence.generated for sequence in sequences]
 

@@ -77,7 +77,7 @@ def decode(target: TtnnRunner, prompts: list[list[int]], mode: str, k: int) -> t
     limits = ModelLimits(target.config.vocab_size, frozenset(target.config.eos_token_ids), CONTEXT)
     began = time.perf_counter()
     sequences, _ = generate(LocalTransport(None if mode == "target-only" else draft, target), prompts,
-                            DecodeConfig(mode, k, 128), limits, concurrency=1)
+                            DecodeConfig(mode, k, 128, k_policy="fixed"), limits, concurrency=1)
     elapsed = time.perf_counter() - began
     return [s.generated for s in sequences], sum(len(s.generated) for s in sequences) / elapsed
 
