@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 from pipeline.cancellation import CancelOnSignal, interrupt_on_sigterm
@@ -14,6 +15,7 @@ from pipeline.output import ResultPrinter
 from pipeline.preflight import check_checkpoints, check_prompts, check_settings, check_workers
 from pipeline.prompts import select_prompts
 from pipeline.remote import check_remote_workers
+from pipeline.sequence import Sequence
 from workers.model.checkpoint import load_tokenizer
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"  # when neither --prompt nor --prompts-file gives one
@@ -59,9 +61,12 @@ def run_launch(config: LaunchConfig) -> int:
             check_remote_workers(cluster.ready, cluster.remote, str(models.target_dir),
                                  decode.slots(config.concurrency))
             with CancelOnSignal() as cancel:
+                began = time.perf_counter()
                 sequences, _ = generate(cluster.transport, prompt_ids, decode, cluster.limits(), config.concurrency,
                                         on_tokens=printer.on_tokens, stop=cancel.requested, on_event=log)
+                wall_s = time.perf_counter() - began
             printer.finish(sequences)
+            log(throughput_line(sequences, wall_s, config.concurrency))
     except KeyboardInterrupt:
         print("specpipe: interrupted; workers stopped", file=sys.stderr, flush=True)
         return 130
@@ -71,3 +76,11 @@ def run_launch(config: LaunchConfig) -> int:
     print(f"[coord] cancelled by {name}: kept what was generated, freed the workers' KV slots", file=sys.stderr,
           flush=True)
     return 128 + cancel.signum
+
+
+def throughput_line(sequences: list[Sequence], wall_s: float, concurrency: int) -> str:
+    """The run's tokens/s, the workers' start-up left out: every new token over the wall from the first prompt's
+    admission to the last token (what bench's tokens/s is, for one round)."""
+    tokens = sum(len(sequence.generated) for sequence in sequences)
+    return (f"{len(sequences)} prompt(s), {tokens} new tokens in {wall_s:.2f} s: {tokens / max(wall_s, 1e-9):.1f} "
+            f"tokens/s at concurrency {concurrency}")

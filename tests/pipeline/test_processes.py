@@ -114,6 +114,9 @@ def test_launch_json_contract():
         assert record["tokens_per_s"] == pytest.approx(record["new_tokens"] / record["wall_s"])
         assert 0 < record["ttft_s"] <= record["wall_s"]
     assert "[coord]" in result.stderr and "[draft]" in result.stderr and "[target]" in result.stderr
+    # the run's throughput, on stderr beside the logs (stdout holds the records alone)
+    tokens = sum(r["new_tokens"] for r in records)
+    assert f"[coord] 2 prompt(s), {tokens} new tokens in " in result.stderr and "tokens/s at concurrency 1" in result.stderr
 
 
 def test_what_a_worker_writes_to_stdout_stays_out_of_the_json_records(tmp_path):
