@@ -38,6 +38,13 @@ SEEDS = [
     encode(ErrorReply(1, "x", False)),
 ]
 
+# tensor maps a sender could make up: dimensions past any message, empty bytes for an empty (or overflowing) shape
+ODD_TENSORS = [{"shape": [0, 2**64 - 1], "float32": b""}, {"shape": [2**63 - 1, 0], "float32": b""},
+               {"shape": [0, 2**40, 2**40], "float32": b""}, {"shape": [2**31, 2**33], "float32": b""},
+               {"shape": [1, -1], "float32": b""}, {"shape": [], "float32": b""}, {"shape": [1, 1, 1, 1], "float32": b""},
+               {"shape": [1, 2], "float32": b"\0" * 7}, {"shape": [1.0], "float32": b"\0" * 4},
+               {"shape": [1], "float32": "abcd"}, {"shape": [1], "float32": b"\0" * 4, "x": 1}]
+
 ODD_VALUES = [None, True, -1, 0, 2**63, -(2**63), 2**64 - 1, 1.5, float("nan"), float("inf"), "", "x" * 300, b"\0",
               [], {}, [1, "a"], {"k": "v"}, [[[[]]]]]
 
@@ -67,8 +74,12 @@ def _envelope(rng: random.Random) -> bytes:
     """A well-formed msgpack map shaped like a message, with something wrong inside (or not)."""
     seed = msgpack.unpackb(rng.choice(SEEDS))
     envelope = {"v": seed["v"], "type": seed["type"], "body": dict(seed["body"])}
-    target = rng.randrange(5)
-    if target == 0:
+    target = rng.randrange(6)
+    if target == 5:  # a tensor field of a request that carries one, with a shape no sender should make
+        seed = msgpack.unpackb(encode(VerifyRequest(7, 0, 0, [1, 2], 1, torch.full((1, 8), 0.125), SamplingParams(0.8))))
+        envelope = {"v": seed["v"], "type": seed["type"], "body": dict(seed["body"])}
+        envelope["body"]["probs"] = rng.choice(ODD_TENSORS)
+    elif target == 0:
         envelope["v"] = rng.choice([PROTOCOL_VERSION + 1, 0, -1, "1", None, 1.0])
     elif target == 1:
         envelope["type"] = rng.choice(["Exec", "", "ping", "__class__", 7, None, "Shutdown ", "x" * 1000])

@@ -8,13 +8,14 @@ import typing
 
 import msgpack
 import pytest
+import torch
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import WorkerFailed
 from pipeline.transport import ZmqTransport
-from tests.pipeline.fuzz_corpus import is_shutdown, payloads
+from tests.pipeline.fuzz_corpus import ODD_TENSORS, is_shutdown, payloads
 from workers.models import DRAFT_DIR
 from workers.protocol.codec import ProtocolError, decode, encode
 from workers.protocol.limits import MAX_MESSAGE_BYTES
@@ -28,6 +29,7 @@ from workers.protocol.messages import (
     Ping,
     Pong,
     Ready,
+    VerifyRequest,
 )
 from workers.sampling import SamplingParams
 
@@ -151,6 +153,19 @@ def test_structured_messages_at_a_live_worker(worker, payload):
     socket.send(payload)
     reply(socket)
     assert process.poll() is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tensor", ODD_TENSORS, ids=lambda t: str(t["shape"]))
+def test_a_tensor_no_message_could_fill_is_refused_and_the_worker_goes_on(worker, tensor):
+    # [0, 2**64 - 1] with no bytes passed the size check, and torch.zeros raised out of the worker's loop
+    process, socket, _, _ = worker
+    seed = msgpack.unpackb(encode(VerifyRequest(7, 0, 0, [1, 2], 1, torch.full((1, 8), 0.125), SamplingParams(0.8))))
+    seed["body"]["probs"] = tensor
+    socket.send(msgpack.packb(seed, use_bin_type=True))
+    answer = reply(socket)
+    assert isinstance(answer, ErrorReply) and "probs" in answer.message
+    assert_serves(process, socket)
 
 
 @pytest.mark.slow

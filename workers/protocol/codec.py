@@ -45,8 +45,11 @@ def encode(message: object) -> bytes:
 def decode(data: bytes) -> object:
     if len(data) > limits.MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {limits.MAX_MESSAGE_BYTES}-byte limit")
+    # every length bounded explicitly (msgpack's own defaults follow max_buffer_size: 64 M list items)
     unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=True, use_list=True, max_buffer_size=limits.MAX_MESSAGE_BYTES, ext_hook=_refuse_extension
+        raw=False, strict_map_key=True, use_list=True, max_buffer_size=limits.MAX_MESSAGE_BYTES,
+        max_str_len=limits.MAX_MESSAGE_BYTES, max_bin_len=limits.MAX_MESSAGE_BYTES, max_array_len=limits.MAX_ARRAY_LEN,
+        max_map_len=limits.MAX_MAP_LEN, ext_hook=_refuse_extension
     )
     try:
         unpacker.feed(data)
@@ -153,9 +156,11 @@ def _check_tensor(value: object, where: str) -> torch.Tensor:
     if not isinstance(value, dict) or set(value) != {"shape", "float32"}:
         raise ProtocolError(f"{where}: expected a tensor map with exactly the keys shape and float32")
     shape, data = value["shape"], value["float32"]
+    # every dimension bounded before anything is allocated: [0, 2**64 - 1] holds no bytes, and torch cannot make it
     if (not isinstance(shape, list) or not 1 <= len(shape) <= limits.MAX_TENSOR_DIMS
-            or not all(type(n) is int and n >= 0 for n in shape)):
-        raise ProtocolError(f"{where}: shape must be 1 to {limits.MAX_TENSOR_DIMS} non-negative ints, got {_clip(shape)}")
+            or not all(type(n) is int and 0 <= n <= limits.MAX_TENSOR_DIM for n in shape)):
+        raise ProtocolError(f"{where}: shape must be 1 to {limits.MAX_TENSOR_DIMS} ints from 0 to "
+                            f"{limits.MAX_TENSOR_DIM}, got {_clip(shape)}")
     if type(data) is not bytes or len(data) != 4 * math.prod(shape):
         raise ProtocolError(f"{where}: a float32 tensor of shape {shape} needs {4 * math.prod(shape)} bytes, got "
                             f"{len(data) if isinstance(data, bytes) else type(data).__name__}")

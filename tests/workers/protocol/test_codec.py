@@ -62,7 +62,9 @@ def test_distributions_travel_as_float32_tensors_of_their_own_shape():
 
 @pytest.mark.parametrize("tensor, message", [
     ({"shape": [3, 10], "float32": b"\0" * 119}, "needs 120 bytes, got 119"),
-    ({"shape": [3, -1], "float32": b""}, "non-negative ints"),
+    ({"shape": [3, -1], "float32": b""}, "ints from 0 to"),
+    ({"shape": [0, 2**64 - 1], "float32": b""}, "ints from 0 to"),  # no bytes to fill, and torch raised on it
+    ({"shape": [2**63 - 1, 0], "float32": b""}, "ints from 0 to"),
     ({"shape": [1] * 4, "float32": b"\0" * 4}, "1 to 3"),
     ({"shape": [1], "float32": "abcd"}, "got str"),
     ({"shape": [1], "float32": b"\0" * 4, "dtype": "float64"}, "exactly the keys"),
@@ -72,3 +74,13 @@ def test_malformed_tensors_are_refused(tensor, message):
     body = {"request_id": 1, "seq_id": 2, "start": 0, "feed": [3, 4], "drafted": 1, "probs": tensor}
     with pytest.raises(ProtocolError, match=message):
         decode(wire(body, "VerifyRequest"))
+
+
+def test_no_list_or_map_may_be_longer_than_a_message_can_use():
+    # refused by the unpacker itself, before any of it is built (msgpack's own bounds were 64 M items)
+    many = msgpack.packb({"v": 1, "type": "Ping", "body": {"request_id": 1, "pad": [0] * 2_000_000}})
+    with pytest.raises(ProtocolError, match="not a msgpack message"):
+        decode(many)
+    wide = msgpack.packb({"v": 1, "type": "Ping", "body": {str(i): 0 for i in range(100)}})
+    with pytest.raises(ProtocolError, match="not a msgpack message"):
+        decode(wide)
