@@ -44,9 +44,29 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    # fields that would change the output's form (structured output, tool calls): refused, never ignored, since a
+    # client that set them would take free text for their answer
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> "SamplingFields":
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format is not supported by specpipe (no constrained decoding: the output is "
+                             "free text); leave it out or set {\"type\": \"text\"}")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ValueError(f"{name} are not supported by specpipe (no tool calls: the output is free text); "
+                                 "leave them out")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ValueError(f"{name} is not supported by specpipe (no tool calls); leave it out or set \"none\"")
+        if self.top_logprobs:
+            raise ValueError("top_logprobs are not supported by specpipe; leave them out")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not supported by specpipe (its output follows the target's "

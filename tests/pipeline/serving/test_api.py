@@ -296,6 +296,7 @@ BAD_REQUESTS = {
     "a prompt longer than the context": ({"model": MODEL, "prompt": LONG}, 400),
     "prompt plus max_tokens over the context": ({"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT}, 400),
     "logprobs": ({"model": MODEL, "prompt": "hi", "logprobs": 3}, 400),
+    "top_logprobs": ({"model": MODEL, "prompt": "hi", "top_logprobs": 2}, 400),
     "too many stop strings": ({"model": MODEL, "prompt": "hi", "stop": ["a"] * 100}, 400),
     "an unknown model": ({"model": "gpt-4", "prompt": "hi"}, 404),
     "a 10 MB body": (b'{"model": "target", "prompt": "' + b"x" * (10 << 20) + b'"}', 413),
@@ -304,6 +305,11 @@ BAD_CHATS = {
     "no messages": ({"model": MODEL, "messages": []}, 400),
     "a message of an unknown role": ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400),
     "messages not a list": ({"model": MODEL, "messages": "hi"}, 400),
+    "response_format": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                         "response_format": {"type": "json_object"}}, 400),
+    "tools": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+               "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400),
+    "tool_choice": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400),
 }
 
 
@@ -330,6 +336,20 @@ def test_bad_requests_get_their_4xx_while_a_healthy_stream_finishes(server, clie
     assert [t for c in healthy for t in c.choices[0].model_extra["token_ids"]] == expected[prompt]
     assert healthy[-1].choices[0].finish_reason == "length"
     assert client.completions.create(model=MODEL, prompt="def f():", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_fields_that_change_the_output_s_form_are_refused_by_name_not_ignored(server, client):
+    messages = [{"role": "user", "content": "def f():"}]
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+                                       response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    # their neutral values are taken: free text is what they ask for
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+                                            response_format={"type": "text"}, tool_choice="none")
+    assert answer.choices[0].message.content is not None
 
 
 def test_the_api_key_is_required_when_set():
