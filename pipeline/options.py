@@ -127,6 +127,9 @@ PORT = Option("--port", "port", "TCP port to listen on (0 = any free one, logged
 API_KEY = Option("--api-key", "api_key", "The key of the API (HTTP header Authorization: Bearer KEY): serve refuses "
                  "requests without it, bench-serve sends it; empty = none.", click.STRING, HttpConfig.api_key,
                  show_default=False, metavar="KEY")
+API_KEY_FILE = Option("--api-key-file", "api_key_file", "A file whose first line is the API key (kept out of the "
+                      "process list, unlike --api-key); without either, $SPECPIPE_API_KEY if set.",
+                      click.Path(dir_okay=False, path_type=Path), metavar="FILE")
 SERVED_MODEL_NAME = Option("--served-model-name", "served_model_name", "The model name of the API: what serve lists and "
                            "answers to (default: the target directory's name), what bench-serve asks for (default: "
                            "the server's first model).", click.STRING, HttpConfig.served_model_name,
@@ -249,8 +252,8 @@ profile_options = options(
     MAX_SEQS, PREFILL_CHUNK, THREADS, DRAFT_NICE, DTYPE, TRACE, MAX_SPANS)
 serve_options = options(
     models_options, MAX_NEW_TOKENS, K, MODE, K_POLICY, MAX_BRANCHES, sampling_options, MAX_SEQS, PREFILL_CHUNK,
-    BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DRAFT_NICE, DTYPE, liveness_options, remote_options, HOST, PORT, API_KEY,
-    SERVED_MODEL_NAME, MAX_WAITING, DRAIN_TIMEOUT)
+    BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DRAFT_NICE, DTYPE, liveness_options, remote_options, HOST, PORT,
+    API_KEY, API_KEY_FILE, SERVED_MODEL_NAME, MAX_WAITING, DRAIN_TIMEOUT)
 bench_serve_options = options(
     URL, API_KEY, SERVED_MODEL_NAME, PROMPTS_FILE, WARMUP, REQUESTS, CONCURRENCY, REQUEST_RATE, DURATION, MAX_NEW_TOKENS,
     sampling_options, JSON, JSON_OUT)

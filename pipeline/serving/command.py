@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import replace
 from types import FrameType
 
 import uvicorn
@@ -84,6 +85,12 @@ def run_serve(config: ServeConfig) -> int:
     Bad input raises ValueError (or SpecpipeError, TimeoutError) before any process starts."""
     decode, models, http = config.decode, config.models, config.http
     http.validate()
+    key = http.key()
+    http = replace(http, api_key=key, api_key_file=None)  # the app checks requests against api_key alone
+    config = replace(config, http=http)
+    warning = http.exposure_warning(key)
+    if warning is not None:
+        log(warning)
     check_workers(config.workers)
     context = check_checkpoints(models, decode.uses_draft)
     check_settings(decode, context, decode.max_seqs)

@@ -5,6 +5,8 @@ Imports nothing heavy: the CLI builds these before it decides to start a server.
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from pipeline.launcher import LivenessConfig
 from workers.sampling import SamplingParams
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+API_KEY_VARIABLE = "SPECPIPE_API_KEY"  # serve's key when neither --api-key nor --api-key-file gives one
 
 
 @dataclass(frozen=True)
@@ -23,11 +26,34 @@ class HttpConfig:
 
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
-    api_key: str = ""  # "" = no key asked for
+    api_key: str = ""  # "" = no key asked for (unless api_key_file or $SPECPIPE_API_KEY gives one: see key())
+    api_key_file: Path | None = None  # a file holding the key: kept out of `ps`, unlike --api-key
     served_model_name: str = ""  # "" = the target directory's name
     max_waiting: int = 64  # requests queued beyond --max-seqs before 429
     drain_timeout_s: float = 10.0  # SIGTERM: how long in-flight requests may still run
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
+
+    def key(self, environ: Mapping[str, str] = os.environ) -> str:
+        """The API key: --api-key, else the first line of --api-key-file, else $SPECPIPE_API_KEY, else none."""
+        if self.api_key and self.api_key_file is not None:
+            raise ValueError("give the API key once: --api-key or --api-key-file, not both")
+        if self.api_key_file is not None:
+            try:
+                text = self.api_key_file.read_text()
+            except OSError as error:
+                raise ValueError(f"--api-key-file {self.api_key_file}: {error.strerror or error}") from None
+            key = text.strip().splitlines()[0].strip() if text.strip() else ""
+            if not key:
+                raise ValueError(f"--api-key-file {self.api_key_file} is empty; put the key on its first line")
+            return key
+        return self.api_key or environ.get(API_KEY_VARIABLE, "")
+
+    def exposure_warning(self, key: str) -> str | None:
+        """A line for the log when the server listens beyond this host and asks no key (else None)."""
+        if key or self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback:
+            return None
+        return (f"warning: listening on {self.host} with no API key: anyone who can reach port {self.port} may use "
+                f"the models; set --api-key-file or ${API_KEY_VARIABLE}")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

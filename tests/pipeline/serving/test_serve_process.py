@@ -157,3 +157,18 @@ def test_a_taken_port_fails_before_any_worker_starts():
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--port" in result.stderr and "[draft]" not in result.stderr
     assert time.monotonic() - began < 30
+
+
+def test_a_key_from_a_file_is_required_and_never_on_the_command_line(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("file-key\n")
+    served = start_serve("--mode", "target-only", "--max-new-tokens", "4", "--api-key-file", str(key_file))
+    workers = worker_pids(served.process.pid)
+    try:
+        assert "file-key" not in " ".join(served.process.args)
+        with pytest.raises(openai.AuthenticationError):
+            client_of(served).completions.create(model="target", prompt="def f():", max_tokens=2)
+        keyed = openai.OpenAI(base_url=served.url + "/v1", api_key="file-key", max_retries=0, timeout=60)
+        assert keyed.completions.create(model="target", prompt="def f():", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        assert stop(served, workers) == 0
