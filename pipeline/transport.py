@@ -38,8 +38,7 @@ class ZmqTransport:
         self.sockets: dict[str, zmq.Socket] = {}
         self.poller = zmq.Poller()
         self.health_check = health_check
-        self.spin_s = spin_s  # busy-poll this long before blocking, on a core no other task wants (workers.spin)
-        self.spinner = Spinner(spin_s)
+        self.spinner = Spinner(spin_s)  # busy-polls up to spin_s before blocking, on a core no other task wants
         self.shares_core_with = shares_core_with  # workers on our core: no spinning while they are in use
         self.spans = SpanRecorder()  # `specpipe profile` starts it
         self.addresses = dict(addresses)
@@ -81,7 +80,7 @@ class ZmqTransport:
         """Replies that arrived within `timeout_s`; `busy` names the workers in use (they may be on the CPU)."""
         events = {}
         waited_from = time.perf_counter()
-        if self.spin_s and not busy & self.shares_core_with:
+        if self.spinner.spin_s and not busy & self.shares_core_with:
             def arrived() -> bool:
                 nonlocal events
                 events = dict(self.poller.poll(0))

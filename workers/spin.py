@@ -42,7 +42,7 @@ class Spinner:
         self.yield_core = yield_core
         self.switches = switches
         self.resting_until = float("-inf")
-        self.preemptions = 0  # times a spin gave way (for tests and the worker's log)
+        self.preemptions = 0  # times a spin gave way
 
     def spin(self, ready: Callable[[], bool], limit_s: float | None = None) -> bool:
         """True as soon as `ready()` is; False when the caller should block instead: the spin time (or

@@ -98,7 +98,7 @@ static inline float v_pow2i(int32_t n) {
 #define PANEL (PANEL_VECTORS * VLEN) /* columns per packed panel */
 #define ROW_BLOCK (VLEN == 1 ? 2 : 6)
 #define PAIRED_ROWS (PANEL_VECTORS == 2 ? 2 : 0) /* passes of at most this many rows sweep panel pairs */
-#define PREFETCH_ROWS 16  /* panel rows ahead to prefetch (2 KB at PANEL 64) */
+#define PREFETCH_ROWS 16  /* panel rows ahead to prefetch (2 KB at PANEL 64, 512 bytes at PANEL 16) */
 
 int sp_panel_width(void) { return PANEL; }
 int sp_vector_width(void) { return VLEN; }
@@ -188,10 +188,13 @@ static void sweep(const float *x, int rows, int in, const uint16_t *panel, int p
 #undef SWEEP
 }
 
+/* Sweeps of a panel that `rows` rows take, ROW_BLOCK at most each. */
+static inline int sweeps_for(int rows) { return (rows + ROW_BLOCK - 1) / ROW_BLOCK; }
+
 /* The rows of the next sweep, of `left` still to do: blocks as even as ROW_BLOCK allows (8 rows sweep as
  * 4 + 4, not 6 + 2), since a sweep of 1 or 2 rows has too few accumulators to hide the FMAs' latency. */
 static inline int sweep_rows_of(int left) {
-    int sweeps = (left + ROW_BLOCK - 1) / ROW_BLOCK;
+    int sweeps = sweeps_for(left);
     return (left + sweeps - 1) / sweeps;
 }
 
@@ -200,7 +203,7 @@ static void matmul(const sp_matrix *m, const float *x, int rows, float *y, int l
     float block[ROW_BLOCK][2 * PANEL];
     int n_panels = (m->out + PANEL - 1) / PANEL;
     int panels = rows <= PAIRED_ROWS ? 2 : 1; /* per step; a pair's last panel may be alone */
-    int sweeps = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    int sweeps = sweeps_for(rows);
     size_t panel_bytes = (size_t)m->in * PANEL * sizeof(uint16_t);
     /* panel by panel (or pair by pair), then its rows block by block: a panel (PANEL x in fp16, 16 KB at 512
      * inputs on AVX2) comes from memory once, and the sweeps for further row blocks find it in cache */
