@@ -12,7 +12,7 @@ from pipeline.errors import WorkerFailed
 from pipeline.liveness import ConnectionWatch, Heartbeats, describe_activity
 from workers.curve import ClientKeys
 from workers.protocol.codec import ProtocolError, decode, encode
-from workers.protocol.limits import MAX_MESSAGE_BYTES
+from workers.protocol.limits import MAX_MESSAGE_BYTES, MAX_QUEUED_REPLIES
 from workers.protocol.messages import ErrorReply, Hello, Ready, Shutdown
 from workers.spans import SpanRecorder
 from workers.spin import Spinner
@@ -51,6 +51,7 @@ class ZmqTransport:
             socket = self.context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            socket.setsockopt(zmq.RCVHWM, MAX_QUEUED_REPLIES)
             heartbeats.arm(socket)
             self.watches[role] = ConnectionWatch(socket)  # before connecting, so that no event is missed
             if curve and role in curve:

@@ -1,5 +1,6 @@
 """Which coordinator a worker serves. One at a time: a Hello resets the worker, and a second
-coordinator's Hello must not wipe the sequences of one that is still generating."""
+coordinator's Hello must not wipe the sequences of one that is still generating. Every other request
+is the owner's alone: another peer can neither read nor change what the worker holds."""
 
 from __future__ import annotations
 
@@ -28,3 +29,12 @@ class Owner:
 
     def take(self, identity: bytes, pid: int, now: float) -> None:
         self.identity, self.pid, self.last_seen = identity, pid, now
+
+    def stranger(self, identity: bytes, kind: str) -> str | None:
+        """Why a request other than Hello or Shutdown from `identity` is refused; None: it is the owner's."""
+        if self.identity is None:
+            return f"no coordinator has said Hello to this worker; a {kind} comes after a Hello"
+        if identity != self.identity:
+            return (f"this worker serves another coordinator (pid {self.pid}); a {kind} is its owner's alone "
+                    "(a coordinator takes a worker with Hello)")
+        return None

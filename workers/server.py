@@ -19,7 +19,7 @@ from workers.model.runner import ModelRunner
 from workers.owner import Owner
 from workers.parent import exit_with_parent
 from workers.protocol.codec import ProtocolError, decode, encode
-from workers.protocol.limits import MAX_MESSAGE_BYTES
+from workers.protocol.limits import MAX_MESSAGE_BYTES, MAX_QUEUED_REPLIES, MAX_QUEUED_REQUESTS
 from workers.protocol.messages import (
     ClockProbe,
     ClockReading,
@@ -79,6 +79,8 @@ def serve(spec: WorkerSpec) -> int:
     zmq_threads = running_threads() - before  # its first socket starts the context's I/O and reaper threads
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    socket.setsockopt(zmq.RCVHWM, MAX_QUEUED_REQUESTS)
+    socket.setsockopt(zmq.SNDHWM, MAX_QUEUED_REPLIES)
     try:
         authenticator = secure(context, socket, spec)  # CURVE, or loopback only
     except SpecpipeError as error:
@@ -125,12 +127,19 @@ def serve(spec: WorkerSpec) -> int:
                 continue
             decoded = time.perf_counter()
             owner.saw(identity, decoded)
+            kind = type(message).__name__
             if isinstance(message, (Hello, Shutdown)):
                 refusal = owner.refusal(identity, service.core.slots.active, decoded)
                 if refusal is not None:
-                    log(spec.role, f"refused a {type(message).__name__} from a second coordinator: {refusal}")
-                    socket.send_multipart([identity, encode(ErrorReply(-1, refusal, fatal=False))])
-                    continue
+                    log(spec.role, f"refused a {kind} from a second coordinator: {refusal}")
+            else:
+                refusal = owner.stranger(identity, kind)
+                if refusal is not None:
+                    log(spec.role, f"refused a {kind} from a peer that does not own this worker")
+            if refusal is not None:
+                socket.send_multipart([identity, encode(ErrorReply(getattr(message, "request_id", -1), refusal,
+                                                                   fatal=False))])
+                continue
             if isinstance(message, Shutdown):
                 return 0
             if isinstance(message, (ClockProbe, TraceStart, TraceCollect)):

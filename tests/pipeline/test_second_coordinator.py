@@ -38,6 +38,9 @@ def test_second_coordinator_is_refused_until_the_first_is_done(tmp_path):
         refused = ask(second, Hello(202))
         assert isinstance(refused, ErrorReply) and not refused.fatal
         assert "in use by another coordinator (pid 101, 1 sequence(s)" in refused.message
+        for stranger_request in (DraftRequest(9, 0, 0, [9], 1), Release(0)):  # nor may it touch the first's work
+            refused = ask(second, stranger_request)
+            assert isinstance(refused, ErrorReply) and "serves another coordinator (pid 101)" in refused.message
         second.send(encode(Shutdown("not yours")))
         assert second.poll(10_000) and "in use by another coordinator" in decode(second.recv()).message
         # the worker is still up and the first coordinator's sequence survived: it continues where it was

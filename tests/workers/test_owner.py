@@ -27,3 +27,12 @@ def test_the_owner_is_kept_while_it_speaks_within_the_quiet_period_and_replaced_
     owner.saw(b"a", now=3.0)  # its own requests keep it the owner
     assert owner.refusal(b"b", held=1, now=3.0 + OWNER_QUIET_S - 0.01) is not None
     assert owner.refusal(b"b", held=1, now=3.0 + OWNER_QUIET_S) is None
+
+
+def test_every_other_request_is_the_owners_alone():
+    owner = Owner()
+    assert "no coordinator has said Hello" in owner.stranger(b"a", "DraftRequest")
+    owner.take(b"a", pid=11, now=0.0)
+    assert owner.stranger(b"a", "DraftRequest") is None
+    refusal = owner.stranger(b"b", "TraceCollect")
+    assert refusal is not None and "serves another coordinator (pid 11)" in refusal and "TraceCollect" in refusal

@@ -7,3 +7,7 @@ MAX_TENSOR_DIMS = 3  # distributions are [rows, vocab] or [branches, count, voca
 MAX_TENSOR_DIM = MAX_MESSAGE_BYTES // 4  # no dimension longer than the float32s one message could hold
 MAX_ARRAY_LEN = 1_000_000  # the longest list: a trace's spans (MAX_TRACE_SPANS), a prompt's tokens
 MAX_MAP_LEN = 64  # maps are a message's fields, a tensor's two keys: a few dozen at most
+# ZeroMQ's high-water marks, per peer. Requests past the mark wait in the sender (a DEALER blocks); a reply
+# past it would be dropped (a ROUTER never blocks), so that mark is beyond any coordinator's requests in flight
+MAX_QUEUED_REQUESTS = 64
+MAX_QUEUED_REPLIES = 10_000
