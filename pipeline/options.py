@@ -139,6 +139,14 @@ MAX_WAITING = Option("--max-waiting", "max_waiting", "Requests queued beyond --m
 DRAIN_TIMEOUT = Option("--drain-timeout", "drain_timeout_s", "On SIGTERM or Ctrl-C: seconds the requests in flight "
                        "may take to finish (new ones get 503) before they are cancelled.", click.FLOAT,
                        HttpConfig.drain_timeout_s)
+CLIENT_TIMEOUT = Option("--client-timeout", "client_timeout_s", "Seconds a client may leave a response unread, or "
+                        "a request body unsent, before the server ends it and frees its slot.", click.FLOAT,
+                        HttpConfig.client_timeout_s)
+KEEP_ALIVE_TIMEOUT = Option("--keep-alive-timeout", "keep_alive_timeout_s", "Seconds a connection may stay open "
+                            "with no request in progress (before its first, or between two).", click.FLOAT,
+                            HttpConfig.keep_alive_timeout_s)
+MAX_CONNECTIONS = Option("--max-connections", "max_connections", "Connections open at once; requests past it get "
+                         "503.", click.INT, HttpConfig.max_connections)
 URL = Option("--url", "url", "The server's base URL (the part before /v1).", click.STRING, LoadConfig.url)
 REQUESTS = Option("--requests", "num_requests", "Requests to send: the prompts of --prompts-file (or the bundled "
                   "held-out code prompts) in turn, as many times as it takes.", click.INT, LoadConfig.num_requests)
@@ -253,7 +261,8 @@ profile_options = options(
 serve_options = options(
     models_options, MAX_NEW_TOKENS, K, MODE, K_POLICY, MAX_BRANCHES, sampling_options, MAX_SEQS, PREFILL_CHUNK,
     BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DRAFT_NICE, DTYPE, liveness_options, remote_options, HOST, PORT,
-    API_KEY, API_KEY_FILE, SERVED_MODEL_NAME, MAX_WAITING, DRAIN_TIMEOUT)
+    API_KEY, API_KEY_FILE, SERVED_MODEL_NAME, MAX_WAITING, DRAIN_TIMEOUT, CLIENT_TIMEOUT, KEEP_ALIVE_TIMEOUT,
+    MAX_CONNECTIONS)
 bench_serve_options = options(
     URL, API_KEY, SERVED_MODEL_NAME, PROMPTS_FILE, WARMUP, REQUESTS, CONCURRENCY, REQUEST_RATE, DURATION, MAX_NEW_TOKENS,
     sampling_options, JSON, JSON_OUT)

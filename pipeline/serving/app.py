@@ -31,7 +31,7 @@ from pipeline.serving.requests import GenerationFailed, Piece, Prepared, Request
 RETRY_AFTER_S = 1
 DRAIN_LIMIT_BYTES = 64 << 20  # an oversized body is read (and dropped) this far, so the client sees the 413
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+               408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
 @dataclass
@@ -72,31 +72,80 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body exceeds the server's limit of {limit} bytes")
 
 
-class BodySizeLimit:
-    """Refuses bodies over `limit` bytes with 413, whether or not they declare a Content-Length. The body
-    is read to its end (up to DRAIN_LIMIT_BYTES) first, so the client is not cut off mid-send."""
+class BodyLimits:
+    """Refuses bodies over `limit` bytes with 413, whether or not they declare a Content-Length, and bodies
+    that stop arriving for `timeout_s` with 408. An oversized body is read to its end (up to
+    DRAIN_LIMIT_BYTES) first, so the client is not cut off mid-send. Waiting for the disconnect of a client
+    whose body has arrived is never timed. (Inside the app's other middleware: an HTTPException raised
+    here reaches the route's error handling as itself.)"""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float) -> None:
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         received = 0
+        body_pending = True
+
+        async def timed() -> Message:
+            try:
+                return await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise HTTPException(408, f"the request body stopped arriving for {self.timeout_s:g} s "
+                                    "(--client-timeout)", headers={"Connection": "close"}) from None
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_pending
+            if not body_pending:
+                return await receive()
+            message = await timed()
+            body_pending = message["type"] == "http.request" and message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     while message.get("more_body") and received < DRAIN_LIMIT_BYTES:
-                        message = await receive()
+                        message = await timed()
                         received += len(message.get("body", b""))
                     raise BodyTooLarge(self.limit)
             return message
 
         await self.app(scope, limited, send)
+
+
+ABORT_CONNECTION = "specpipe.abort_connection"  # in an HTTP scope: drops its connection, buffered bytes and all
+
+
+class ClientTimedOut(Exception):
+    """The client left a response unread for --client-timeout seconds."""
+
+
+class UnreadResponses:
+    """Abandons a response the client stops reading for `timeout_s` (uvicorn's send waits while the socket's
+    buffers are full), which cancels its sequence, and drops its connection: closing it would wait for the
+    client to read what is buffered."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float, log: Callable[[str], None]) -> None:
+        self.app, self.timeout_s, self.log = app, timeout_s, log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def timed_send(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.timeout_s)
+            except TimeoutError:
+                raise ClientTimedOut from None
+
+        try:
+            await self.app(scope, receive, timed_send)
+        except ClientTimedOut:
+            abort = scope.get(ABORT_CONNECTION)  # set by pipeline.serving.connections; else uvicorn closes it
+            if abort is not None:
+                abort()
+            self.log(f"ended a response to {scope['path']} whose client read nothing for {self.timeout_s:g} s "
+                     "(--client-timeout)")
 
 
 class EventStream(StreamingResponse):
@@ -155,9 +204,9 @@ async def prepend(first: Piece, rest: AsyncIterator[Piece]) -> AsyncIterator[Pie
             yield piece
 
 
-def build_app(state: ServerState) -> FastAPI:
+def build_app(state: ServerState, log: Callable[[str], None] = lambda line: None) -> FastAPI:
     app = FastAPI(title="specpipe", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodySizeLimit, limit=state.http.max_body_bytes)
+    app.add_middleware(BodyLimits, limit=state.http.max_body_bytes, timeout_s=state.http.client_timeout_s)
     app.state.server = state
 
     @app.exception_handler(RequestValidationError)
@@ -292,6 +341,7 @@ def build_app(state: ServerState) -> FastAPI:
             await pieces.aclose()  # type: ignore[attr-defined]
         return JSONResponse(form.whole(collected))
 
+    app.add_middleware(UnreadResponses, timeout_s=state.http.client_timeout_s, log=log)  # the outermost
     return app
 
 

@@ -26,19 +26,13 @@ from pipeline.preflight import check_checkpoints, check_settings, check_workers
 from pipeline.remote import check_remote_workers
 from pipeline.serving.app import ServerState, build_app
 from pipeline.serving.config import HttpConfig, ServeConfig
+from pipeline.serving.connections import uvicorn_config
 from pipeline.serving.engine_loop import EngineLoop
 from pipeline.serving.metrics import ServingMetrics
 from pipeline.serving.requests import Requests
 from workers.model.checkpoint import load_tokenizer
 
 FAILURE_GRACE_S = 0.5  # after a worker died: time for the error events to reach their clients
-UVICORN_LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"coord": {"format": "[coord] %(message)s"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "coord", "stream": "ext://sys.stderr"}},
-    "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False}},
-}
 
 
 class DrainingServer(uvicorn.Server):
@@ -127,10 +121,8 @@ def serve_on(cluster: LocalCluster, config: ServeConfig, tokenizer: object, sock
     engine = EngineLoop(cluster.transport, limits, decode, metrics, log, on_failure)
     requests = Requests(engine, tokenizer, limits, decode, metrics, str(config.models.target_dir))
     state = ServerState(requests, http, model_name, decode.max_seqs + http.max_waiting, metrics)
-    uvicorn_config = uvicorn.Config(build_app(state), log_config=UVICORN_LOGGING, access_log=False, lifespan="off",
-                                    timeout_graceful_shutdown=http.drain_timeout_s)
-    server = DrainingServer(uvicorn_config, state, f"serving {model_name!r} ({decode.mode}, k={decode.k}, "
-                            f"up to {decode.max_seqs} sequences at once)")
+    banner = f"serving {model_name!r} ({decode.mode}, k={decode.k}, up to {decode.max_seqs} sequences at once)"
+    server = DrainingServer(uvicorn_config(build_app(state, log), http), state, banner)
     # uvicorn handles SIGTERM and SIGINT while it runs (a first one drains, a second one forces) and raises
     # them again once it has stopped: by then they have been served, and the shutdown below goes on
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -32,6 +32,9 @@ class HttpConfig:
     max_waiting: int = 64  # requests queued beyond --max-seqs before 429
     drain_timeout_s: float = 10.0  # SIGTERM: how long in-flight requests may still run
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    client_timeout_s: float = 30.0  # a response not read, or a request body not sent, this long is ended
+    keep_alive_timeout_s: float = 5.0  # a connection with no request in progress is closed after this long
+    max_connections: int = 512  # connections open at once; past it, requests get 503
 
     def key(self, environ: Mapping[str, str] = os.environ) -> str:
         """The API key: --api-key, else the first line of --api-key-file, else $SPECPIPE_API_KEY, else none."""
@@ -62,6 +65,12 @@ class HttpConfig:
             raise ValueError(f"--max-waiting cannot be negative (0 = no queue beyond --max-seqs), got {self.max_waiting}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"--drain-timeout cannot be negative, got {self.drain_timeout_s}")
+        if not self.client_timeout_s > 0:
+            raise ValueError(f"--client-timeout must be positive, got {self.client_timeout_s}")
+        if not self.keep_alive_timeout_s > 0:
+            raise ValueError(f"--keep-alive-timeout must be positive, got {self.keep_alive_timeout_s}")
+        if self.max_connections < 1:
+            raise ValueError(f"--max-connections must be at least 1, got {self.max_connections}")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:

@@ -21,6 +21,7 @@ from pipeline.generation import ModelLimits
 from pipeline.local import LocalTransport
 from pipeline.serving.app import ServerState, build_app
 from pipeline.serving.config import HttpConfig
+from pipeline.serving.connections import uvicorn_config
 from pipeline.serving.engine_loop import EngineLoop
 from pipeline.serving.metrics import ServingMetrics
 from pipeline.serving.requests import Requests
@@ -48,14 +49,14 @@ class InProcessServer:
 
 @contextmanager
 def in_process_server(decode: DecodeConfig, http: HttpConfig = HttpConfig(port=0), slots: int = 16,
-                      chat_template: str | None = CHAT_TEMPLATE) -> Iterator[InProcessServer]:
+                      chat_template: str | None = CHAT_TEMPLATE, context: int = CONTEXT) -> Iterator[InProcessServer]:
     """The API over both models in this process (a LocalTransport): what `specpipe serve` runs, less the
     processes and sockets of the workers."""
-    draft = ModelRunner.from_checkpoint(DRAFT_DIR, n_slots=slots, max_seq_len=CONTEXT)
-    target = ModelRunner.from_checkpoint(TARGET_DIR, n_slots=slots, max_seq_len=CONTEXT)
+    draft = ModelRunner.from_checkpoint(DRAFT_DIR, n_slots=slots, max_seq_len=context)
+    target = ModelRunner.from_checkpoint(TARGET_DIR, n_slots=slots, max_seq_len=context)
     tokenizer = load_tokenizer(TARGET_DIR)
     tokenizer.chat_template = chat_template
-    limits = ModelLimits(target.config.vocab_size, frozenset(target.config.eos_token_ids), CONTEXT)
+    limits = ModelLimits(target.config.vocab_size, frozenset(target.config.eos_token_ids), context)
     metrics = ServingMetrics(MODEL, decode.k)
     engine = EngineLoop(LocalTransport(draft if decode.uses_draft else None, target), limits, decode, metrics,
                         log=lambda line: print(f"[coord] {line}", file=sys.stderr))
@@ -71,8 +72,8 @@ def in_process_server(decode: DecodeConfig, http: HttpConfig = HttpConfig(port=0
 
 @contextmanager
 def uvicorn_thread(state: ServerState) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=state.http.port,
-                                           log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn_config(build_app(state, log=lambda line: print(f"[coord] {line}", file=sys.stderr)),
+                                           state.http, host="127.0.0.1", port=state.http.port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -32,3 +32,11 @@ def test_serving_beyond_this_host_without_a_key_is_warned_of():
     assert HttpConfig(host="0.0.0.0").exposure_warning("key") is None
     for loopback in ("127.0.0.1", "::1", "localhost"):
         assert HttpConfig(host=loopback).exposure_warning("") is None
+
+
+@pytest.mark.parametrize("field, value, option", [("client_timeout_s", 0.0, "--client-timeout"),
+                                                  ("keep_alive_timeout_s", -1.0, "--keep-alive-timeout"),
+                                                  ("max_connections", 0, "--max-connections")])
+def test_a_timeout_or_limit_that_would_refuse_everything_is_refused_by_its_option(field, value, option):
+    with pytest.raises(ValueError, match=option):
+        HttpConfig(**{field: value}).validate()

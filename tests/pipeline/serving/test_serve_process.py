@@ -27,7 +27,8 @@ from workers.models import HELDOUT_PROMPTS
 pytestmark = pytest.mark.slow
 
 PROMPTS = [json.loads(line)[:160] for line in HELDOUT_PROMPTS.read_text().splitlines()[:3]]
-SETTINGS = ["--mode", "overlap", "--k", "3", "--max-new-tokens", "32"]
+SETTINGS = ["--mode", "overlap", "--k", "3", "--max-new-tokens", "32"]  # what launch and serve share
+HTTP_SETTINGS = ["--client-timeout", "20", "--keep-alive-timeout", "5", "--max-connections", "64"]
 
 
 def client_of(server: ServeProcess, timeout_s: float = 60) -> openai.OpenAI:
@@ -63,7 +64,7 @@ def resident(pid: int) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def server():
-    served = start_serve(*SETTINGS)
+    served = start_serve(*SETTINGS, *HTTP_SETTINGS)
     workers = worker_pids(served.process.pid)
     yield served
     assert stop(served, workers) == 0
