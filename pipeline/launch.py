@@ -13,7 +13,7 @@ from pipeline.generation import generate
 from pipeline.launcher import LivenessConfig, LocalCluster, cluster_config, log
 from pipeline.output import ResultPrinter
 from pipeline.preflight import check_checkpoints, check_prompts, check_settings, check_workers
-from pipeline.prompts import select_prompts
+from pipeline.prompts import encode_prompt, select_prompts
 from pipeline.remote import check_remote_workers
 from pipeline.sequence import Sequence
 from workers.model.checkpoint import load_tokenizer
@@ -48,7 +48,7 @@ def run_launch(config: LaunchConfig) -> int:
     check_settings(decode, context, config.concurrency)
     config.liveness.heartbeats.validate()
     tokenizer = load_tokenizer(models.target_dir)
-    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    prompt_ids = [encode_prompt(tokenizer, text) for text in texts]
     check_prompts(texts, prompt_ids, context)
 
     workers = cluster_config(models, config.workers, decode.mode, decode.slots(config.concurrency), config.liveness,

@@ -26,7 +26,7 @@ from pipeline.critical_path import TargetTimeSplit, split_lines, split_target_ti
 from pipeline.generation import generate
 from pipeline.launcher import LocalCluster, cluster_config
 from pipeline.preflight import check_checkpoints, check_settings, check_workers
-from pipeline.prompts import select_prompts
+from pipeline.prompts import encode_prompt, select_prompts
 from pipeline.scheduler import Sequence
 from pipeline.tracing import ProcessSpans, chrome_trace, collect_spans, measure_offset, start_tracing, write_trace
 from workers.model.checkpoint import load_tokenizer
@@ -85,7 +85,7 @@ def run_profile(config: ProfileConfig) -> Profile:
     config.validate()
     tokenizer = load_tokenizer(config.models.target_dir)
     texts = select_prompts(config.prompts, HELDOUT_PROMPTS)
-    warm, prompts = ([tokenizer(text, add_special_tokens=False)["input_ids"] for text in selected]
+    warm, prompts = ([encode_prompt(tokenizer, text) for text in selected]
                      for selected in (texts.warmup, texts.measured))
     decode = config.decode
     events: list[str] = []  # the goodput controller's switches, as they happened

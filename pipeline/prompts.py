@@ -10,8 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import PromptsConfig
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """A prompt's tokens as transformers and vLLM make them by default: with the tokenizer's special tokens
+    (a Llama prompt starts with its BOS; the bundled pair's tokenizer adds none). Every command and
+    /v1/completions tokenize through here, so that their outputs stay identical."""
+    return tokenizer(text)["input_ids"]
 
 
 @dataclass(frozen=True)

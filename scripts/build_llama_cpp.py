@@ -129,10 +129,11 @@ def ours(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[li
 def check(build: LlamaCppBuild, target: Path, count: int, max_new_tokens: int) -> None:
     from pipeline.bench.llama_cpp import to_generation
     from workers.model.checkpoint import load_tokenizer
+    from pipeline.prompts import encode_prompt
 
     tokenizer = load_tokenizer(str(target))
     texts = [json.loads(line) for line in HELDOUT_PROMPTS.read_text().splitlines()[:count]]
-    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    prompts = [encode_prompt(tokenizer, text) for text in texts]
     expected = ours(target, prompts, max_new_tokens)
     server = LlamaServer(build, ServerConfig(build.gguf(target)))
     try:

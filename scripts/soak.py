@@ -24,6 +24,7 @@ from pathlib import Path
 from pipeline.config import DecodeConfig, ModelsConfig, WorkersConfig
 from pipeline.generation import generate
 from pipeline.launcher import LocalCluster, cluster_config
+from pipeline.prompts import encode_prompt
 from workers.model.checkpoint import load_tokenizer
 from workers.models import HELDOUT_PROMPTS, TARGET_DIR
 from workers.spec import resolved_dtype
@@ -68,7 +69,7 @@ def main() -> int:
     dtype = resolved_dtype(args.dtype, "cpu")  # what the workers make of it, for the report
     tokenizer = load_tokenizer(TARGET_DIR)
     texts = [json.loads(line) for line in HELDOUT_PROMPTS.read_text().splitlines()]
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"][: args.prompt_tokens] for t in texts]
+    prompts = [encode_prompt(tokenizer, t)[: args.prompt_tokens] for t in texts]
     config = cluster_config(ModelsConfig(), WorkersConfig(dtype=args.dtype), args.mode, args.concurrency)
     decode = DecodeConfig(args.mode, args.k, args.new_tokens)
     began = time.perf_counter()

@@ -21,7 +21,7 @@ from pipeline.bench.llama_cpp import LlamaCppBuild, LlamaCppRunner, LlamaServer,
 from pipeline.bench.peers import HfRunner, load_models
 from pipeline.bench.records import Round
 from pipeline.bench.theory import median_round_trip, predict, predict_concurrent
-from pipeline.prompts import select_prompts
+from pipeline.prompts import encode_prompt, select_prompts
 from workers.model.checkpoint import load_tokenizer
 from workers.models import HELDOUT_PROMPTS
 from workers.spec import resolved_dtype
@@ -98,7 +98,7 @@ def read_prompt_ids(config: BenchConfig) -> tuple[list[list[int]], list[list[int
     """The warm-up prompts and the measured ones, as token ids, and the tokenizer's pad token (if any)."""
     prompts = select_prompts(config.prompts, HELDOUT_PROMPTS)
     tokenizer = load_tokenizer(config.models.target_dir)
-    warm, measured = ([tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    warm, measured = ([encode_prompt(tokenizer, text) for text in texts]
                       for texts in (prompts.warmup, prompts.measured))
     return warm, measured, getattr(tokenizer, "pad_token_id", None)
 

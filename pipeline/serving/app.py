@@ -260,15 +260,15 @@ def build_app(state: ServerState, log: Callable[[str], None] = lambda line: None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prepared = admit(body, state.requests.prepare_completion)
+        prepared = await admit(body)
         return await respond(request, body, prepared, CompletionFormat(state.model_name, body.return_token_ids))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        prepared = admit(body, state.requests.prepare_chat)
+        prepared = await admit(body)
         return await respond(request, body, prepared, ChatFormat(state.model_name, body.return_token_ids))
 
-    def admit(body: SamplingFields, prepare: Callable[[Any], Prepared]) -> Prepared:
+    async def admit(body: CompletionRequest | ChatCompletionRequest) -> Prepared:
         if body.model != state.model_name:
             raise RequestRejected(f"the model {body.model!r} does not exist; this server serves "
                                   f"{state.model_name!r} (GET /v1/models)", 404, "model", "model_not_found")
@@ -279,10 +279,15 @@ def build_app(state: ServerState, log: Callable[[str], None] = lambda line: None
             raise HTTPException(429, f"{state.open_requests} requests are running or waiting, the most this server "
                                 "queues (--max-seqs plus --max-waiting); retry later",
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
-        return prepare(body)
+        state.open_requests += 1  # its place, held from here: other requests arrive while this one tokenizes
+        try:
+            return await state.requests.prepare(body)  # off the event loop
+        except BaseException:
+            state.open_requests -= 1
+            raise
 
     async def respond(request: Request, body: SamplingFields, prepared: Prepared, form: "Format") -> Response:
-        state.open_requests += 1
+        """Runs an admitted request; its place (open_requests) is given back when it ends, however it ends."""
         pieces = state.requests.run(prepared)
         taken: list[Piece] = []
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +15,18 @@ from pipeline.generation import ModelLimits
 from pipeline.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from pipeline.serving.engine_loop import EngineLoop, Finished, RequestStream
 from pipeline.serving.metrics import ServingMetrics
+from pipeline.prompts import encode_prompt
 from pipeline.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from workers.sampling import SamplingParams
 
 FINISH_REASONS = {"eos": "stop", "length": "length"}  # the engine's -> OpenAI's
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters of text one token stands for, at most: its vocabulary's longest entry, counted in
+    the vocabulary's own spelling (a byte-level "Ġthe" for " the", SentencePiece's "<0x0A>" for a newline),
+    which is never shorter. Holds for tokenizers that keep every character (Llama, Mistral, Qwen, GPT-2)."""
+    return max(map(len, tokenizer.get_vocab()), default=1) or 1
 
 
 class RequestRejected(ValueError):
@@ -64,13 +73,22 @@ class Requests:
         self.decode = decode  # max_new_tokens and sampling: the defaults of what a request leaves out
         self.metrics = metrics
         self.target_dir = target_dir
+        self.longest_token = longest_token_chars(tokenizer)
+        # templates and tokenization run here, never on the event loop that streams every response; one
+        # thread, since a fast tokenizer may refuse to be used by two at once
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     # --- checking ---------------------------------------------------------------------------------
+
+    async def prepare(self, body: CompletionRequest | ChatCompletionRequest) -> Prepared:
+        """The request checked and tokenized, on the tokenizing thread."""
+        prepare = self.prepare_chat if isinstance(body, ChatCompletionRequest) else self.prepare_completion
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, prepare, body)
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         prompt = body.prompt
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = self._encode(prompt, "prompt", special_tokens=True)
         else:
             ids = list(prompt)
             too_big = [token for token in ids if token >= self.limits.vocab_size]
@@ -85,12 +103,30 @@ class Requests:
                                   "its tokenizer_config.json), so /v1/chat/completions cannot render messages; use "
                                   "/v1/completions, or serve a --target that has one", param="messages")
         messages = [{"role": message.role, "content": message.text} for message in body.messages]
+        self._bound("".join(message["content"] for message in messages), "messages")  # before rendering it all
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as error:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception)
             raise RequestRejected(f"the chat template cannot render these messages: {error}",
                                   param="messages") from None
-        return self._prepare(self.tokenizer(text, add_special_tokens=False)["input_ids"], body, "messages")
+        # the template wrote the special tokens it wants (a BOS among them) as text
+        return self._prepare(self._encode(text, "messages", special_tokens=False), body, "messages")
+
+    def _encode(self, text: str, field: str, special_tokens: bool) -> list[int]:
+        self._bound(text, field)
+        if special_tokens:
+            return encode_prompt(self.tokenizer, text)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _bound(self, text: str, field: str) -> None:
+        """Refuses a text that cannot fit the context whatever it tokenizes to, without tokenizing it: no
+        token covers more characters than the vocabulary's longest, so it holds at least this many."""
+        least = -(-len(text) // self.longest_token)
+        context = self.limits.max_context
+        if least >= context:
+            raise RequestRejected(f"this model's context holds {context} tokens, and the {field} alone is at least "
+                                  f"{least} ({len(text)} characters); shorten it", param=field,
+                                  code="context_length_exceeded")
 
     def _prepare(self, ids: list[int], body: SamplingFields, prompt_field: str) -> Prepared:
         context = self.limits.max_context

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import threading
 import time
 
 import openai
@@ -133,3 +134,35 @@ def test_connections_past_the_limit_get_503_and_the_rest_are_served():
         time.sleep(0.2)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         assert client.completions.create(model=MODEL, prompt="def f", max_tokens=2).choices[0].text is not None
+
+
+@pytest.mark.slow
+def test_a_huge_prompt_is_refused_without_stalling_the_streams_in_flight():
+    decode = DecodeConfig(mode="target-only", max_new_tokens=400)
+    with in_process_server(decode, context=1024) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        arrivals: list[float] = []
+        big_requests: list[tuple[float, float]] = []
+
+        def stream() -> None:
+            for _ in client.completions.create(model=MODEL, prompt="import os\n", max_tokens=400, temperature=1.0,
+                                               stream=True):
+                arrivals.append(time.monotonic())
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        while len(arrivals) < 20:  # under way
+            time.sleep(0.01)
+        huge = "def f(x):\n    return x\n" * 36_000  # ~900 KB, inside the 1 MiB body limit
+        for _ in range(3):
+            began = time.monotonic()
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.completions.create(model=MODEL, prompt=huge, max_tokens=4)
+            big_requests.append((began, time.monotonic()))
+            assert refused.value.code == "context_length_exceeded"
+            time.sleep(0.1)
+        streaming.join(60)
+        during = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])
+                  if any(began - 0.1 <= later <= ended + 0.5 for began, ended in big_requests)]
+        assert during, "the stream ended before the huge prompts were sent"
+        assert max(during) < 0.25, f"a gap of {max(during):.2f} s while a huge prompt was refused"
