@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import DecodeConfig
 from workers.model.runner_base import RunnerBase
-from workers.sampling import greedy_accept, probabilities, rejection_accept, sample
+from workers.sampling import greedy_accept, keyed_accept, keyed_pick, probabilities, rejection_accept, sample
 
 
 def reference_decode(target: RunnerBase, draft: RunnerBase | None, prompt: list[int], config: DecodeConfig,
@@ -27,15 +27,18 @@ def reference_decode(target: RunnerBase, draft: RunnerBase | None, prompt: list[
     draft_slot = draft.allocate_slot() if speculative else None
     tokens, draft_cached = list(prompt), 0  # draft_cached: positions of `tokens` in the draft's cache
 
-    def pick(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    def pick(logits: torch.Tensor, position: int) -> tuple[int, torch.Tensor | None]:
+        """The token at `position` from its [V] logits, and the distribution it was drawn from."""
         if generator is None:
             return int(logits.argmax()), None
         probs = probabilities(logits[None], sampling)[0]
+        if sampling.reproducible:
+            return keyed_pick(probs[None], sampling.seed, [position])[0], probs
         return sample(probs, generator), probs
 
     try:
         # the prompt in one pass; its last row gives the first token
-        next_token, _ = pick(target.forward(prompt, 0, target_slot, last=1, prompt_pass=True)[-1])
+        next_token, _ = pick(target.forward(prompt, 0, target_slot, last=1, prompt_pass=True)[-1], len(prompt))
         new = [next_token]
         while True:
             for token in new:  # commit, up to an EOS
@@ -49,14 +52,14 @@ def reference_decode(target: RunnerBase, draft: RunnerBase | None, prompt: list[
             k = min(config.k, config.max_new_tokens - generated - 1, max_context - len(tokens) - 1)
             if not speculative or k == 0:
                 logits = target.forward([tokens[-1]], len(tokens) - 1, target_slot)
-                new = [pick(logits[-1])[0]]
+                new = [pick(logits[-1], len(tokens))[0]]
                 continue
             # draft k tokens: catch the draft's cache up with the committed tokens, then one token per pass
             logits = draft.forward(tokens[draft_cached:], draft_cached, draft_slot, last=1,
                                    prompt_pass=draft_cached == 0)
             proposal, proposal_probs = [], []
             while True:
-                token, probs = pick(logits[-1])
+                token, probs = pick(logits[-1], len(tokens) + len(proposal))
                 proposal.append(token)
                 proposal_probs.append(probs)
                 if len(proposal) == k:
@@ -66,6 +69,9 @@ def reference_decode(target: RunnerBase, draft: RunnerBase | None, prompt: list[
             logits = target.forward([tokens[-1], *proposal], len(tokens) - 1, target_slot)
             if generator is None:
                 accepted, next_token = greedy_accept(logits, proposal)
+            elif sampling.reproducible:
+                accepted, next_token = keyed_accept(probabilities(logits, sampling), proposal, sampling.seed,
+                                                    len(tokens))
             else:
                 accepted, next_token = rejection_accept(probabilities(logits, sampling), proposal,
                                                         torch.stack(proposal_probs), generator)

@@ -488,11 +488,11 @@ class Scheduler:
 
     @staticmethod
     def _check_probs(sequence: Sequence, probs: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-        greedy = sequence.sampling.greedy
-        if (probs is None) != greedy or (probs is not None and tuple(probs.shape) != shape):
+        needed = sequence.sampling.needs_draft_probs
+        if (probs is not None) != needed or (probs is not None and tuple(probs.shape) != shape):
             got = "none" if probs is None else "x".join(map(str, probs.shape))
             raise RuntimeError(f"the draft sent distributions of shape {got}; expected "
-                               f"{'none (greedy)' if greedy else 'x'.join(map(str, shape))}")
+                               f"{'x'.join(map(str, shape)) if needed else 'none (greedy or position-keyed)'}")
 
     def _on_verified(self, sequence: Sequence, reply: VerifyResult) -> None:
         sequence.target_cache.settle(reply.cached, sequence.seq_id)

@@ -13,7 +13,7 @@ from torch import Tensor
 from workers.errors import SpecpipeError
 from workers.model.runner_base import RunnerBase
 from workers.model.segment import Segment
-from workers.sampling import SamplingParams, probabilities, sample
+from workers.sampling import SamplingParams, keyed_pick, probabilities, sample
 from workers.slots import SequenceSlots
 
 
@@ -89,6 +89,13 @@ class _Lane:
     rows: list[list[Tensor]] = field(default_factory=list)
     others: list[list[list[int]]] = field(default_factory=list)
 
+    def next_positions(self) -> list[int]:
+        """Where the tokens drafted next go, per branch: a DraftJob's after its cache, a branch's after its
+        head (which sits at its fork)."""
+        if isinstance(self.job, DraftJob):
+            return [self.job.start + len(self.job.feed) + len(self.tokens[0])]
+        return [fork + 1 + len(tokens) for fork, tokens in zip(self.forks, self.tokens)]
+
     def take(self, picked: list[tuple[int, Tensor | None, list[int]]]) -> None:
         for b, (token, row, next_choices) in enumerate(picked):
             self.tokens[b].append(token)
@@ -162,7 +169,8 @@ class DraftCore:
             job = lane.job
             if isinstance(job, DraftJob):
                 lane.tokens, lane.rows, lane.others = [[]], [[]], [[]]
-                lane.take(_pick(logits[-1:], job.sampling, lane.generator, job.alternatives))
+                lane.take(_pick(logits[-1:], job.sampling, lane.generator, job.alternatives,
+                                [self.runner.lengths[lane.slot]]))
                 lane.passes = job.count - 1
                 continue
             lane.end = self.runner.lengths[lane.slot]
@@ -197,7 +205,7 @@ class DraftCore:
         outcome.rows += sum(segment.rows for segment in segments)
         outcome.steps += 1
         for lane, logits in zip(stepping, self.runner.forward_batch(segments)):
-            lane.take(_pick(logits, lane.job.sampling, lane.generator, lane.job.alternatives))
+            lane.take(_pick(logits, lane.job.sampling, lane.generator, lane.job.alternatives, lane.next_positions()))
             lane.passes -= 1
 
     def _finished(self, lane: _Lane) -> Draft | Branches:
@@ -224,7 +232,8 @@ def _one_by_one(runner: RunnerBase, lane: _Lane, rows: int, steps: int) -> tuple
         logits = runner.forward([lane.heads[b]], lane.forks[b], lane.slot)
         rows, steps = rows + 1, steps + 1
         for d in range(job.count):
-            ((token, row, next_choices),) = _pick(logits[-1:], job.sampling, lane.generator, job.alternatives)
+            ((token, row, next_choices),) = _pick(logits[-1:], job.sampling, lane.generator, job.alternatives,
+                                                  [lane.forks[b] + 1 + d])
             lane.tokens[b].append(token)
             lane.others[b].append(next_choices)
             if row is not None:
@@ -236,14 +245,18 @@ def _one_by_one(runner: RunnerBase, lane: _Lane, rows: int, steps: int) -> tuple
     return rows, steps
 
 
-def _pick(logits: Tensor, sampling: SamplingParams, generator: torch.Generator | None,
-          alternatives: int) -> list[tuple[int, Tensor | None, list[int]]]:
-    """Per row of logits [R, V]: the chosen token (argmax, or drawn), the distribution it was drawn
-    from (sampling only) and the `alternatives` likeliest other tokens, likeliest first."""
+def _pick(logits: Tensor, sampling: SamplingParams, generator: torch.Generator | None, alternatives: int,
+          positions: list[int]) -> list[tuple[int, Tensor | None, list[int]]]:
+    """Per row of logits [R, V], for the token at positions[r]: the chosen token (argmax, drawn, or picked by
+    the position-keyed race), the distribution it was drawn from (rejection sampling only) and the
+    `alternatives` likeliest other tokens, likeliest first."""
     top = logits.topk(min(alternatives + 1, logits.shape[-1]), dim=-1).indices.tolist()
     if sampling.greedy:
         return [(row[0], None, row[1:]) for row in top]
     probs = probabilities(logits, sampling)
+    if sampling.reproducible:
+        tokens = keyed_pick(probs, sampling.seed, positions)
+        return [(token, None, [t for t in row if t != token][:alternatives]) for token, row in zip(tokens, top)]
     picked = []
     for r, row in enumerate(top):
         token = sample(probs[r], generator)

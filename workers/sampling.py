@@ -3,6 +3,16 @@
 The same `SamplingParams` shape both models' distributions (temperature, then top-k, then top-p),
 so speculative sampling reproduces the target's *filtered* distribution exactly, as vLLM does.
 Temperature 0 means greedy.
+
+Two ways to sample speculatively, both exact:
+  * rejection sampling (the default): the most drafted tokens accepted, but what comes out depends on
+    how the randomness of each sequence's generator was consumed, which depends on window sizes and timing;
+  * position-keyed (`reproducible`): the token at position t is argmax_x p_t(x) / E_t(x), with E_t ~ Exp(1)
+    drawn from (seed, t) alone: an exact draw from p_t (the exponential race, i.e. the Gumbel-max trick),
+    and the same whatever was drafted. The draft proposes argmax_x q_t(x) / E_t(x) with the same noise, so
+    it is accepted where the two races have the same winner: a little less often than under rejection
+    sampling (at total variation d, at most 2d/(1+d) of the tokens mismatch instead of d), in exchange for
+    the same seed and prompt giving the same text in every mode, batch and run.
 """
 
 from __future__ import annotations
@@ -23,10 +33,16 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
+    reproducible: bool = False  # position-keyed noise: the same seed and prompt give the same text (see above)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_draft_probs(self) -> bool:
+        """Whether verifying a draft needs the distributions its tokens were drawn from (rejection sampling)."""
+        return not self.greedy and not self.reproducible
 
     def validate(self, vocab_size: int | None = None) -> None:
         """The one check of sampling settings, at the coordinator (before any process starts) and at each
@@ -105,3 +121,38 @@ def rejection_accept(
         # p == q leaves no residual mass; then any rejection had probability 0, so fall back to p
         return i, sample(residual / total if total > 0 else target_probs[i], generator)
     return len(drafted), sample(target_probs[len(drafted)], generator)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _position_seed(seed: int, position: int) -> int:
+    """A generator seed for (seed, position): splitmix64's finaliser, the same on every host and Python."""
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & (_MASK64 >> 1)
+
+
+def position_noise(seed: int, position: int, vocab_size: int) -> Tensor:
+    """[V] float32 Exp(1) draws belonging to one position of a sequence with this seed."""
+    generator = torch.Generator().manual_seed(_position_seed(seed, position))
+    return torch.empty(vocab_size).exponential_(generator=generator)
+
+
+def keyed_pick(probs: Tensor, seed: int, positions: list[int]) -> list[int]:
+    """Per row of [R, V] probabilities, the token the exponential race keyed by (seed, positions[r]) picks:
+    an exact draw from that row, and the same wherever and however often it is computed."""
+    noise = torch.stack([position_noise(seed, position, probs.shape[-1]) for position in positions])
+    return (probs.float() / noise.to(probs.device)).argmax(-1).tolist()
+
+
+def keyed_accept(target_probs: Tensor, drafted: list[int], seed: int, first_position: int) -> tuple[int, int]:
+    """Position-keyed verification: the longest prefix of `drafted` that the target's own keyed picks agree
+    with, and the target's pick after it. target_probs: [len(drafted) + 1, V], row i for the token at
+    first_position + i."""
+    choices = keyed_pick(target_probs, seed, list(range(first_position, first_position + len(drafted) + 1)))
+    accepted = 0
+    while accepted < len(drafted) and drafted[accepted] == choices[accepted]:
+        accepted += 1
+    return accepted, choices[accepted]

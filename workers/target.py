@@ -9,7 +9,7 @@ from torch import Tensor
 from workers.errors import SpecpipeError
 from workers.model.runner_base import RunnerBase
 from workers.model.segment import Segment
-from workers.sampling import SamplingParams, greedy_accept, probabilities, rejection_accept
+from workers.sampling import SamplingParams, greedy_accept, keyed_accept, probabilities, rejection_accept
 from workers.slots import SequenceSlots
 
 
@@ -75,7 +75,7 @@ class TargetCore:
     def _segment(self, window: Window) -> Segment:
         if not 0 <= window.drafted < len(window.feed):
             raise ValueError(f"a window of {len(window.feed)} tokens cannot carry {window.drafted} drafted ones")
-        if window.drafted and not window.sampling.greedy and (
+        if window.drafted and window.sampling.needs_draft_probs and (
                 window.draft_probs is None
                 or tuple(window.draft_probs.shape) != (window.drafted, self.runner.config.vocab_size)):
             raise ValueError(f"sampling needs the draft's distributions for all {window.drafted} drafted tokens")
@@ -92,6 +92,10 @@ class TargetCore:
         proposal = window.feed[len(window.feed) - drafted :]
         if window.sampling.greedy:
             accepted, next_token = greedy_accept(logits, proposal)
+        elif window.sampling.reproducible:  # logits row i is for the token at this position + i
+            first_position = window.start + len(window.feed) - drafted
+            accepted, next_token = keyed_accept(probabilities(logits, window.sampling), proposal,
+                                                window.sampling.seed, first_position)
         else:
             generator = self.slots.generator(window.seq_id, window.sampling.seed)
             accepted, next_token = rejection_accept(probabilities(logits, window.sampling), proposal,

@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.prompts import select_prompts
 from pipeline.serving.config import BenchServeConfig
 from workers.models import HELDOUT_PROMPTS
+from workers.sampling import MAX_SEED
 
 REQUEST_TIMEOUT_S = 600.0  # the client's timeout: bounds how long a request in flight may still run
 METRICS_TIMEOUT_S = 10.0
@@ -232,6 +233,12 @@ def _chunk_tokens(choice: object) -> int:
     return 1 if getattr(choice, "text", "") else 0
 
 
+def request_seed(seed: int, index: int) -> int:
+    """Request `index`'s seed: a run is repeatable (the server samples each request from its seed alone),
+    and its requests do not all draw the same noise."""
+    return (seed + index) % MAX_SEED
+
+
 async def one_request(client: openai.AsyncOpenAI, config: BenchServeConfig, model: str, index: int, prompt: str,
                       t0: float) -> RequestRecord:
     sampling = config.sampling
@@ -246,7 +253,7 @@ async def one_request(client: openai.AsyncOpenAI, config: BenchServeConfig, mode
     try:
         stream = await client.completions.create(
             model=model, prompt=prompt, max_tokens=config.load.max_new_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=sampling.seed, stream=True, stream_options={"include_usage": True},
+            top_p=sampling.top_p, seed=request_seed(sampling.seed, index), stream=True, stream_options={"include_usage": True},
             extra_body=extra_body)
         async with stream:
             async for chunk in stream:

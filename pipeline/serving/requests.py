@@ -150,6 +150,7 @@ class Requests:
             top_k=default.top_k if body.top_k is None else max(body.top_k, 0),
             top_p=default.top_p if body.top_p is None else body.top_p,
             seed=default.seed if body.seed is None else body.seed,
+            reproducible=body.seed is not None,  # a seed asked for is a promise: the same request, the same text
         )
         try:
             sampling.validate(self.limits.vocab_size)

@@ -146,3 +146,22 @@ def test_common_prefix_agrees_with_the_definition():
         b = a[: rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 5))]
         expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert common_prefix(a, b) == common_prefix(b, a) == expected
+
+
+def test_position_keyed_sampling_gives_the_same_text_in_every_mode_window_and_batch(pair, baseline):
+    # the same seed and prompt, the same tokens: whatever was drafted, how windows fell and what shared a batch
+    draft, target, prompts, limits = pair
+    sampling = SamplingParams(1.0, seed=11, reproducible=True)
+    alone = [reference_decode(target, None, p, DecodeConfig(mode="target-only", max_new_tokens=40, sampling=sampling),
+                              limits.eos_ids) for p in prompts]
+    assert alone != baseline  # it samples
+    accepted = 0
+    for timing, config in (("target-first", {"mode": "overlap", "k": 3, "concurrency": 3}),
+                           ("draft-first", {"mode": "overlap", "k": 4, "k_policy": "goodput", "concurrency": 2})):
+        sequences = run(pair, timing, max_new_tokens=40, sampling=sampling, **config)
+        assert [s.generated for s in sequences] == alone, config
+        accepted += sum(s.stats.accepted for s in sequences)
+    assert accepted > 0  # the draft's keyed picks agree with the target's
+    other_seed = DecodeConfig(mode="serial", k=2, max_new_tokens=40,
+                              sampling=SamplingParams(1.0, seed=12, reproducible=True))
+    assert reference_decode(target, draft, prompts[0], other_seed, limits.eos_ids) != alone[0]

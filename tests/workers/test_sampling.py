@@ -11,7 +11,9 @@ from pipeline.config import DecodeConfig
 from pipeline.generation import ModelLimits, generate
 from pipeline.local import LocalTransport
 from workers.model import ModelRunner
-from workers.sampling import SamplingParams, greedy_accept, probabilities, rejection_accept, sample
+from workers.sampling import (
+    SamplingParams, greedy_accept, keyed_accept, keyed_pick, probabilities, rejection_accept, sample,
+)
 
 CHI2_CRITICAL = {5: 20.52}  # chi-square quantile at p = 0.001
 
@@ -52,6 +54,22 @@ def test_rejection_rule_reproduces_the_target_distribution():
 
 def test_the_test_catches_a_broken_rule():
     assert chi_square(emitted_first_tokens(broken_accept), P[0]) > CHI2_CRITICAL[5]
+
+
+def test_the_position_keyed_race_draws_from_the_distribution_and_is_the_same_each_time():
+    positions = list(range(40_000))
+    picks = keyed_pick(P[:1].expand(len(positions), 6), seed=5, positions=positions)
+    assert chi_square(torch.bincount(torch.tensor(picks), minlength=6).float(), P[0]) < CHI2_CRITICAL[5]
+    assert keyed_pick(P[:1], seed=5, positions=[17]) == [picks[17]]  # a function of (seed, position) alone
+    assert keyed_pick(P[:1].expand(50, 6), seed=6, positions=positions[:50]) != picks[:50]
+
+
+def test_position_keyed_verification_emits_the_targets_own_picks_whatever_was_drafted():
+    target_probs = torch.cat([P, P[:1]])
+    own = keyed_pick(target_probs, seed=9, positions=[30, 31, 32])
+    for drafted in ([own[0], own[1]], [own[0], (own[1] + 1) % 6], [(own[0] + 1) % 6, own[1]]):
+        accepted, next_token = keyed_accept(target_probs, drafted, seed=9, first_position=30)
+        assert (drafted[:accepted] + [next_token]) == own[: accepted + 1]
 
 
 def test_greedy_accept():
@@ -107,14 +125,14 @@ def tiny_runner(tmp_path, name, seed):
 PROMPT = [3, 1, 4]
 
 
-def window_token_counts(draft, target, mode, runs=3000, concurrency=1):
+def window_token_counts(draft, target, mode, runs=3000, concurrency=1, reproducible=False):
     """Counts of (2nd, 3rd) generated token: the 1st comes from the prefill, these two from a k=2 window.
     With `concurrency` > 1 that many sequences of the prompt are decoded at once, every window of them
     verified in one target pass (each sequence draws from its own seeded stream)."""
     counts = torch.zeros(64)
     limits = ModelLimits(8, frozenset(), 64)
     for seed in range(runs // concurrency):
-        config = DecodeConfig(mode=mode, k=2, max_new_tokens=4, k_policy="fixed", sampling=SamplingParams(1.0, seed=seed))
+        config = DecodeConfig(mode=mode, k=2, max_new_tokens=4, k_policy="fixed", sampling=SamplingParams(1.0, seed=seed, reproducible=reproducible))
         sequences, engine = generate(LocalTransport(draft, target, through_wire=False), [PROMPT] * concurrency,
                                      config, limits, concurrency)
         if concurrency > 1:  # the windows really shared target passes
@@ -164,6 +182,13 @@ def tiny_pair(tmp_path_factory):
 def test_pipeline_sampling_matches_the_target(tiny_pair, mode):
     draft, target = tiny_pair
     statistic, dof = pooled_chi_square(window_token_counts(draft, target, mode), exact_window_token_probs(target), 3000)
+    assert statistic < chi2_critical(dof)
+
+
+def test_position_keyed_pipeline_sampling_matches_the_target(tiny_pair):
+    draft, target = tiny_pair
+    counts = window_token_counts(draft, target, "overlap", reproducible=True)
+    statistic, dof = pooled_chi_square(counts, exact_window_token_probs(target), 3000)
     assert statistic < chi2_critical(dof)
 
 

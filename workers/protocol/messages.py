@@ -18,7 +18,7 @@ from torch import Tensor
 
 from workers.sampling import SamplingParams as Sampling
 
-PROTOCOL_VERSION = 4  # 4: batched requests (TargetBatch, DraftBatch) and prompt chunks; 3: typed tensors
+PROTOCOL_VERSION = 5  # 5: position-keyed sampling (SamplingParams.reproducible); 4: batched requests (TargetBatch, DraftBatch) and prompt chunks; 3: typed tensors
 ROLES = ("draft", "target")  # the two kinds of worker (Ready.role, `specpipe worker --role`)
 
 

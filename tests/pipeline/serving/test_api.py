@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -365,3 +366,20 @@ def test_the_api_key_is_required_when_set():
         assert good.completions.create(model=MODEL, prompt="hi").usage.completion_tokens == 2
         with urllib.request.urlopen(guarded.url + "/health", timeout=10) as response:
             assert response.status == 200  # probes need no key
+
+
+def test_two_identical_seeded_requests_return_the_same_text_whatever_else_runs(server, client):
+    ask = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 24, "temperature": 1.0, "seed": 1234,
+           "extra_body": {"return_token_ids": True}}
+    alone = client.completions.create(**ask).choices[0]
+    with ThreadPoolExecutor(4) as pool:  # the second time beside three other streams: other batches, other windows
+        others = [pool.submit(client.completions.create, model=MODEL, prompt=prompt, max_tokens=24, temperature=1.0)
+                  for prompt in PROMPTS[1:4]]
+        again = pool.submit(client.completions.create, **ask).result().choices[0]
+        [other.result() for other in others]
+    assert again.text == alone.text and again.model_extra["token_ids"] == alone.model_extra["token_ids"]
+    unseeded = {key: value for key, value in ask.items() if key != "seed"}
+    texts = {client.completions.create(**unseeded).choices[0].text for _ in range(3)}
+    assert len(texts) > 1  # without a seed, each request draws afresh
+    other_seed = client.completions.create(**{**ask, "seed": 4321}).choices[0]
+    assert other_seed.model_extra["token_ids"] != alone.model_extra["token_ids"]

@@ -156,6 +156,7 @@ def test_every_request_completes_with_its_token_counts(server, stub):
     body = stub.bodies[0]
     assert (body["model"], body["max_tokens"], body["temperature"], body["seed"]) == ("stub-model", 8, 0.5, 3)
     assert (body["top_k"], body["return_token_ids"], body["stream"]) == (5, True, True)
+    assert sorted(body["seed"] for body in stub.bodies) == [3, 4, 5, 6, 7, 8]  # repeatable, and each its own
 
 
 def test_top_k_is_left_out_when_off(server, stub):
