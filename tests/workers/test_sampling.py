@@ -1,5 +1,6 @@
 """Speculative sampling emits tokens distributed exactly as the target's own sampling."""
 
+import functools
 import itertools
 
 import pytest
@@ -112,6 +113,8 @@ def test_top_k_is_held_to_the_vocabulary_where_it_is_known():
 
 
 BATCH = 4  # sequences decoded at once in the batched runs
+RUNS = 3000  # generations per chi-square test: test_pipeline_with_a_broken_rule_fails shows this many catch a bug
+VARIANT_RUNS = 1500  # for the variants of the serial and overlap checks (batched, position-keyed, drafted ahead)
 
 
 def tiny_runner(tmp_path, name, seed):
@@ -125,7 +128,7 @@ def tiny_runner(tmp_path, name, seed):
 PROMPT = [3, 1, 4]
 
 
-def window_token_counts(draft, target, mode, runs=3000, concurrency=1, reproducible=False):
+def window_token_counts(draft, target, mode, runs=RUNS, concurrency=1, reproducible=False):
     """Counts of (2nd, 3rd) generated token: the 1st comes from the prefill, these two from a k=2 window.
     With `concurrency` > 1 that many sequences of the prompt are decoded at once, every window of them
     verified in one target pass (each sequence draws from its own seeded stream)."""
@@ -181,22 +184,22 @@ def tiny_pair(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["serial", "overlap"])
 def test_pipeline_sampling_matches_the_target(tiny_pair, mode):
     draft, target = tiny_pair
-    statistic, dof = pooled_chi_square(window_token_counts(draft, target, mode), exact_window_token_probs(target), 3000)
+    statistic, dof = pooled_chi_square(window_token_counts(draft, target, mode), exact_window_token_probs(target), RUNS)
     assert statistic < chi2_critical(dof)
 
 
 def test_position_keyed_pipeline_sampling_matches_the_target(tiny_pair):
     draft, target = tiny_pair
-    counts = window_token_counts(draft, target, "overlap", reproducible=True)
-    statistic, dof = pooled_chi_square(counts, exact_window_token_probs(target), 3000)
+    counts = window_token_counts(draft, target, "overlap", runs=VARIANT_RUNS, reproducible=True)
+    statistic, dof = pooled_chi_square(counts, exact_window_token_probs(target), VARIANT_RUNS)
     assert statistic < chi2_critical(dof)
 
 
 @pytest.mark.parametrize("mode", ["serial", "overlap"])
 def test_batched_sampling_matches_the_target(tiny_pair, mode):
     draft, target = tiny_pair
-    counts = window_token_counts(draft, target, mode, concurrency=BATCH)
-    statistic, dof = pooled_chi_square(counts, exact_window_token_probs(target), 3000)
+    counts = window_token_counts(draft, target, mode, runs=VARIANT_RUNS, concurrency=BATCH)
+    statistic, dof = pooled_chi_square(counts, exact_window_token_probs(target), VARIANT_RUNS)
     assert statistic < chi2_critical(dof)
 
 
@@ -218,9 +221,13 @@ def second_window_counts(draft, target, temperature, runs):
 
 def exact_second_window_probs(target, temperature):
     """p(4th, 5th) under the target alone at `temperature`, the first three tokens summed out."""
-    def next_probs(tokens):
+    @functools.cache
+    def next_probs_of(tokens: tuple[int, ...]):
         target.truncate(0, 0)
-        return torch.softmax(target.forward(tokens, 0)[-1] / temperature, -1)
+        return torch.softmax(target.forward(list(tokens), 0)[-1] / temperature, -1)
+
+    def next_probs(tokens):
+        return next_probs_of(tuple(tokens))
 
     exact = torch.zeros(64)
     for prefix in itertools.product(range(8), repeat=3):
@@ -236,7 +243,7 @@ def exact_second_window_probs(target, temperature):
 
 def test_windows_drafted_ahead_for_a_rejection_keep_the_target_distribution(tiny_pair):
     draft, target = tiny_pair
-    runs = 3000
+    runs = VARIANT_RUNS
     counts, from_rejections = second_window_counts(draft, target, 2.0, runs)  # flatter than the models' own
     assert from_rejections > runs / 10  # windows drafted for a rejected token were really used
     statistic, dof = pooled_chi_square(counts, exact_second_window_probs(target, 2.0), runs)
@@ -246,5 +253,5 @@ def test_windows_drafted_ahead_for_a_rejection_keep_the_target_distribution(tiny
 def test_pipeline_with_a_broken_rule_fails(tiny_pair, monkeypatch):
     draft, target = tiny_pair
     monkeypatch.setattr(workers.target, "rejection_accept", broken_accept)
-    statistic, dof = pooled_chi_square(window_token_counts(draft, target, "serial"), exact_window_token_probs(target), 3000)
+    statistic, dof = pooled_chi_square(window_token_counts(draft, target, "serial"), exact_window_token_probs(target), RUNS)
     assert statistic > chi2_critical(dof)

@@ -83,14 +83,30 @@ def check_weight_names(config: ModelConfig, hf: dict[str, Tensor], directory: st
         )
 
 
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")  # a tokenizer.json and nothing more
+
+
+def _tokenizer_class(path: Path) -> str | None:
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_tokenizer(directory: str | Path) -> Any:
     """The checkpoint's tokenizer through transformers' AutoTokenizer (never downloads)."""
     path = Path(directory)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"checkpoint {str(path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    from transformers import AutoTokenizer
-
     try:
+        if _tokenizer_class(path) in PLAIN_TOKENIZER_CLASSES:
+            # what AutoTokenizer picks for these, without importing the model's config class first (seconds of
+            # transformers imports at every command's start)
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as error:
         raise CheckpointError(f"cannot load the tokenizer in {str(path)!r}: {error}") from None
