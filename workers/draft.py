@@ -169,8 +169,7 @@ class DraftCore:
             job = lane.job
             if isinstance(job, DraftJob):
                 lane.tokens, lane.rows, lane.others = [[]], [[]], [[]]
-                lane.take(_pick(logits[-1:], job.sampling, lane.generator, job.alternatives,
-                                [self.runner.lengths[lane.slot]]))
+                lane.take(_pick(logits[-1:], job.sampling, lane.generator, job.alternatives, lane.next_positions()))
                 lane.passes = job.count - 1
                 continue
             lane.end = self.runner.lengths[lane.slot]
@@ -233,7 +232,7 @@ def _one_by_one(runner: RunnerBase, lane: _Lane, rows: int, steps: int) -> tuple
         rows, steps = rows + 1, steps + 1
         for d in range(job.count):
             ((token, row, next_choices),) = _pick(logits[-1:], job.sampling, lane.generator, job.alternatives,
-                                                  [lane.forks[b] + 1 + d])
+                                                  lane.next_positions()[b : b + 1])
             lane.tokens[b].append(token)
             lane.others[b].append(next_choices)
             if row is not None:

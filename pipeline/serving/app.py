@@ -31,7 +31,8 @@ from pipeline.serving.requests import GenerationFailed, Piece, Prepared, Request
 RETRY_AFTER_S = 1
 DRAIN_LIMIT_BYTES = 64 << 20  # an oversized body is read (and dropped) this far, so the client sees the 413
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+               408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable"}
 
 
 @dataclass

@@ -253,8 +253,8 @@ async def one_request(client: openai.AsyncOpenAI, config: BenchServeConfig, mode
     try:
         stream = await client.completions.create(
             model=model, prompt=prompt, max_tokens=config.load.max_new_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=request_seed(sampling.seed, index), stream=True, stream_options={"include_usage": True},
-            extra_body=extra_body)
+            top_p=sampling.top_p, seed=request_seed(sampling.seed, index), stream=True,
+            stream_options={"include_usage": True}, extra_body=extra_body)
         async with stream:
             async for chunk in stream:
                 now = time.perf_counter()

@@ -12,10 +12,10 @@ from typing import Any
 
 from pipeline.config import DecodeConfig
 from pipeline.generation import ModelLimits
+from pipeline.prompts import encode_prompt
 from pipeline.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from pipeline.serving.engine_loop import EngineLoop, Finished, RequestStream
 from pipeline.serving.metrics import ServingMetrics
-from pipeline.prompts import encode_prompt
 from pipeline.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from workers.sampling import SamplingParams
 
@@ -88,7 +88,8 @@ class Requests:
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         prompt = body.prompt
         if isinstance(prompt, str):
-            ids = self._encode(prompt, "prompt", special_tokens=True)
+            self._bound(prompt, "prompt")
+            ids = encode_prompt(self.tokenizer, prompt)
         else:
             ids = list(prompt)
             too_big = [token for token in ids if token >= self.limits.vocab_size]
@@ -109,14 +110,9 @@ class Requests:
         except Exception as error:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception)
             raise RequestRejected(f"the chat template cannot render these messages: {error}",
                                   param="messages") from None
+        self._bound(text, "messages")
         # the template wrote the special tokens it wants (a BOS among them) as text
-        return self._prepare(self._encode(text, "messages", special_tokens=False), body, "messages")
-
-    def _encode(self, text: str, field: str, special_tokens: bool) -> list[int]:
-        self._bound(text, field)
-        if special_tokens:
-            return encode_prompt(self.tokenizer, text)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._prepare(self.tokenizer(text, add_special_tokens=False)["input_ids"], body, "messages")
 
     def _bound(self, text: str, field: str) -> None:
         """Refuses a text that cannot fit the context whatever it tokenizes to, without tokenizing it: no

@@ -1,10 +1,12 @@
 """Garbage at a live worker and at the coordinator's decoder: no crash, no hang, the worker keeps serving."""
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
 import time
 import typing
+from collections.abc import Iterator
 
 import msgpack
 import pytest
@@ -95,15 +97,10 @@ def worker(request, tmp_path_factory):
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "--role", role, "--checkpoint",
                                 str(checkpoint), "--bind", address, "--slots", "4", "--max-seq-len", "256"],
                                stderr=log, stdin=subprocess.DEVNULL)
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(address)
-    socket.send(encode(Hello(0)))
-    assert isinstance(reply(socket, timeout_ms=120_000), Ready)
-    yield LiveWorker(role, process, socket, address, log)
-    socket.close(0)
-    context.term()
+    with peer(address) as socket:
+        socket.send(encode(Hello(0)))
+        assert isinstance(reply(socket, timeout_ms=120_000), Ready)
+        yield LiveWorker(role, process, socket, address, log)
     process.terminate()
     process.wait(10)
     log.close()
@@ -121,6 +118,20 @@ class LiveWorker:
         self.log.flush()
         self.log.seek(0)
         return self.log.read()
+
+
+@contextlib.contextmanager
+def peer(address: str) -> Iterator[zmq.Socket]:
+    """A DEALER connected to a worker, as a coordinator's is."""
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(address)
+    try:
+        yield socket
+    finally:
+        socket.close(0)
+        context.term()
 
 
 def reply(socket: zmq.Socket, timeout_ms: int = REPLY_TIMEOUT_MS) -> object:
@@ -188,11 +199,7 @@ def test_a_tensor_no_message_could_fill_is_refused_and_the_worker_goes_on(worker
 
 @pytest.mark.slow
 def test_a_peer_that_does_not_own_the_worker_is_refused_every_request(worker):
-    context = zmq.Context()
-    stranger = context.socket(zmq.DEALER)
-    stranger.setsockopt(zmq.LINGER, 0)
-    stranger.connect(worker.address)
-    try:
+    with peer(worker.address) as stranger:
         for example in EXAMPLES:
             if isinstance(example, Hello):
                 continue  # a Hello is how a coordinator takes a worker (test_second_coordinator)
@@ -201,26 +208,18 @@ def test_a_peer_that_does_not_own_the_worker_is_refused_every_request(worker):
             assert isinstance(answer, ErrorReply) and not answer.fatal, (example, answer)
             assert "serves another coordinator" in answer.message
         assert "refused a TraceCollect from a peer that does not own this worker" in worker.logged()
-    finally:
-        stranger.close(0)
-        context.term()
     assert_serves(worker)
 
 
 @pytest.mark.slow
 def test_oversized_and_multipart_messages_are_dropped(worker):
-    context = zmq.Context()
-    client = context.socket(zmq.DEALER)
-    client.setsockopt(zmq.LINGER, 0)
-    client.connect(worker.address)
-    client.send(b"\x00" * (MAX_MESSAGE_BYTES + 1))  # libzmq closes the connection; the client reconnects
-    client.send_multipart([encode(Ping(1)), b"second frame"])  # not one frame: ignored
-    time.sleep(0.5)
-    client.send(encode(Ping(2)))
-    answer = reply(client)  # answered (a refusal: this client does not own the worker)
-    assert isinstance(answer, ErrorReply) and "serves another coordinator" in answer.message
-    client.close(0)
-    context.term()
+    with peer(worker.address) as client:
+        client.send(b"\x00" * (MAX_MESSAGE_BYTES + 1))  # libzmq closes the connection; the client reconnects
+        client.send_multipart([encode(Ping(1)), b"second frame"])  # not one frame: ignored
+        time.sleep(0.5)
+        client.send(encode(Ping(2)))
+        answer = reply(client)  # answered (a refusal: this client does not own the worker)
+        assert isinstance(answer, ErrorReply) and "serves another coordinator" in answer.message
     assert_serves(worker)
     assert "sent a message over the size limit" in worker.logged()
 
