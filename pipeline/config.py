@@ -1,10 +1,10 @@
 """What a user asks of the pipeline: frozen dataclasses, one per concern, one field per CLI option.
 
-`pipeline.options` defines each option once and names the field it fills (fields are named after
+`pipeline.cli.options` defines each option once and names the field it fills (fields are named after
 their options, and a name occurs once in any command's config); commands build their config objects
-(LaunchConfig in pipeline.launch, BenchConfig, ProfileConfig) from these with
-`pipeline.option.config_from` and pass them down whole. The scheduler imports this module, so it
-holds no ZeroMQ: the liveness settings (LivenessConfig) live with the launcher.
+(LaunchConfig in pipeline.cli.launch, BenchConfig, ProfileConfig) from these with
+`pipeline.cli.parameters.config_from` and pass them down whole. The scheduler imports this module, so it
+holds no ZeroMQ: the liveness settings (LivenessConfig) live with the cluster (pipeline.runtime.cluster).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.models import DRAFT_DIR, TARGET_DIR
+from workers.bundled import DRAFT_DIR, TARGET_DIR
 from workers.protocol.limits import MAX_BRANCHES
 from workers.sampling import SamplingParams
-from workers.spec import AUTO_DTYPE
+from workers.worker_settings import AUTO_DTYPE
 
 MODES = ("overlap", "serial", "target-only")
 # How each sequence's window size is chosen (--k-policy): always --k; adapted per sequence between 1 and
-# --k (assisted generation's schedule); or by the goodput controller, between 0 and --k (pipeline.speculation).
+# --k (assisted generation's schedule); or by the goodput controller, between 0 and --k (pipeline.algorithm.speculation).
 K_POLICIES = ("fixed", "adaptive", "goodput")
 
 
@@ -99,7 +99,7 @@ class WorkersConfig:
     draft_device: str = "cpu"
     target_device: str = "cpu"
     threads: int = 1  # per worker
-    dtype: str = AUTO_DTYPE  # resolved by each worker for its device (workers.spec.resolved_dtype)
+    dtype: str = AUTO_DTYPE  # resolved by each worker for its device (workers.worker_settings.resolved_dtype)
     # niceness added to a draft that shares the coordinator's core: 0 = none, no worker below the coordinator
     draft_nice: int = 0
 

@@ -12,12 +12,12 @@ vendored copies of other projects, files over --max-bytes and machine-generated 
 over the whole corpus by sha256 of the content with trailing whitespace stripped (held-out packages
 first, then the rest in list order: the first keeps a file). Whole packages are held out (HELDOUT).
 The standard library of this interpreter is one more training package (python-stdlib, PSF), less the
-files the bundled target held out (workers/models/target/heldout_files.txt), which stay for evaluation.
+files the bundled target held out (workers/bundled/target/heldout_files.txt), which stay for evaluation.
 
 Outputs:
     <out>/train/<package>/<path>, <out>/heldout/<package>/<path>   copies of the kept files
     <docs>/packages.tsv, <docs>/manifest.tsv                        the listing, committed to the repo
-    workers/models/heldout_packages_prompts.jsonl                   64 prompts from the held-out packages,
+    workers/bundled/heldout_packages_prompts.jsonl                   64 prompts from the held-out packages,
                                                                     made as make_heldout_prompts.py does
 
     python scripts/build_corpus.py --out /work/corpus    # keep <out> outside the repo

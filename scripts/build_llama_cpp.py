@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from pipeline.bench.llama_cpp import LLAMA_CPP_PYTHON, LlamaCppBuild, LlamaServer, ServerConfig, default_root
-from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 
 TARGETS = ("llama-server", "llama-bench")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
@@ -114,10 +114,10 @@ def convert(tree: Path, build: LlamaCppBuild, checkpoint: Path, deps: Path) -> P
 def ours(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """specpipe's target-only greedy tokens, in this process (the workers' default dtype on this CPU)."""
     from pipeline.config import DecodeConfig
-    from pipeline.generation import ModelLimits, generate
-    from pipeline.local import LocalTransport
+    from pipeline.algorithm.generation import ModelLimits, generate
+    from pipeline.runtime.in_process import LocalTransport
     from workers.model import ModelRunner
-    from workers.spec import resolved_dtype
+    from workers.worker_settings import resolved_dtype
 
     runner = ModelRunner.from_checkpoint(target, dtype=resolved_dtype("auto", "cpu"))
     limits = ModelLimits(runner.config.vocab_size, frozenset(runner.config.eos_token_ids), runner.max_seq_len)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from workers.model import ModelRunner
-from workers.models import DRAFT_DIR, TARGET_DIR
+from workers.bundled import DRAFT_DIR, TARGET_DIR
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ draft's single-token decode cost against the target's, on target-written continu
 The same as `specpipe distill --eval-only`, with any list of k.
 
     python scripts/eval_pair.py                      # bundled pair, held-out stdlib prompts, k = 1,3,5
-    python scripts/eval_pair.py --prompts-file workers/models/heldout_packages_prompts.jsonl --k 1,3,5,8
+    python scripts/eval_pair.py --prompts-file workers/bundled/heldout_packages_prompts.jsonl --k 1,3,5,8
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.distill.evaluate import evaluate_pair
 from pipeline.prompts import read_prompts_file
-from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 
 
 def main() -> None:

@@ -1,12 +1,12 @@
 """Writes the held-out code prompt set shipped with the bundled pair.
 
 Each prompt is a run of whole lines (about --chars characters) from one of the held-out standard
-library files listed in workers/models/target/heldout_files.txt, at a seeded random line. Machine-generated
+library files listed in workers/bundled/target/heldout_files.txt, at a seeded random line. Machine-generated
 character-map codec tables (encodings/cp*.py and the like, made by gencodec.py) are left out: they
 are nearly a lookup and would flatter acceptance. Output:
 one JSON string per line, the format `specpipe launch --prompts-file` reads.
 
-    python scripts/make_heldout_prompts.py          # rewrites workers/models/heldout_prompts.jsonl
+    python scripts/make_heldout_prompts.py          # rewrites workers/bundled/heldout_prompts.jsonl
 """
 
 from __future__ import annotations

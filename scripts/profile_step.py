@@ -32,7 +32,7 @@ import torch
 from pipeline.bench.run import machine
 from workers.backends import cpu_native
 from workers.model import ModelRunner
-from workers.models import DRAFT_DIR, TARGET_DIR
+from workers.bundled import DRAFT_DIR, TARGET_DIR
 
 
 def median_us(fn, repeats: int) -> float:
@@ -103,8 +103,8 @@ def torch_path_profile(directory: Path, context: int, repeats: int) -> dict:
 def pipeline_round_trip(prompts: int, new_tokens: int) -> dict:
     """Target-only through the real pipeline: median decode round trip, and the worker's compute within it."""
     from pipeline.config import DecodeConfig, ModelsConfig, WorkersConfig
-    from pipeline.generation import generate
-    from pipeline.launcher import LocalCluster, cluster_config
+    from pipeline.algorithm.generation import generate
+    from pipeline.runtime.cluster import LocalCluster, cluster_config
 
     config = cluster_config(ModelsConfig(), WorkersConfig(), "target-only")
     with LocalCluster(config) as cluster:

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 from pipeline.config import DecodeConfig, ModelsConfig, WorkersConfig
-from pipeline.generation import generate
-from pipeline.launcher import LocalCluster, cluster_config
+from pipeline.algorithm.generation import generate
+from pipeline.runtime.cluster import LocalCluster, cluster_config
 from pipeline.prompts import encode_prompt
 from workers.model.checkpoint import load_tokenizer
-from workers.models import HELDOUT_PROMPTS, TARGET_DIR
-from workers.spec import resolved_dtype
+from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
+from workers.worker_settings import resolved_dtype
 
 
 def rss_mb(pid: int) -> float:

@@ -1,7 +1,7 @@
 """Trains specpipe's bundled draft/target pair: the target's own pre-training, then `specpipe distill`.
 
     python scripts/build_corpus.py --out /work/corpus                 # the corpus, split by package
-    python scripts/train_pair.py --corpus /work/corpus/train --out runs/pair --export workers/models
+    python scripts/train_pair.py --corpus /work/corpus/train --out runs/pair --export workers/bundled
 
 Phases, each resumable (state is saved under --out and a rerun continues where it stopped):
   1. tokenizer: byte-level BPE (tokenizers), trained on the training files only;

@@ -15,7 +15,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from workers.curve import is_loopback, load_key_pair, load_public_keys
 from workers.errors import SpecpipeError
-from workers.spec import WorkerSpec
+from workers.worker_settings import WorkerSettings
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class AuthorizedKeys:
         return key in self.keys
 
 
-def secure(context: zmq.Context, socket: zmq.Socket, spec: WorkerSpec) -> ThreadAuthenticator | None:
+def secure(context: zmq.Context, socket: zmq.Socket, spec: WorkerSettings) -> ThreadAuthenticator | None:
     """Makes `socket` a CURVE server for the clients `spec` authorizes (call before bind), or checks that
     `spec.bind` stays on this host. Returns the running authenticator (stop it at exit), if any."""
     if not spec.curve_secret_key:

@@ -15,7 +15,7 @@ from workers.backends.torch_device import lower_priority, pin_thread_ids, runnin
 from workers.connection_log import log_connection_events
 from workers.errors import SpecpipeError
 from workers.model.checkpoint import tokenizer_fingerprint
-from workers.model.runner import ModelRunner
+from workers.model.torch_runner import ModelRunner
 from workers.owner import Owner
 from workers.parent import exit_with_parent
 from workers.protocol.codec import ProtocolError, decode, encode
@@ -36,7 +36,7 @@ from workers.protocol.messages import (
 )
 from workers.service import WorkerService
 from workers.spans import SpanRecorder
-from workers.spec import WorkerSpec, resolved_dtype
+from workers.worker_settings import WorkerSettings, resolved_dtype
 from workers.spin import Spinner
 
 
@@ -44,7 +44,7 @@ def log(role: str, text: str) -> None:
     print(f"[{role}] {text}", file=sys.stderr, flush=True)
 
 
-def load(spec: WorkerSpec, zmq_threads: set[int] = frozenset()) -> tuple[WorkerService, Ready]:
+def load(spec: WorkerSettings, zmq_threads: set[int] = frozenset()) -> tuple[WorkerService, Ready]:
     """The model and its Ready; `zmq_threads` (ZeroMQ's own) go to spec.io_cores when it names any."""
     if spec.backend not in ("torch", "ttnn"):
         raise SpecpipeError(f"backend {spec.backend!r} is not available in this build; use --backend torch")
@@ -71,7 +71,7 @@ def load(spec: WorkerSpec, zmq_threads: set[int] = frozenset()) -> tuple[WorkerS
     return WorkerService(spec.role, runner), ready
 
 
-def serve(spec: WorkerSpec) -> int:
+def serve(spec: WorkerSettings) -> int:
     """Runs the worker until Shutdown; returns the process exit code."""
     context = zmq.Context()
     before = running_threads()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from workers.draft import Branches, Draft, DraftCore, DraftJob, SpeculateJob
+from workers.draft_core import Branches, Draft, DraftCore, DraftJob, SpeculateJob
 from workers.errors import SpecpipeError
 from workers.model.runner_base import RunnerBase
 from workers.protocol.messages import (
@@ -31,7 +31,7 @@ from workers.protocol.messages import (
     batch_items,
 )
 from workers.request_checks import check_request
-from workers.target import TargetCore, Verdict, Window
+from workers.target_core import TargetCore, Verdict, Window
 
 ITEM_ERRORS = (ValueError, SpecpipeError)  # what fails one request (or one item of a batch), not the worker
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.report import describe, text_table, write_json, write_report
 from pipeline.bench.run import run_bench
-from pipeline.preflight import check_checkpoints, check_workers
+from pipeline.runtime.preflight import check_checkpoints, check_workers
 
 
 def run_bench_command(config: BenchConfig, command: str) -> None:

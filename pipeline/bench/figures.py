@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from pipeline.bench.records import Generation, Round
-from pipeline.critical_path import TARGET_BUCKETS, TargetTimeSplit
+from pipeline.runtime.critical_path import TARGET_BUCKETS, TargetTimeSplit
 
 PROCESSES = ("target", "draft")
 QUANTILES = (50, 90, 99)
@@ -122,7 +122,7 @@ class Figures:
     predraft_hit_rate: float | None = None  # overlap: verifications whose next window was ready
     mean_branches: float | None = None  # overlap: outcomes drafted ahead per verification
     time_split_s: dict[str, dict[str, float]] = field(default_factory=dict)  # process -> part -> seconds
-    # the target's wall by what it did or waited for (pipeline.critical_path): bucket -> share
+    # the target's wall by what it did or waited for (pipeline.runtime.critical_path): bucket -> share
     target_wall_shares: dict[str, float] = field(default_factory=dict)
     speculation: dict = field(default_factory=dict)  # the goodput controller's summaries, combined (see above)
     warmup: dict[str, float] = field(default_factory=dict)  # the uncounted runs: rounds, sequences, tokens, wall_s

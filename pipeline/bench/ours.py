@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.records import Round, from_pipeline
 from pipeline.config import DecodeConfig
-from pipeline.critical_path import split_target_time
-from pipeline.generation import generate
-from pipeline.launcher import LocalCluster, cluster_config
-from pipeline.tracing import ClockOffset, ProcessSpans, collect_spans, measure_offset, start_tracing
+from pipeline.runtime.critical_path import split_target_time
+from pipeline.algorithm.generation import generate
+from pipeline.runtime.cluster import LocalCluster, cluster_config
+from pipeline.runtime.tracing import ClockOffset, ProcessSpans, collect_spans, measure_offset, start_tracing
 from workers.protocol.limits import MAX_TRACE_SPANS
 from workers.spans import SpanRecorder
 
@@ -70,7 +70,7 @@ def worker_clocks(cluster: LocalCluster) -> dict[str, ClockOffset]:
 class PipelineRunner:
     """Generates a round of prompts at once through the cluster in one of our modes, every process traced
     (a few microseconds a request, the same in every mode), so that the target's wall can be split
-    into compute, waiting for the draft, and coordinator and IPC (pipeline.critical_path)."""
+    into compute, waiting for the draft, and coordinator and IPC (pipeline.runtime.critical_path)."""
 
     def __init__(self, cluster: LocalCluster, contender: Contender, max_new_tokens: int,
                  clocks: dict[str, ClockOffset], max_seqs: int = 1,

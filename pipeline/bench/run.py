@@ -23,8 +23,8 @@ from pipeline.bench.records import Round
 from pipeline.bench.theory import median_round_trip, predict, predict_concurrent
 from pipeline.prompts import encode_prompt, select_prompts
 from workers.model.checkpoint import load_tokenizer
-from workers.models import HELDOUT_PROMPTS
-from workers.spec import resolved_dtype
+from workers.bundled import HELDOUT_PROMPTS
+from workers.worker_settings import resolved_dtype
 
 HF_PEERS = (Contender("hf target-only", "hf-target-only", None), Contender("hf assisted", "hf-assisted", None))
 # transformers' assisted generation takes one sequence at a time, and the llama.cpp peer is run with one server

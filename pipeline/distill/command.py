@@ -13,10 +13,10 @@ import torch
 from pipeline.distill.config import EVAL_WINDOWS, DistillConfig
 from pipeline.distill.corpus import Corpus, read_corpus, token_stream
 from pipeline.distill.evaluate import PairReport, evaluate_pair
-from pipeline.distill.models import end_of_text_id, load_target, new_draft, save_draft, shape_of
+from pipeline.distill.hf_models import end_of_text_id, load_target, new_draft, save_draft, shape_of
 from pipeline.distill.train import Streams, distill, target_continuations
 from pipeline.prompts import select_prompts
-from workers.models import HELDOUT_PROMPTS
+from workers.bundled import HELDOUT_PROMPTS
 
 RECIPE = "forward KL(target || draft) on corpus windows and on continuations the target wrote (half greedy)"
 

@@ -24,7 +24,7 @@ import torch
 
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
-from workers.spec import AUTO_DTYPE, resolved_dtype
+from workers.worker_settings import AUTO_DTYPE, resolved_dtype
 
 DECODE_STEPS = 48
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.distill.config import TrainingConfig
 from pipeline.distill.corpus import sample_windows
-from pipeline.distill.models import end_of_text_id
+from pipeline.distill.hf_models import end_of_text_id
 from workers.backends.cpu_fp16 import native_bf16_gemm
 
 VALIDATION_WINDOWS = 16

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipeline.serving.config import HttpConfig
 from pipeline.serving.engine_loop import EngineUnavailable
 from pipeline.serving.metrics import ServingMetrics
-from pipeline.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from pipeline.serving.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
 from pipeline.serving.requests import GenerationFailed, Piece, Prepared, RequestRejected, Requests
 
 RETRY_AFTER_S = 1

@@ -20,10 +20,10 @@ from types import FrameType
 
 import uvicorn
 
-from pipeline.cancellation import interrupt_on_sigterm
-from pipeline.launcher import LocalCluster, cluster_config, log
-from pipeline.preflight import check_checkpoints, check_settings, check_workers
-from pipeline.remote import check_remote_workers
+from pipeline.runtime.cancellation import interrupt_on_sigterm
+from pipeline.runtime.cluster import LocalCluster, cluster_config, log
+from pipeline.runtime.preflight import check_checkpoints, check_settings, check_workers
+from pipeline.runtime.remote_workers import check_remote_workers
 from pipeline.serving.app import ServerState, build_app
 from pipeline.serving.config import HttpConfig, ServeConfig
 from pipeline.serving.connections import uvicorn_config

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.config import (
     WARMUP_PROMPTS, DecodeConfig, ModelsConfig, OutputConfig, PromptsConfig, RemoteConfig, WorkersConfig,
 )
-from pipeline.launcher import LivenessConfig
+from pipeline.runtime.cluster import LivenessConfig
 from workers.sampling import SamplingParams
 
 DEFAULT_URL = "http://127.0.0.1:8000"

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.config import DecodeConfig
-from pipeline.engine import Engine, Transport
+from pipeline.algorithm.engine import Engine, Transport
 from pipeline.errors import WorkerFailed
-from pipeline.generation import ModelLimits
-from pipeline.scheduler import Scheduler
-from pipeline.sequence import Phase, Sequence
+from pipeline.algorithm.generation import ModelLimits
+from pipeline.algorithm.scheduler import Scheduler
+from pipeline.algorithm.sequence import Phase, Sequence
 from pipeline.serving.metrics import ServingMetrics, SpecCounts
 from workers.sampling import SamplingParams
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.prompts import select_prompts
 from pipeline.serving.config import BenchServeConfig
-from workers.models import HELDOUT_PROMPTS
+from workers.bundled import HELDOUT_PROMPTS
 from workers.sampling import MAX_SEED
 
 REQUEST_TIMEOUT_S = 600.0  # the client's timeout: bounds how long a request in flight may still run

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from pipeline.sequence import SequenceStats
+from pipeline.algorithm.sequence import SequenceStats
 
 PREFIX = "specpipe:"
 # seconds; fine at the low end, where a CPU pipeline's per-token figures lie

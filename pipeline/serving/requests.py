@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import DecodeConfig
-from pipeline.generation import ModelLimits
+from pipeline.algorithm.generation import ModelLimits
 from pipeline.prompts import encode_prompt
 from pipeline.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from pipeline.serving.engine_loop import EngineLoop, Finished, RequestStream
 from pipeline.serving.metrics import ServingMetrics
-from pipeline.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from pipeline.serving.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
 from workers.sampling import SamplingParams
 
 FINISH_REASONS = {"eos": "stop", "length": "length"}  # the engine's -> OpenAI's

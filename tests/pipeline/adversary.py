@@ -16,7 +16,7 @@ import dataclasses
 from collections import deque
 from collections.abc import Callable
 
-from pipeline.speculation import SpeculationPlan
+from pipeline.algorithm.speculation import SpeculationPlan
 from workers.protocol.codec import decode, encode
 from workers.protocol.messages import (
     DraftBatch,

@@ -19,7 +19,7 @@ def start_launch(*args: str, fault: str | None = None, new_session: bool = False
     if fault is not None:
         env["SPECPIPE_TEST_FAULT"] = fault
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS_DIR), env.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "launch", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, start_new_session=new_session)
 
 

@@ -28,7 +28,7 @@ def start_worker(role: str, checkpoint: Path, bind: str, keys: Path, clients: st
                  prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     """`specpipe worker` with ROLE.key_secret from `keys`, admitting the clients in `clients`; stderr to `log`.
     `prefix` runs it under another command (e.g. `ip netns exec NS`)."""
-    command = [*prefix, sys.executable, "-m", "pipeline.cli", "worker", "--role", role, "--checkpoint",
+    command = [*prefix, sys.executable, "-m", "pipeline.cli.main", "worker", "--role", role, "--checkpoint",
                str(checkpoint), "--bind", bind, "--dtype", "float32", "--max-seq-len", "256", "--slots", "2",
                "--curve-secret-key", str(keys / f"{role}.key_secret"), "--curve-clients", clients]
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log.open("w"))
@@ -36,7 +36,7 @@ def start_worker(role: str, checkpoint: Path, bind: str, keys: Path, clients: st
 
 def launch_json(*args: str, timeout: float = 180) -> tuple[dict, str]:
     """`specpipe launch --json ARGS` with float32 weights (as the workers above): its one result and its stderr."""
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "launch", "--dtype", "float32", "--json", *args],
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "launch", "--dtype", "float32", "--json", *args],
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1]), done.stderr

@@ -9,7 +9,7 @@ import zmq
 
 from tests.pipeline.remote_workers import free_port, launch_json, make_keys, start_worker, stop
 from workers.curve import ClientKeys, is_loopback, load_key_pair, load_public_key
-from workers.models import DRAFT_DIR, TARGET_DIR
+from workers.bundled import DRAFT_DIR, TARGET_DIR
 from workers.protocol.codec import decode, encode
 from workers.protocol.messages import DraftRequest, DraftResult, Hello, Ready, Release, Released
 
@@ -88,7 +88,7 @@ def test_launch_with_running_workers_matches_a_normal_launch(cluster):
 
 def test_launch_with_an_unlisted_key_fails_fast_naming_the_worker(cluster):
     keys, addresses, _, workers = cluster
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "launch", *PROMPT, "--mode", "target-only",
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "launch", *PROMPT, "--mode", "target-only",
                            "--target-addr", addresses["target"],
                            "--curve-secret-key", str(keys / "intruder.key_secret"),
                            "--target-server-key", str(keys / "target.key")], capture_output=True, text=True, timeout=60)
@@ -98,7 +98,7 @@ def test_launch_with_an_unlisted_key_fails_fast_naming_the_worker(cluster):
 
 
 def test_a_worker_without_keys_refuses_to_listen_beyond_loopback():
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "worker", "--role", "draft", "--checkpoint",
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "worker", "--role", "draft", "--checkpoint",
                            str(DRAFT_DIR), "--bind", f"tcp://0.0.0.0:{free_port()}"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import workers.target
+import workers.target_core
 from pipeline.config import DecodeConfig
-from pipeline.generation import ModelLimits, generate
-from pipeline.local import LocalTransport
+from pipeline.algorithm.generation import ModelLimits, generate
+from pipeline.runtime.in_process import LocalTransport
 from workers.model import ModelRunner
 from workers.sampling import (
     SamplingParams, greedy_accept, keyed_accept, keyed_pick, probabilities, rejection_accept, sample,
@@ -252,6 +252,6 @@ def test_windows_drafted_ahead_for_a_rejection_keep_the_target_distribution(tiny
 
 def test_pipeline_with_a_broken_rule_fails(tiny_pair, monkeypatch):
     draft, target = tiny_pair
-    monkeypatch.setattr(workers.target, "rejection_accept", broken_accept)
+    monkeypatch.setattr(workers.target_core, "rejection_accept", broken_accept)
     statistic, dof = pooled_chi_square(window_token_counts(draft, target, "serial"), exact_window_token_probs(target), RUNS)
     assert statistic > chi2_critical(dof)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from workers.models import DRAFT_DIR
+from workers.bundled import DRAFT_DIR
 from workers.protocol.codec import decode, encode
 from workers.protocol.messages import DraftRequest, DraftResult, Hello, Ready
 
@@ -37,7 +37,7 @@ def signal_unblocking_threads(pid: int) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread-directed signals via tgkill (Linux)")
 def test_sigterm_taken_by_a_helper_thread_still_stops_the_worker(tmp_path):
     address = f"ipc://{tmp_path}/draft.sock"
-    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "--role", "draft", "--checkpoint",
+    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "worker", "--role", "draft", "--checkpoint",
                                str(DRAFT_DIR), "--bind", address, "--slots", "1", "--max-seq-len", "64"],
                               stdin=subprocess.DEVNULL, stderr=(tmp_path / "worker.log").open("w"))
     context = zmq.Context()

@@ -3,7 +3,7 @@
 import pytest
 
 from workers.model import ModelRunner
-from workers.models import TARGET_DIR
+from workers.bundled import TARGET_DIR
 from workers.protocol.codec import decode, encode
 from workers.protocol.messages import ErrorReply, Skipped, VerifyNext, VerifyRequest, VerifyResult
 from workers.service import WorkerService
@@ -80,7 +80,7 @@ def test_one_bad_item_fails_alone_and_the_rest_of_the_batch_is_served(target):
 
 def test_a_draft_batch_drafts_every_sequence_as_alone():
     from workers.protocol.messages import DraftBatch, DraftRequest, SpeculateRequest
-    from workers.models import DRAFT_DIR
+    from workers.bundled import DRAFT_DIR
 
     def service():
         return WorkerService("draft", ModelRunner.from_checkpoint(DRAFT_DIR, dtype="float32", n_slots=3,

@@ -36,7 +36,7 @@ from workers.model.checkpoint import check_weight_names, read_config, read_hf_we
 from workers.model.config import ModelConfig
 from workers.model.runner_base import RunnerBase
 from workers.model.ttnn_llama import TILE, TtModel, round_up
-from workers.spec import WorkerSpec
+from workers.worker_settings import WorkerSettings
 
 TRACE_REGION_BYTES = 64 << 20  # device DRAM kept for captured traces (one live trace per slot)
 WEIGHT_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "bfloat8_b": "bfloat8_b", "bfp8": "bfloat8_b",
@@ -192,7 +192,7 @@ class TtnnRunner(RunnerBase):
         self.model.release()
 
 
-def open_runner(spec: WorkerSpec, log: Callable[[str], None]) -> TtnnRunner | None:
+def open_runner(spec: WorkerSettings, log: Callable[[str], None]) -> TtnnRunner | None:
     """The worker's ttnn runner, its device opened for this process alone; None: this worker stays on torch.
 
     Fails fast with a DeviceError when the chip is absent (before ttnn is even imported) or ttnn is

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.pipeline.bench import fake_llama_server
-from workers.models import DRAFT_DIR, TARGET_DIR
+from workers.bundled import DRAFT_DIR, TARGET_DIR
 
 REQUIRED = {"name", "mode", "k", "tokens_per_s", "speedup_vs_target_only", "acceptance_rate",
             "mean_acceptance_length", "predicted_speedup"}
@@ -18,7 +18,7 @@ REQUIRED = {"name", "mode", "k", "tokens_per_s", "speedup_vs_target_only", "acce
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    command = [sys.executable, "-m", "pipeline.cli", "bench", "--prompts", "2", "--k", "2,3", "--max-new-tokens", "16",
+    command = [sys.executable, "-m", "pipeline.cli.main", "bench", "--prompts", "2", "--k", "2,3", "--max-new-tokens", "16",
                "--json-out", str(out / "bench.json"), "--report", str(out / "report")]
     cache = out / "cache"  # the stand-in's build, in a cache of its own (the CPU kernels are built there too)
     env = dict(os.environ, SPECPIPE_CACHE=str(cache),

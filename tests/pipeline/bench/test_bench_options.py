@@ -4,8 +4,8 @@ from click.testing import CliRunner
 
 import pipeline.bench.command
 from pipeline.bench.config import BenchConfig
-from pipeline.cli import main
-from pipeline.option import config_from
+from pipeline.cli.main import main
+from pipeline.cli.parameters import config_from
 
 
 def bench_config(args: list[str]) -> BenchConfig:

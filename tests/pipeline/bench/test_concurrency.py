@@ -13,7 +13,7 @@ from pipeline.bench.peers import HfRunner, left_padded, up_to_eos
 from pipeline.bench.records import Generation, Round
 from pipeline.bench.report import as_json, describe, table_rows, text_table, write_json, write_report
 from pipeline.bench.run import HF_PEERS, llama_cpp_contenders, rounds_of, runs_at, summarize
-from pipeline.critical_path import TargetTimeSplit
+from pipeline.runtime.critical_path import TargetTimeSplit
 
 
 def sequence(tokens: list[int], ttft: float, gap: float, **stats) -> Generation:

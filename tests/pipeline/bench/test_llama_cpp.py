@@ -24,7 +24,7 @@ from pipeline.bench.llama_cpp import (
 from pipeline.bench.run import llama_cpp_build
 from pipeline.config import ModelsConfig
 from tests.pipeline.bench import fake_llama_server
-from workers.models import DRAFT_DIR, TARGET_DIR
+from workers.bundled import DRAFT_DIR, TARGET_DIR
 
 DATA = fake_llama_server.RECORDINGS
 # llama-server 0.5.0-dev (commit 0c1e570), the bundled target, prompt "def add(a, b):\n    return a + b\n"

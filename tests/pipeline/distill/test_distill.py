@@ -13,12 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import DecodeConfig
-from pipeline.generation import ModelLimits, generate
-from pipeline.local import LocalTransport
+from pipeline.algorithm.generation import ModelLimits, generate
+from pipeline.runtime.in_process import LocalTransport
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
-from workers.models import HELDOUT_PROMPTS, TARGET_DIR
-from workers.spec import AUTO_DTYPE, resolved_dtype
+from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
+from workers.worker_settings import AUTO_DTYPE, resolved_dtype
 
 TINY_DRAFT = ["--layers", "1", "--width", "32"]
 QUICK = ["--batch-size", "4", "--seq-len", "64", "--generations", "4", "--prompts", "2", "--max-new-tokens", "12"]
@@ -49,7 +49,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def distill(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "distill", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", "distill", *args], capture_output=True, text=True,
                           timeout=240)
 
 

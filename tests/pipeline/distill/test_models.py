@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.distill.config import DraftShape
-from pipeline.distill.models import draft_config, new_draft
+from pipeline.distill.hf_models import draft_config, new_draft
 
 
 def target_config(**changes) -> LlamaConfig:

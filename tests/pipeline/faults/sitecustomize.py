@@ -14,7 +14,7 @@ import time
 
 
 def _install(role: str, kind: str, after: int, seconds: float) -> None:
-    from workers.model.runner import ModelRunner
+    from workers.model.torch_runner import ModelRunner
 
     forward = ModelRunner.forward_batch
     calls = 0

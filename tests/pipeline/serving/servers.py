@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import uvicorn
 
 from pipeline.config import DecodeConfig
-from pipeline.generation import ModelLimits
-from pipeline.local import LocalTransport
+from pipeline.algorithm.generation import ModelLimits
+from pipeline.runtime.in_process import LocalTransport
 from pipeline.serving.app import ServerState, build_app
 from pipeline.serving.config import HttpConfig
 from pipeline.serving.connections import uvicorn_config
@@ -28,7 +28,7 @@ from pipeline.serving.requests import Requests
 from tests.pipeline.processes import FAULTS_DIR
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
-from workers.models import DRAFT_DIR, TARGET_DIR
+from workers.bundled import DRAFT_DIR, TARGET_DIR
 
 MODEL = "target"  # the served model name: the bundled target directory's
 CONTEXT = 256  # the in-process workers' KV slots
@@ -112,7 +112,7 @@ def start_serve(*args: str, fault: str | None = None, timeout_s: float = 120.0) 
     if fault is not None:
         env["SPECPIPE_TEST_FAULT"] = fault
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS_DIR), env.get("PYTHONPATH")]))
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", "0", *args],
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "serve", "--port", "0", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     served = ServeProcess(process, "", [])
     deadline = time.monotonic() + timeout_s

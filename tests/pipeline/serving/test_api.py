@@ -16,12 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import DecodeConfig
-from pipeline.generation import generate
-from pipeline.local import LocalTransport
+from pipeline.algorithm.generation import generate
+from pipeline.runtime.in_process import LocalTransport
 from pipeline.serving.config import HttpConfig
 from tests.pipeline.serving.servers import CONTEXT, MODEL, in_process_server
 from workers.model import ModelRunner
-from workers.models import HELDOUT_PROMPTS, TARGET_DIR
+from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import DecodeConfig
 from pipeline.serving.config import HttpConfig
 from tests.pipeline.serving.servers import MODEL, in_process_server, start_serve
-from workers.models import TARGET_DIR
+from workers.bundled import TARGET_DIR
 
 MODEL_DIR_NAME = TARGET_DIR.name  # what `specpipe serve` calls the bundled target
 

@@ -6,14 +6,14 @@ import pytest
 from tokenizers.processors import TemplateProcessing
 
 from pipeline.config import DecodeConfig
-from pipeline.generation import ModelLimits
+from pipeline.algorithm.generation import ModelLimits
 from pipeline.prompts import encode_prompt
 from pipeline.serving.metrics import ServingMetrics
-from pipeline.serving.protocol import ChatCompletionRequest, CompletionRequest
+from pipeline.serving.openai_schema import ChatCompletionRequest, CompletionRequest
 from pipeline.serving.requests import RequestRejected, Requests, longest_token_chars
 from tests.pipeline.serving.servers import CHAT_TEMPLATE
 from workers.model.checkpoint import load_tokenizer
-from workers.models import TARGET_DIR
+from workers.bundled import TARGET_DIR
 
 BOS = "<|endoftext|>"  # the bundled tokenizer's one special token, made a BOS here as Llama's is
 

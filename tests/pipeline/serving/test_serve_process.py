@@ -22,7 +22,7 @@ from pipeline.serving.config import BenchServeConfig, LoadConfig
 from pipeline.serving.load import run_load
 from tests.pipeline.processes import survivors, worker_pids
 from tests.pipeline.serving.servers import MODEL, ServeProcess, start_serve
-from workers.models import HELDOUT_PROMPTS
+from workers.bundled import HELDOUT_PROMPTS
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def server():
 
 
 def test_greedy_output_is_token_identical_to_launch(server):
-    launched = subprocess.run([sys.executable, "-m", "pipeline.cli", "launch", *SETTINGS, "--json",
+    launched = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "launch", *SETTINGS, "--json",
                                *[arg for prompt in PROMPTS for arg in ("--prompt", prompt)]],
                               capture_output=True, text=True, timeout=300, check=True)
     records = [json.loads(line) for line in launched.stdout.splitlines()]
@@ -154,7 +154,7 @@ def test_a_taken_port_fails_before_any_worker_starts():
         taken.listen()
         port = taken.getsockname()[1]
         began = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port)],
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "serve", "--port", str(port)],
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--port" in result.stderr and "[draft]" not in result.stderr
     assert time.monotonic() - began < 30

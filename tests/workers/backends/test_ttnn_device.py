@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.preflight import check_device
+from pipeline.runtime.preflight import check_device
 from tests.workers.model.ttnn_standin import Standin
 from workers.backends import ttnn_device
 from workers.backends.ttnn_device import (
@@ -235,7 +235,7 @@ def launch_without_a_chip(env_extra: dict[str, str], tmp_path: Path,
     env = dict(os.environ, **env_extra)
     began = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "launch", "--backend", "ttnn", *options, "--prompt", "def f(x):",
+        [sys.executable, "-m", "pipeline.cli.main", "launch", "--backend", "ttnn", *options, "--prompt", "def f(x):",
          "--max-new-tokens", "4"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     stdout, stderr = process.communicate(timeout=120)

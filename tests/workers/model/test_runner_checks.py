@@ -12,7 +12,7 @@ from workers.model import ModelRunner
 from workers.model.checkpoint import read_config, read_hf_weights
 from workers.model.runner_base import RunnerBase
 from workers.model.ttnn_runner import TtnnRunner
-from workers.models import DRAFT_DIR
+from workers.bundled import DRAFT_DIR
 
 CONTEXT = 64
 

@@ -116,7 +116,7 @@ def test_fp16_weights_long_prefill_agrees_with_float32():
 
     from workers.backends.cpu_fp16 import PackedFp16, fp16_weights_available
     from workers.model.checkpoint import load_tokenizer
-    from workers.models import HELDOUT_PROMPTS, TARGET_DIR
+    from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
 
     if not fp16_weights_available():
         pytest.skip("fp16-weights needs specpipe's kernels (a C compiler) or fbgemm (AVX2)")
@@ -157,7 +157,7 @@ def test_fp16_weights_window_of_any_length_matches_decoding_it_token_by_token():
     # their number (docs/notes.md). What is left, ~1e-5, is attention with a mask against without one
     # (a one-token step needs none), far below any argmax margin seen.
     from workers.backends.cpu_fp16 import PackedFp16, fp16_weights_available
-    from workers.models import TARGET_DIR
+    from workers.bundled import TARGET_DIR
 
     if not fp16_weights_available():
         pytest.skip("fp16-weights needs specpipe's kernels (a C compiler) or fbgemm (AVX2)")

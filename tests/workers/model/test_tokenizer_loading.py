@@ -6,7 +6,7 @@ import shutil
 from transformers import AutoTokenizer
 
 from workers.model.checkpoint import load_tokenizer
-from workers.models import HELDOUT_PROMPTS, TARGET_DIR
+from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
 
 
 def test_a_plain_tokenizer_json_loads_as_autotokenizer_would(tmp_path):

@@ -16,15 +16,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.config import DecodeConfig
-from pipeline.generation import ModelLimits, generate
-from pipeline.local import LocalTransport
+from pipeline.algorithm.generation import ModelLimits, generate
+from pipeline.runtime.in_process import LocalTransport
 from tests.workers.model.ttnn_standin import Device, Standin
 from workers.errors import CacheCapacityError, UnsupportedModelError
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer, read_config, read_hf_weights
 from workers.model.ttnn_llama import host_weights
 from workers.model.ttnn_runner import TtnnRunner
-from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 
 # head_dim 64 and vocab in whole tiles, as the device wants (the conftest models have head_dim 16)
 COMMON = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
@@ -220,7 +220,7 @@ def test_a_worker_loads_the_ttnn_runner_and_reports_its_timings_apart(monkeypatc
     """`specpipe worker --backend ttnn` as far as it goes without a chip: server.load on the stand-in."""
     from workers import server
     from workers.model import ttnn_runner
-    from workers.spec import WorkerSpec
+    from workers.worker_settings import WorkerSettings
 
     chip = Standin(chips=1)
     monkeypatch.setattr(ttnn_runner, "check_chips_present", lambda device: None)
@@ -228,7 +228,7 @@ def test_a_worker_loads_the_ttnn_runner_and_reports_its_timings_apart(monkeypatc
     monkeypatch.setattr(ttnn_runner, "isolate_process", lambda device, role: None)
     lines: list[str] = []
     monkeypatch.setattr(server, "log", lambda role, text: lines.append(f"[{role}] {text}"))
-    spec = WorkerSpec("target", str(TARGET_DIR), bind="", backend="ttnn", device="cpu", dtype="fp16-weights",
+    spec = WorkerSettings("target", str(TARGET_DIR), bind="", backend="ttnn", device="cpu", dtype="fp16-weights",
                       slots=2, max_seq_len=128)
     service, ready = server.load(spec)
     runner = service.runner
@@ -243,6 +243,6 @@ def test_a_worker_loads_the_ttnn_runner_and_reports_its_timings_apart(monkeypatc
     assert "warm-up: first 32-position window" in log and "decode trace captured in" in log
     assert "steady state: 4 replayed window(s)" in log
 
-    draft = WorkerSpec("draft", str(DRAFT_DIR), bind="", backend="ttnn", device="cpu", dtype="float32", slots=1)
+    draft = WorkerSettings("draft", str(DRAFT_DIR), bind="", backend="ttnn", device="cpu", dtype="float32", slots=1)
     assert isinstance(server.load(draft)[0].runner, ModelRunner)  # a draft left on the CPU stays on torch
     assert not isinstance(server.load(draft)[0].runner, TtnnRunner)

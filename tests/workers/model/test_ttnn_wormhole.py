@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from pipeline.config import DecodeConfig
-from pipeline.generation import ModelLimits, generate
-from pipeline.local import LocalTransport
+from pipeline.algorithm.generation import ModelLimits, generate
+from pipeline.runtime.in_process import LocalTransport
 from workers.backends.ttnn_device import device_configured
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
 from workers.model.ttnn_runner import TtnnRunner, open_runner
-from workers.models import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
-from workers.spec import WorkerSpec
+from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+from workers.worker_settings import WorkerSettings
 
 pytestmark = [
     pytest.mark.wormhole,
@@ -39,7 +39,7 @@ CONTEXT = 512
 @pytest.fixture(scope="module")
 def target() -> TtnnRunner:
     pytest.importorskip("ttnn")
-    spec = WorkerSpec("target", str(TARGET_DIR), bind="", backend="ttnn", device=DEVICE, dtype="bfloat16", slots=4,
+    spec = WorkerSettings("target", str(TARGET_DIR), bind="", backend="ttnn", device=DEVICE, dtype="bfloat16", slots=4,
                       max_seq_len=CONTEXT)
     runner = open_runner(spec, lambda text: print(f"[target] {text}", file=sys.stderr))
     assert isinstance(runner, TtnnRunner)
@@ -102,7 +102,7 @@ def test_greedy_speculative_equals_target_only_and_tokens_per_second(target, pro
 
 def test_launch_end_to_end(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "launch", "--backend", "ttnn", "--target-device", DEVICE,
+        [sys.executable, "-m", "pipeline.cli.main", "launch", "--backend", "ttnn", "--target-device", DEVICE,
          "--prompt", "def fibonacci(n):", "--max-new-tokens", "64", "--json"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
