@@ -29,10 +29,10 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
+import platform
 import random
 import re
 import shutil
-import platform
 import subprocess
 import sys
 import sysconfig

@@ -113,8 +113,8 @@ def convert(tree: Path, build: LlamaCppBuild, checkpoint: Path, deps: Path) -> P
 
 def ours(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """specpipe's target-only greedy tokens, in this process (the workers' default dtype on this CPU)."""
-    from pipeline.config import DecodeConfig
     from pipeline.algorithm.generation import ModelLimits, generate
+    from pipeline.config import DecodeConfig
     from pipeline.runtime.in_process import LocalTransport
     from workers.model import ModelRunner
     from workers.worker_settings import resolved_dtype
@@ -128,8 +128,8 @@ def ours(target: Path, prompts: list[list[int]], max_new_tokens: int) -> list[li
 
 def check(build: LlamaCppBuild, target: Path, count: int, max_new_tokens: int) -> None:
     from pipeline.bench.llama_cpp import to_generation
-    from workers.model.checkpoint import load_tokenizer
     from pipeline.prompts import encode_prompt
+    from workers.model.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(str(target))
     texts = [json.loads(line) for line in HELDOUT_PROMPTS.read_text().splitlines()[:count]]

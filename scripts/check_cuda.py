@@ -8,8 +8,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from workers.model import ModelRunner
 from workers.bundled import DRAFT_DIR, TARGET_DIR
+from workers.model import ModelRunner
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ import torch
 
 from pipeline.bench.run import machine
 from workers.backends import cpu_native
-from workers.model import ModelRunner
 from workers.bundled import DRAFT_DIR, TARGET_DIR
+from workers.model import ModelRunner
 
 
 def median_us(fn, repeats: int) -> float:
@@ -102,8 +102,8 @@ def torch_path_profile(directory: Path, context: int, repeats: int) -> dict:
 
 def pipeline_round_trip(prompts: int, new_tokens: int) -> dict:
     """Target-only through the real pipeline: median decode round trip, and the worker's compute within it."""
-    from pipeline.config import DecodeConfig, ModelsConfig, WorkersConfig
     from pipeline.algorithm.generation import generate
+    from pipeline.config import DecodeConfig, ModelsConfig, WorkersConfig
     from pipeline.runtime.cluster import LocalCluster, cluster_config
 
     config = cluster_config(ModelsConfig(), WorkersConfig(), "target-only")

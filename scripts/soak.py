@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import DecodeConfig, ModelsConfig, WorkersConfig
 from pipeline.algorithm.generation import generate
-from pipeline.runtime.cluster import LocalCluster, cluster_config
+from pipeline.config import DecodeConfig, ModelsConfig, WorkersConfig
 from pipeline.prompts import encode_prompt
-from workers.model.checkpoint import load_tokenizer
+from pipeline.runtime.cluster import LocalCluster, cluster_config
 from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
+from workers.model.checkpoint import load_tokenizer
 from workers.worker_settings import resolved_dtype
 
 

@@ -7,6 +7,7 @@ a speculation's branches (pipeline.algorithm.drafting) are scratch rows of the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 

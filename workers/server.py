@@ -36,8 +36,8 @@ from workers.protocol.messages import (
 )
 from workers.service import WorkerService
 from workers.spans import SpanRecorder
-from workers.worker_settings import WorkerSettings, resolved_dtype
 from workers.spin import Spinner
+from workers.worker_settings import WorkerSettings, resolved_dtype
 
 
 def log(role: str, text: str) -> None:

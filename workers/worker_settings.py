@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 AUTO_DTYPE = "auto"
+# What --dtype takes: auto, the torch dtypes (workers.backends.torch_device.DTYPES) and fp16 weights on a CPU
+# (workers.backends.cpu_fp16.FP16_WEIGHTS); spelled here so the command line needs no torch to list them.
+DTYPE_CHOICES = (AUTO_DTYPE, "float32", "bfloat16", "float16", "fp16-weights")
 
 
 def resolved_dtype(dtype: str, device: str) -> str:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.errors import Stalled, WorkerFailed
 from pipeline.algorithm.scheduler import Scheduler
 from pipeline.algorithm.sequence import Sequence
+from pipeline.errors import Stalled, WorkerFailed
 from workers.protocol.messages import (
     DraftBatch,
     DraftBatchResult,

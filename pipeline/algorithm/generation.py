@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.engine import Engine, Transport
 from pipeline.algorithm.scheduler import Scheduler, Sequence
+from pipeline.config import DecodeConfig
 from workers.spans import SpanRecorder
 
 

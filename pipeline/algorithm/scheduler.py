@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.drafting import (
     EMPTY,
     Branch,
@@ -48,6 +47,7 @@ from pipeline.algorithm.drafting import (
 )
 from pipeline.algorithm.sequence import Phase, Sequence, common_prefix
 from pipeline.algorithm.speculation import GoodputController
+from pipeline.config import DecodeConfig
 from workers.protocol.messages import (
     DraftBatch,
     DraftBatchResult,

@@ -9,7 +9,6 @@ from pipeline.bench.background import BackgroundLoad
 from pipeline.config import MEASURED_PROMPTS, WARMUP_PROMPTS, DecodeConfig, ModelsConfig, PromptsConfig, WorkersConfig
 from workers.protocol.limits import MAX_BRANCHES
 
-
 BENCH_PEERS = ("transformers", "llama.cpp")
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from pipeline.algorithm.generation import generate
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.records import Round, from_pipeline
 from pipeline.config import DecodeConfig
-from pipeline.runtime.critical_path import split_target_time
-from pipeline.algorithm.generation import generate
 from pipeline.runtime.cluster import LocalCluster, cluster_config
+from pipeline.runtime.critical_path import split_target_time
 from pipeline.runtime.tracing import ClockOffset, ProcessSpans, collect_spans, measure_offset, start_tracing
 from workers.protocol.limits import MAX_TRACE_SPANS
 from workers.spans import SpanRecorder

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.runtime.critical_path import TargetTimeSplit
 from pipeline.algorithm.engine import Engine, Trip
 from pipeline.algorithm.scheduler import Sequence
+from pipeline.runtime.critical_path import TargetTimeSplit
 
 
 @dataclass

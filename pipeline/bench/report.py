@@ -10,7 +10,6 @@ from pathlib import Path
 from pipeline.bench.figures import Figures
 from pipeline.bench.run import BenchResult
 
-
 PEER_COLORS = {"transformers": "tab:gray", "llama.cpp": "tab:green"}  # bars of other engines (ours: default colours)
 
 

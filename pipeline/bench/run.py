@@ -16,14 +16,14 @@ from tqdm import tqdm
 from pipeline.bench.background import running
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.figures import Figures, figures
-from pipeline.bench.ours import Contender, PipelineRunner, our_contenders, start_cluster, worker_clocks
 from pipeline.bench.llama_cpp import LlamaCppBuild, LlamaCppRunner, LlamaServer, ServerConfig, default_root
+from pipeline.bench.ours import Contender, PipelineRunner, our_contenders, start_cluster, worker_clocks
 from pipeline.bench.peers import HfRunner, load_models
 from pipeline.bench.records import Round
 from pipeline.bench.theory import median_round_trip, predict, predict_concurrent
 from pipeline.prompts import encode_prompt, select_prompts
-from workers.model.checkpoint import load_tokenizer
 from workers.bundled import HELDOUT_PROMPTS
+from workers.model.checkpoint import load_tokenizer
 from workers.worker_settings import resolved_dtype
 
 HF_PEERS = (Contender("hf target-only", "hf-target-only", None), Contender("hf assisted", "hf-assisted", None))

@@ -7,15 +7,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipeline.runtime.cancellation import CancelOnSignal, interrupt_on_sigterm
-from pipeline.config import DecodeConfig, ModelsConfig, OutputConfig, PromptsConfig, RemoteConfig, WorkersConfig
 from pipeline.algorithm.generation import generate
-from pipeline.runtime.cluster import LivenessConfig, LocalCluster, cluster_config, log
-from pipeline.cli.launch_output import ResultPrinter
-from pipeline.runtime.preflight import check_checkpoints, check_prompts, check_settings, check_workers
-from pipeline.prompts import encode_prompt, select_prompts
-from pipeline.runtime.remote_workers import check_remote_workers
 from pipeline.algorithm.sequence import Sequence
+from pipeline.cli.launch_output import ResultPrinter
+from pipeline.config import DecodeConfig, ModelsConfig, OutputConfig, PromptsConfig, RemoteConfig, WorkersConfig
+from pipeline.prompts import encode_prompt, select_prompts
+from pipeline.runtime.cancellation import CancelOnSignal, interrupt_on_sigterm
+from pipeline.runtime.cluster import LivenessConfig, LocalCluster, cluster_config, log
+from pipeline.runtime.preflight import check_checkpoints, check_prompts, check_settings, check_workers
+from pipeline.runtime.remote_workers import check_remote_workers
 from workers.model.checkpoint import load_tokenizer
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"  # when neither --prompt nor --prompts-file gives one

@@ -6,8 +6,8 @@ import json
 import sys
 from typing import Any
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.scheduler import Sequence
+from pipeline.config import DecodeConfig
 
 
 def result_record(sequence: Sequence, prompt: str, text: str, config: DecodeConfig) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from pipeline.cli import options
-from pipeline.cli.usage_errors import OneLineErrorsGroup, reported_errors
 from pipeline.cli.parameters import config_from
+from pipeline.cli.usage_errors import OneLineErrorsGroup, reported_errors
 
 
 @click.group(cls=OneLineErrorsGroup)
@@ -132,7 +132,7 @@ def distill(**values) -> None:
 
     A small decoder with the target's tokenizer learns the target's next-token distributions (forward KL)
     over --corpus and over continuations the target writes itself; resumable (rerun with the same --out),
-    on CUDA where there is one. At the end: greedy agreement, mean acceptance length at k = 1, 3, 5 and the
+    on CUDA where there is one. At the end: greedy agreement, mean acceptance length at each --eval-k and the
     draft's decode cost against the target's, on --prompts-file (default: the bundled held-out code prompts).
     """
     from pipeline.distill.command import run_distill

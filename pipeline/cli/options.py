@@ -13,22 +13,22 @@ import click
 
 from pipeline.bench.background import BackgroundLoad
 from pipeline.bench.config import BENCH_PEERS
+from pipeline.cli.parameters import ChoiceList, CoreList, Option, Sweep, options
 from pipeline.config import (
-    MEASURED_PROMPTS,
     K_POLICIES,
+    MEASURED_PROMPTS,
     MODES,
     WARMUP_PROMPTS,
     DecodeConfig,
     ModelsConfig,
     WorkersConfig,
 )
-from pipeline.distill.config import DraftShape, TrainingConfig
+from pipeline.distill.config import DraftShape, EvalConfig, TrainingConfig
 from pipeline.runtime.cluster import LivenessConfig
-from pipeline.cli.parameters import ChoiceList, CoreList, Option, options
 from pipeline.serving.config import HttpConfig, LoadConfig
 from workers.protocol.limits import MAX_BRANCHES, MAX_TRACE_SPANS
 from workers.sampling import SamplingParams
-from workers.worker_settings import WorkerSettings
+from workers.worker_settings import DTYPE_CHOICES, WorkerSettings
 
 CHECKPOINT_DIR = click.Path(path_type=Path)
 BACKENDS = click.Choice(["torch", "ttnn"])
@@ -92,9 +92,10 @@ THREADS = Option("--threads", "threads", "CPU threads per worker; the workers a 
 DRAFT_NICE = Option("--draft-nice", "draft_nice", "Niceness to add to a draft worker that shares the coordinator's "
                     "core (0-19): a draft that matters less than anything else on the machine. 0 = as the "
                     "coordinator.", click.INT, WorkersConfig.draft_nice)
-DTYPE = Option("--dtype", "dtype", "float32, bfloat16, or fp16-weights (CPU: fp16 weights, fp32 maths, via fbgemm); "
-               "auto = fp16-weights on a CPU where fbgemm runs (else float32), bfloat16 on CUDA, as each worker finds.",
-               click.STRING, WorkersConfig.dtype, metavar="auto|float32|bfloat16|fp16-weights")
+DTYPE = Option("--dtype", "dtype", "float32, bfloat16, float16, or fp16-weights (CPU: fp16 weights and fp32 maths "
+               "in specpipe's C kernels, fbgemm where they cannot build); auto = fp16-weights on a CPU where either "
+               "runs (else float32), bfloat16 on CUDA, as each worker finds.",
+               click.Choice(DTYPE_CHOICES), WorkersConfig.dtype)
 READY_TIMEOUT = Option("--ready-timeout", "ready_timeout_s", "Seconds to wait for the workers to load.", click.FLOAT,
                        LivenessConfig.ready_timeout_s)
 HEARTBEAT_INTERVAL = Option("--heartbeat-interval", "heartbeat_interval_s", "Seconds between heartbeats to each worker "
@@ -234,6 +235,8 @@ GENERATIONS = Option("--generations", "generations", "Continuations of corpus wi
                      TrainingConfig.generations)
 EVAL_ONLY = Option("--eval-only", "eval_only", "Only evaluate --draft against --target on the prompts; train "
                    "nothing.", default=False, show_default=False)
+EVAL_K = Option("--eval-k", "windows", "Comma-separated window sizes at which the evaluation reports mean "
+                "acceptance length.", Sweep(click.INT), EvalConfig.windows, show_default="1,3,5")
 
 # --- `specpipe keygen` -----------------------------------------------------------------------------
 
@@ -268,7 +271,7 @@ bench_serve_options = options(
     sampling_options, JSON, JSON_OUT)
 distill_options = options(
     models_options, OUT, CORPUS, INIT, LAYERS, WIDTH, MINUTES, STEPS, BATCH_SIZE, SEQ_LEN, LEARNING_RATE, GENERATIONS,
-    EVAL_ONLY, PROMPTS_FILE, PROMPT_COUNT, MAX_NEW_TOKENS, JSON_OUT)
+    EVAL_ONLY, EVAL_K, PROMPTS_FILE, PROMPT_COUNT, MAX_NEW_TOKENS, JSON_OUT)
 worker_options = options(
     ROLE, CHECKPOINT, BIND, BACKEND, DEVICE, DTYPE, THREADS, CORES, IO_CORES, SLOTS, MAX_SEQ_LEN, SPIN_MS, NICE,
     PARENT_PID, CURVE_SECRET_KEY, CURVE_CLIENTS)

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.algorithm.generation import generate
+from pipeline.algorithm.scheduler import Sequence
 from pipeline.config import (
     MEASURED_PROMPTS,
     WARMUP_PROMPTS,
@@ -22,15 +24,20 @@ from pipeline.config import (
     PromptsConfig,
     WorkersConfig,
 )
-from pipeline.runtime.critical_path import TargetTimeSplit, split_lines, split_target_time
-from pipeline.algorithm.generation import generate
-from pipeline.runtime.cluster import LocalCluster, cluster_config
-from pipeline.runtime.preflight import check_checkpoints, check_settings, check_workers
 from pipeline.prompts import encode_prompt, select_prompts
-from pipeline.algorithm.scheduler import Sequence
-from pipeline.runtime.tracing import ProcessSpans, chrome_trace, collect_spans, measure_offset, start_tracing, write_trace
-from workers.model.checkpoint import load_tokenizer
+from pipeline.runtime.cluster import LocalCluster, cluster_config
+from pipeline.runtime.critical_path import TargetTimeSplit, split_lines, split_target_time
+from pipeline.runtime.preflight import check_checkpoints, check_settings, check_workers
+from pipeline.runtime.tracing import (
+    ProcessSpans,
+    chrome_trace,
+    collect_spans,
+    measure_offset,
+    start_tracing,
+    write_trace,
+)
 from workers.bundled import HELDOUT_PROMPTS
+from workers.model.checkpoint import load_tokenizer
 from workers.protocol.limits import MAX_TRACE_SPANS
 from workers.protocol.messages import Span
 from workers.spans import SpanRecorder

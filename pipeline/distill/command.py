@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.distill.config import EVAL_WINDOWS, DistillConfig
+from pipeline.distill.config import DistillConfig
 from pipeline.distill.corpus import Corpus, read_corpus, token_stream
 from pipeline.distill.evaluate import PairReport, evaluate_pair
 from pipeline.distill.hf_models import end_of_text_id, load_target, new_draft, save_draft, shape_of
@@ -113,7 +113,8 @@ def cached_generations(state_dir: Path, target, corpus_stream: torch.Tensor, con
 
 def evaluate(config: DistillConfig, draft_dir: Path, texts: list[str]) -> PairReport:
     log(f"evaluating {draft_dir} on {len(texts)} prompts, {config.evaluation.max_new_tokens} target tokens each")
-    return evaluate_pair(draft_dir, config.models.target_dir, texts, config.evaluation.max_new_tokens, EVAL_WINDOWS)
+    return evaluate_pair(draft_dir, config.models.target_dir, texts, config.evaluation.max_new_tokens,
+                        config.evaluation.windows)
 
 
 def write_report(config: DistillConfig, report: PairReport) -> None:

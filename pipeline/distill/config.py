@@ -82,6 +82,7 @@ class EvalConfig:
 
     prompts: PromptsConfig = PromptsConfig(count=MEASURED_PROMPTS)  # default: the bundled held-out code prompts
     max_new_tokens: int = 128
+    windows: tuple[int, ...] = EVAL_WINDOWS  # --eval-k: the k at which mean acceptance length is reported
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class DistillConfig:
         self.shape.validate()
         self.training.validate()
         self.evaluation.prompts.validate()
+        if not self.evaluation.windows or min(self.evaluation.windows) < 1:
+            raise ValueError(f"--eval-k must list windows of at least 1 token, got {self.evaluation.windows}")
         if self.evaluation.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {self.evaluation.max_new_tokens}")
         for directory in self.corpus:

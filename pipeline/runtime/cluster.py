@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 
 import zmq
 
+from pipeline.algorithm.generation import ModelLimits
 from pipeline.config import ModelsConfig, RemoteConfig, WorkersConfig, worker_roles
 from pipeline.errors import WorkerFailed
-from pipeline.algorithm.generation import ModelLimits
 from pipeline.runtime.liveness import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     DEFAULT_HEARTBEAT_TIMEOUT_S,

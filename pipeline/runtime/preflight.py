@@ -61,7 +61,6 @@ def check_checkpoints(models: ModelsConfig, uses_draft: bool) -> int:
 
 def check_workers(workers: WorkersConfig) -> None:
     """The dtype, thread count, draft niceness and devices of the workers to spawn."""
-    check_dtype(workers.dtype)
     if workers.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {workers.threads}")
     if not 0 <= workers.draft_nice <= 19:
@@ -106,11 +105,3 @@ def check_device(backend: str, device: str, option: str) -> None:
     except SpecpipeError as error:
         raise ValueError(f"{option}: {error}") from None
 
-
-def check_dtype(dtype: str) -> None:
-    from workers.backends.cpu_fp16 import FP16_WEIGHTS
-    from workers.backends.torch_device import DTYPES
-    from workers.worker_settings import AUTO_DTYPE
-
-    if dtype not in (AUTO_DTYPE, FP16_WEIGHTS, *DTYPES):
-        raise ValueError(f"--dtype {dtype!r} is not one of {AUTO_DTYPE}, {FP16_WEIGHTS}, {', '.join(DTYPES)}")

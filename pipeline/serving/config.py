@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import (
-    WARMUP_PROMPTS, DecodeConfig, ModelsConfig, OutputConfig, PromptsConfig, RemoteConfig, WorkersConfig,
+    WARMUP_PROMPTS,
+    DecodeConfig,
+    ModelsConfig,
+    OutputConfig,
+    PromptsConfig,
+    RemoteConfig,
+    WorkersConfig,
 )
 from pipeline.runtime.cluster import LivenessConfig
 from workers.sampling import SamplingParams

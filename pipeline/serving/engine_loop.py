@@ -18,12 +18,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.engine import Engine, Transport
-from pipeline.errors import WorkerFailed
 from pipeline.algorithm.generation import ModelLimits
 from pipeline.algorithm.scheduler import Scheduler
 from pipeline.algorithm.sequence import Phase, Sequence
+from pipeline.config import DecodeConfig
+from pipeline.errors import WorkerFailed
 from pipeline.serving.metrics import ServingMetrics, SpecCounts
 from workers.sampling import SamplingParams
 

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import ModelLimits
+from pipeline.config import DecodeConfig
 from pipeline.prompts import encode_prompt
 from pipeline.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from pipeline.serving.engine_loop import EngineLoop, Finished, RequestStream

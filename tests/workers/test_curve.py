@@ -8,8 +8,8 @@ import pytest
 import zmq
 
 from tests.pipeline.remote_workers import free_port, launch_json, make_keys, start_worker, stop
-from workers.curve import ClientKeys, is_loopback, load_key_pair, load_public_key
 from workers.bundled import DRAFT_DIR, TARGET_DIR
+from workers.curve import ClientKeys, is_loopback, load_key_pair, load_public_key
 from workers.protocol.codec import decode, encode
 from workers.protocol.messages import DraftRequest, DraftResult, Hello, Ready, Release, Released
 

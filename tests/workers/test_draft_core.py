@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from workers.bundled import DRAFT_DIR
 from workers.draft_core import DraftCore
 from workers.model import ModelRunner
-from workers.bundled import DRAFT_DIR
 from workers.sampling import SamplingParams, probabilities
 
 CONTEXT = [12, 873, 45, 9, 301, 77, 1024, 5, 66, 2048, 17, 3]

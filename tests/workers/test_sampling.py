@@ -8,12 +8,18 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import workers.target_core
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import ModelLimits, generate
+from pipeline.config import DecodeConfig
 from pipeline.runtime.in_process import LocalTransport
 from workers.model import ModelRunner
 from workers.sampling import (
-    SamplingParams, greedy_accept, keyed_accept, keyed_pick, probabilities, rejection_accept, sample,
+    SamplingParams,
+    greedy_accept,
+    keyed_accept,
+    keyed_pick,
+    probabilities,
+    rejection_accept,
+    sample,
 )
 
 CHI2_CRITICAL = {5: 20.52}  # chi-square quantile at p = 0.001

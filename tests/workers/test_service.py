@@ -2,8 +2,8 @@
 
 import pytest
 
-from workers.model import ModelRunner
 from workers.bundled import TARGET_DIR
+from workers.model import ModelRunner
 from workers.protocol.codec import decode, encode
 from workers.protocol.messages import ErrorReply, Skipped, VerifyNext, VerifyRequest, VerifyResult
 from workers.service import WorkerService
@@ -79,8 +79,8 @@ def test_one_bad_item_fails_alone_and_the_rest_of_the_batch_is_served(target):
 
 
 def test_a_draft_batch_drafts_every_sequence_as_alone():
-    from workers.protocol.messages import DraftBatch, DraftRequest, SpeculateRequest
     from workers.bundled import DRAFT_DIR
+    from workers.protocol.messages import DraftBatch, DraftRequest, SpeculateRequest
 
     def service():
         return WorkerService("draft", ModelRunner.from_checkpoint(DRAFT_DIR, dtype="float32", n_slots=3,

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import ModelLimits, generate
+from pipeline.config import DecodeConfig
 from pipeline.runtime.in_process import LocalTransport
+from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
-from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.protocol.messages import TargetBatch
 
 SEQUENCES, CONTEXT, NEW_TOKENS, CHUNK = 16, 320, 24, 64

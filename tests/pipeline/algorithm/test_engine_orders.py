@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.config import K_POLICIES, MODES, DecodeConfig
 from pipeline.algorithm.engine import Engine
-from pipeline.errors import Stalled
 from pipeline.algorithm.reference import reference_decode
 from pipeline.algorithm.scheduler import Scheduler
 from pipeline.algorithm.sequence import Phase, Sequence
 from pipeline.algorithm.speculation import SpeculationPlan
+from pipeline.config import K_POLICIES, MODES, DecodeConfig
+from pipeline.errors import Stalled
 from tests.pipeline.adversary import AdversarialTransport, Choices, DrawnPlans, ManualClock
 from workers.model import ModelRunner
 from workers.protocol.messages import Release, TargetBatchResult, VerifyResult

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import ModelLimits, generate
-from pipeline.runtime.in_process import LocalTransport
 from pipeline.algorithm.reference import reference_decode
+from pipeline.config import DecodeConfig
+from pipeline.runtime.in_process import LocalTransport
+from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
-from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.sampling import SamplingParams
 
 

@@ -6,10 +6,10 @@ statistics a user reads off a run."""
 import pytest
 import torch
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.drafting import BranchBudget, Drafted, likeliest_outcomes
 from pipeline.algorithm.scheduler import Scheduler
 from pipeline.algorithm.sequence import Phase
+from pipeline.config import DecodeConfig
 from workers.protocol.messages import (
     DraftBatch,
     DraftRequest,

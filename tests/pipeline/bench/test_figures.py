@@ -3,10 +3,10 @@ predictions."""
 
 import pytest
 
+from pipeline.algorithm.engine import Trip
 from pipeline.bench.figures import figures, histogram, inter_token_latencies, per_position_acceptance, percentile
 from pipeline.bench.records import Generation, one
 from pipeline.bench.theory import predict
-from pipeline.algorithm.engine import Trip
 
 
 def test_percentile_interpolates_like_numpy():

@@ -70,7 +70,7 @@ CASES = {
     "vocabularies differ": (lambda t, c: ["--draft", str(foreign_draft(t, c))], "do not share a vocabulary"),
     "no such CUDA device": (lambda t, c: ["--target-device", "cuda:7"], "--target-device: device 'cuda:7'"),
     "no such device type": (lambda t, c: ["--draft-device", "quantum"], "--draft-device: unknown device"),
-    "unknown dtype": (lambda t, c: ["--dtype", "int3"], "--dtype 'int3' is not one of"),
+    "unknown dtype": (lambda t, c: ["--dtype", "int3"], "'--dtype': 'int3' is not one of"),
     "zero concurrency": (lambda t, c: ["--concurrency", "0"], "--concurrency must be at least 1"),
     "heartbeat timeout below its interval": (lambda t, c: ["--heartbeat-timeout", "0.2"], "--heartbeat-interval"),
     "temperature not a number": (lambda t, c: ["--temperature", "nan"], "--temperature and --top-p must be finite"),

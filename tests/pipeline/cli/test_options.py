@@ -10,18 +10,18 @@ from click.testing import CliRunner
 
 import pipeline.cli.launch
 from pipeline.bench.config import BenchConfig
-from pipeline.cli.main import main
-from pipeline.config import ModelsConfig, PromptsConfig, WorkersConfig
-from pipeline.distill.config import DistillConfig
 from pipeline.cli.launch import LaunchConfig
-from pipeline.runtime.cluster import cluster_config
+from pipeline.cli.main import main
 from pipeline.cli.parameters import SWEEP_HELP, ChoiceList, CoreList, Sweep, config_from, field_paths
 from pipeline.cli.profile import ProfileConfig
-from pipeline.serving.config import BenchServeConfig, ServeConfig
+from pipeline.config import ModelsConfig, PromptsConfig, WorkersConfig
+from pipeline.distill.config import DistillConfig
 from pipeline.prompts import select_prompts
+from pipeline.runtime.cluster import cluster_config
+from pipeline.serving.config import BenchServeConfig, ServeConfig
 from workers.backends.cpu_fp16 import FP16_WEIGHTS
 from workers.bundled import HELDOUT_PROMPTS
-from workers.worker_settings import WorkerSettings, resolved_dtype
+from workers.worker_settings import DTYPE_CHOICES, WorkerSettings, resolved_dtype
 
 CONFIGS = {"launch": LaunchConfig, "bench": BenchConfig, "profile": ProfileConfig, "worker": WorkerSettings,
            "serve": ServeConfig, "bench-serve": BenchServeConfig, "distill": DistillConfig}
@@ -226,3 +226,10 @@ def test_one_place_makes_the_workers_of_a_mode():
     assert not set(overlap.draft.cores) & set(overlap.target.cores)
     target_only = cluster_config(ModelsConfig(), WorkersConfig(target_device="cuda"), "target-only")
     assert target_only.draft is None and target_only.target.cores == () and target_only.target.device == "cuda"
+
+
+def test_every_dtype_choice_is_one_a_worker_can_load():
+    from workers.backends.torch_device import DTYPES
+
+    assert DTYPE_CHOICES[0] == "auto"
+    assert all(name == FP16_WEIGHTS or name in DTYPES for name in DTYPE_CHOICES[1:])

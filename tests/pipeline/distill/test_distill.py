@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import ModelLimits, generate
+from pipeline.config import DecodeConfig
 from pipeline.runtime.in_process import LocalTransport
+from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
-from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
 from workers.worker_settings import AUTO_DTYPE, resolved_dtype
 
 TINY_DRAFT = ["--layers", "1", "--width", "32"]

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import generate
+from pipeline.config import DecodeConfig
 from pipeline.runtime.cluster import ClusterConfig, LocalCluster, default_cores
 from tests.pipeline.processes import read_some, start_launch, survivors, worker_pids
 from workers.bundled import DRAFT_DIR, TARGET_DIR

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import generate
+from pipeline.config import DecodeConfig
 from pipeline.runtime.cluster import ClusterConfig, LocalCluster, default_cores
-from workers.model.checkpoint import load_tokenizer
 from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
+from workers.model.checkpoint import load_tokenizer
 from workers.worker_settings import WorkerSettings
 
 pytestmark = pytest.mark.slow

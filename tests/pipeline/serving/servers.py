@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import ModelLimits
+from pipeline.config import DecodeConfig
 from pipeline.runtime.in_process import LocalTransport
 from pipeline.serving.app import ServerState, build_app
 from pipeline.serving.config import HttpConfig
@@ -26,9 +26,9 @@ from pipeline.serving.engine_loop import EngineLoop
 from pipeline.serving.metrics import ServingMetrics
 from pipeline.serving.requests import Requests
 from tests.pipeline.processes import FAULTS_DIR
+from workers.bundled import DRAFT_DIR, TARGET_DIR
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
-from workers.bundled import DRAFT_DIR, TARGET_DIR
 
 MODEL = "target"  # the served model name: the bundled target directory's
 CONTEXT = 256  # the in-process workers' KV slots

@@ -15,13 +15,13 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import generate
+from pipeline.config import DecodeConfig
 from pipeline.runtime.in_process import LocalTransport
 from pipeline.serving.config import HttpConfig
 from tests.pipeline.serving.servers import CONTEXT, MODEL, in_process_server
-from workers.model import ModelRunner
 from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
+from workers.model import ModelRunner
 
 pytestmark = pytest.mark.slow
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 from tokenizers.processors import TemplateProcessing
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import ModelLimits
+from pipeline.config import DecodeConfig
 from pipeline.prompts import encode_prompt
 from pipeline.serving.metrics import ServingMetrics
 from pipeline.serving.openai_schema import ChatCompletionRequest, CompletionRequest
 from pipeline.serving.requests import RequestRejected, Requests, longest_token_chars
 from tests.pipeline.serving.servers import CHAT_TEMPLATE
-from workers.model.checkpoint import load_tokenizer
 from workers.bundled import TARGET_DIR
+from workers.model.checkpoint import load_tokenizer
 
 BOS = "<|endoftext|>"  # the bundled tokenizer's one special token, made a BOS here as Llama's is
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer, tokenizer_fingerprint
-from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 
 CODE = 'class Stack:\n    """LIFO."""\n\n    def push(self, item):\n\tself._items.append(item)  # tab\n\n\n# üñí © 0x1F\n'
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from workers.backends.cpu_fp16 import fp16_weights_available
+from workers.bundled import DRAFT_DIR, TARGET_DIR
 from workers.model import ModelRunner
 from workers.model.segment import Segment
-from workers.bundled import DRAFT_DIR, TARGET_DIR
 
 DTYPES = ["float32"] + (["fp16-weights"] if fp16_weights_available() else [])
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from tests.workers.model.ttnn_standin import Device, Standin
+from workers.bundled import DRAFT_DIR
 from workers.errors import CacheCapacityError
 from workers.model import ModelRunner
 from workers.model.checkpoint import read_config, read_hf_weights
 from workers.model.runner_base import RunnerBase
 from workers.model.ttnn_runner import TtnnRunner
-from workers.bundled import DRAFT_DIR
 
 CONTEXT = 64
 

@@ -115,8 +115,8 @@ def test_fp16_weights_long_prefill_agrees_with_float32():
     import json
 
     from workers.backends.cpu_fp16 import PackedFp16, fp16_weights_available
-    from workers.model.checkpoint import load_tokenizer
     from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
+    from workers.model.checkpoint import load_tokenizer
 
     if not fp16_weights_available():
         pytest.skip("fp16-weights needs specpipe's kernels (a C compiler) or fbgemm (AVX2)")

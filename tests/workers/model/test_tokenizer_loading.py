@@ -5,8 +5,8 @@ import shutil
 
 from transformers import AutoTokenizer
 
-from workers.model.checkpoint import load_tokenizer
 from workers.bundled import HELDOUT_PROMPTS, TARGET_DIR
+from workers.model.checkpoint import load_tokenizer
 
 
 def test_a_plain_tokenizer_json_loads_as_autotokenizer_would(tmp_path):

@@ -15,16 +15,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import ModelLimits, generate
+from pipeline.config import DecodeConfig
 from pipeline.runtime.in_process import LocalTransport
 from tests.workers.model.ttnn_standin import Device, Standin
+from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.errors import CacheCapacityError, UnsupportedModelError
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer, read_config, read_hf_weights
 from workers.model.ttnn_llama import host_weights
 from workers.model.ttnn_runner import TtnnRunner
-from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 
 # head_dim 64 and vocab in whole tiles, as the device wants (the conftest models have head_dim 16)
 COMMON = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import DecodeConfig
 from pipeline.algorithm.generation import ModelLimits, generate
+from pipeline.config import DecodeConfig
 from pipeline.runtime.in_process import LocalTransport
 from workers.backends.ttnn_device import device_configured
+from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.model import ModelRunner
 from workers.model.checkpoint import load_tokenizer
 from workers.model.ttnn_runner import TtnnRunner, open_runner
-from workers.bundled import DRAFT_DIR, HELDOUT_PROMPTS, TARGET_DIR
 from workers.worker_settings import WorkerSettings
 
 pytestmark = [
