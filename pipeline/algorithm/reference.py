@@ -3,7 +3,7 @@ draft k tokens, verify them in one target pass, keep the accepted prefix and the
 
 No scheduler, no messages, no processes: two model runners and the acceptance rules. The tests use
 it as the oracle for every mode of the pipeline (greedy output must equal it token for token), and it
-says in thirty lines what the scheduler does with drafting ahead, chaining and many sequences.
+says in one short loop what the scheduler does with drafting ahead, chaining and many sequences.
 """
 
 from __future__ import annotations
