@@ -1,13 +1,13 @@
 """`--dtype fp16-weights` on a CPU: weights held in fp16, multiplied with fp32 activations.
 
-Where specpipe's CPU kernels build (cpu_native), every pass runs through them, prompts included: one
+Where specpipe's CPU kernels load (cpu_native), every matrix computes with them, prompts included: one
 kernel whose rows are each computed alone, in fp32, whatever the row count, so nothing below is needed
-(and a prompt comes out as an fp32 engine computes it: transformers' and llama.cpp's greedy tokens match
-ours). The rest of this module is the fallback without them (no C compiler), measured in docs/notes.md:
+(and a prompt comes out as an fp32 engine computes it). The rest of this module is the fallback where
+they cannot be built or loaded (no C compiler, or SPECPIPE_CPU_KERNELS=torch):
 
-On one CPU thread MKL's fp32 sgemm is slow for the 2-9 rows of a verification window; fbgemm's fp16
-kernel reads half the bytes and keeps a k-token pass close to a one-token pass. A prefill of many rows
-is compute-bound instead, so a prompt's pass of PREFILL_ROWS rows or more takes oneDNN's bf16 GEMM
+Few-row passes (decode steps, verification windows) are bound by reading the weights, so they take
+fbgemm's fp16 kernel, which reads half the bytes of an fp32 GEMM. A prefill of many rows is
+compute-bound instead, so a prompt's pass of PREFILL_ROWS rows or more takes oneDNN's bf16 GEMM
 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else MKL on an fp32 copy.
 
 Losslessness rests on which kernel a row takes. Target-only decodes each position alone, so every
@@ -28,13 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from workers.backends import cpu_native
+from workers.backends.cpu_features import cpu_flags
 
 FP16_WEIGHTS = "fp16-weights"  # the --dtype that selects this backend
 
 
 class PackedFp16:
-    """A matrix in fp16 for specpipe's kernels (or fbgemm's, where they do not build): y = x @ W + b, fp32
-    activations and accumulation; plus a copy for the prefill kernel."""
+    """A matrix in fp16 for specpipe's kernels (or, where they do not load, for fbgemm's, plus a copy for the
+    prefill kernel): y = x @ W + b, fp32 activations and accumulation."""
 
     PREFILL_ROWS = 32  # a prompt tile with fewer rows is cheaper through the fp16 kernel
     PREFILL_TILE = 64  # the prefill kernel always multiplies exactly this many rows, padded
@@ -109,25 +110,14 @@ def native_bf16_gemm() -> bool:
     """Whether oneDNN multiplies bf16 in hardware here (AVX512-BF16 or AMX), not by emulation."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                    and _cpu_flags() & {"avx512_bf16", "amx_bf16"})
+                    and cpu_flags() & {"avx512_bf16", "amx_bf16"})
     except (RuntimeError, AttributeError):
         return False
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @functools.cache
 def fp16_weights_available() -> bool:
-    """Whether `--dtype fp16-weights` runs here: specpipe's kernels build, or fbgemm's fp16 GEMM (AVX2) works."""
+    """Whether `--dtype fp16-weights` runs here: specpipe's kernels load, or fbgemm's fp16 GEMM (AVX2) works."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -334,6 +334,36 @@ typedef struct {
     const uint8_t *mask; /* ... where mask[j] is nonzero, or all of them when NULL */
 } sp_row;
 
+/* The layout of the structs the caller builds (cpu_native.py's ctypes copies check theirs against it at load):
+ * per struct its size, then per field its offset, in declaration order. */
+typedef struct {
+    const char *name; /* "struct" or "struct.field" */
+    int64_t value;    /* sizeof the struct, or offsetof the field */
+} sp_layout_entry;
+
+#define LAYOUT_STRUCT(T) {#T, (int64_t)sizeof(T)}
+#define LAYOUT_FIELD(T, f) {#T "." #f, (int64_t)offsetof(T, f)}
+static const sp_layout_entry layout[] = {
+    LAYOUT_STRUCT(sp_matrix), LAYOUT_FIELD(sp_matrix, panels), LAYOUT_FIELD(sp_matrix, bias),
+    LAYOUT_FIELD(sp_matrix, in), LAYOUT_FIELD(sp_matrix, out),
+    LAYOUT_STRUCT(sp_layer), LAYOUT_FIELD(sp_layer, qkv), LAYOUT_FIELD(sp_layer, o), LAYOUT_FIELD(sp_layer, gate_up),
+    LAYOUT_FIELD(sp_layer, down), LAYOUT_FIELD(sp_layer, k_cache), LAYOUT_FIELD(sp_layer, v_cache),
+    LAYOUT_STRUCT(sp_model), LAYOUT_FIELD(sp_model, n_layers), LAYOUT_FIELD(sp_model, d),
+    LAYOUT_FIELD(sp_model, n_heads), LAYOUT_FIELD(sp_model, n_kv_heads), LAYOUT_FIELD(sp_model, head_dim),
+    LAYOUT_FIELD(sp_model, ffn), LAYOUT_FIELD(sp_model, vocab), LAYOUT_FIELD(sp_model, max_seq),
+    LAYOUT_FIELD(sp_model, eps_times_dim), LAYOUT_FIELD(sp_model, attn_scale), LAYOUT_FIELD(sp_model, embed),
+    LAYOUT_FIELD(sp_model, cos), LAYOUT_FIELD(sp_model, sin), LAYOUT_FIELD(sp_model, layers),
+    LAYOUT_FIELD(sp_model, head),
+};
+#undef LAYOUT_STRUCT
+#undef LAYOUT_FIELD
+
+/* The layout table: its entries' count, and their address in *entries. */
+int sp_struct_layout(const sp_layout_entry **entries) {
+    *entries = layout;
+    return (int)(sizeof(layout) / sizeof(layout[0]));
+}
+
 /* The floats of scratch one pass of `rows` rows needs. */
 size_t sp_scratch_floats(const sp_model *m, int rows) {
     size_t q = (size_t)m->n_heads * m->head_dim, kv = (size_t)m->n_kv_heads * m->head_dim;

@@ -1,12 +1,15 @@
-"""specpipe's CPU decode kernels (cpu_kernels.c): built at first use, loaded with ctypes.
+"""specpipe's CPU kernels (cpu_kernels.c): built at first use, loaded with ctypes.
 
-`--dtype fp16-weights` runs every pass that is not a prompt's (decode steps, verification windows,
-drafted branches) through one C call, `sp_forward`, instead of ~20 tensor ops per layer: on one core
-the bundled target's decode step went from 4.1-4.5 ms to under 3 (docs/notes.md). The library is
-compiled with the machine's C compiler (`$CC`, else `cc`) and -march=native into the cache directory
+`--dtype fp16-weights` runs every pass (prompt chunks, decode steps, verification windows, drafted
+branches) through one C call, `sp_forward`, where the model's widths fit the kernels' vectors; where
+they do not, each matrix product is still one C call (`sp_matmul`) and torch does the rest. The library
+is compiled with the machine's C compiler (`$CC`, else `cc`) and -march=native into the cache directory
 ($SPECPIPE_CACHE, else $XDG_CACHE_HOME/specpipe or ~/.cache/specpipe), keyed by the source, the
-compiler and the CPU's flags; without a compiler, fp16-weights falls back to fbgemm (and says so in
-the worker's startup line).
+compiler and the CPU's flags; where it cannot be built or loaded (or SPECPIPE_CPU_KERNELS=torch),
+fp16-weights falls back to fbgemm (and says why in the worker's startup line).
+
+The ctypes structures below copy the C structs by hand: `load_library` checks their sizes and fields
+against the table the library exports (`sp_struct_layout`) and refuses a library that differs.
 
 A row's result never depends on what shares its pass (see the C file), so no row-count probing is
 needed here as it is for BLAS (cpu_rows).
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from workers.backends.cpu_features import cpu_flags_key
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O2", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
@@ -51,6 +56,19 @@ class Model(ctypes.Structure):
         ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("layers", ctypes.POINTER(Layer)), ("head", Matrix)]
 
 
+# The C structs the ctypes structures above copy, and the C names of fields that the copies name otherwise.
+STRUCTS: dict[str, type[ctypes.Structure]] = {"sp_matrix": Matrix, "sp_layer": Layer, "sp_model": Model}
+C_FIELD_NAMES = {("sp_matrix", "in_features"): "in", ("sp_matrix", "out_features"): "out"}
+
+
+class LayoutMismatch(RuntimeError):
+    """The library's structs differ from their ctypes copies here: a bug in cpu_native.py or cpu_kernels.c."""
+
+
+class _LayoutEntry(ctypes.Structure):  # cpu_kernels.c's sp_layout_entry
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_int64)]
+
+
 ROW_FIELDS = 5  # per row of a pass, int32: token, slot, rotary position, cache index, end of the keys it sees
 
 
@@ -73,17 +91,6 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def _compiler() -> str | None:
     name = os.environ.get("CC", "cc")
     return shutil.which(name) or shutil.which("gcc") or shutil.which("clang")
@@ -99,7 +106,7 @@ def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> P
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+                                     cpu_flags_key().encode()])).hexdigest()[:16]
     directory = (directory or cache_dir() / "kernels") / key
     library = directory / "libspecpipe_cpu.so"
     if library.exists():
@@ -129,9 +136,58 @@ def load() -> Kernels | str:
         return str(error)
 
 
+def struct_layout(lib: ctypes.CDLL) -> list[tuple[str, int]]:
+    """The library's layout table: ("struct", its size) then ("struct.field", its offset) per field, in order."""
+    entries = ctypes.POINTER(_LayoutEntry)()
+    layout = lib.sp_struct_layout
+    layout.argtypes = [ctypes.POINTER(ctypes.POINTER(_LayoutEntry))]
+    layout.restype = ctypes.c_int
+    count = layout(ctypes.byref(entries))
+    return [(entries[i].name.decode(), entries[i].value) for i in range(count)]
+
+
+def layout_mismatch(table: list[tuple[str, int]], structs: dict[str, type[ctypes.Structure]] | None = None) -> str:
+    """'' if each ctypes structure has the size, field names (C_FIELD_NAMES aside) and field offsets, in order, of
+    the C struct it copies in `table` (struct_layout's), else the first difference."""
+    sizes = {name: value for name, value in table if "." not in name}
+    fields: dict[str, list[tuple[str, int]]] = {}
+    for name, value in table:
+        if "." in name:
+            struct_name, field = name.split(".", 1)
+            fields.setdefault(struct_name, []).append((field, value))
+    for c_struct, struct in (STRUCTS if structs is None else structs).items():
+        ours = struct.__name__
+        if c_struct not in sizes:
+            return f"the library lists no struct {c_struct} (copied by {ours})"
+        theirs = fields.get(c_struct, [])
+        copies = [(name, C_FIELD_NAMES.get((c_struct, name), name), getattr(struct, name).offset)
+                  for name, *_ in struct._fields_]
+        for i, (c_field, c_offset) in enumerate(theirs):
+            if i == len(copies):
+                return f"{c_struct}.{c_field} (offset {c_offset}) has no field in {ours}"
+            name, expected_c_name, offset = copies[i]
+            if expected_c_name != c_field:
+                return f"{c_struct}'s field {i} is {c_field}, but {ours}'s is {name}"
+            if offset != c_offset:
+                return f"{c_struct}.{c_field} is at offset {c_offset}, but {ours}.{name} at {offset}"
+        if len(copies) > len(theirs):
+            return f"{ours}.{copies[len(theirs)][0]} has no field in {c_struct}"
+        if ctypes.sizeof(struct) != sizes[c_struct]:
+            return f"sizeof({c_struct}) is {sizes[c_struct]} bytes, but {ours}'s {ctypes.sizeof(struct)}"
+    return ""
+
+
 def load_library(path: Path) -> Kernels:
-    """The kernels of one built library (raises OSError if it does not load)."""
+    """The kernels of one built library (raises OSError if it does not load, LayoutMismatch if its structs are not
+    the ctypes structures here)."""
     lib = ctypes.CDLL(str(path))
+    try:
+        mismatch = layout_mismatch(struct_layout(lib))
+    except AttributeError:
+        mismatch = "the library exports no sp_struct_layout (it was not built from this source)"
+    if mismatch:
+        raise LayoutMismatch(f"{SOURCE.name}'s structs differ from their ctypes copies in {Path(__file__).name} "
+                             f"(a bug: make them match): {mismatch}")
     lib.sp_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.sp_matmul.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.sp_scratch_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]

@@ -3,13 +3,9 @@
 Greedy speculative decoding is token-identical to target-only decoding only if a position's logits are
 bitwise the same in a one-row decode step, a k-row verification window and a batch of many sequences.
 A BLAS does not promise that: MKL picks its kernel, blocking and thread split by the row count, and
-which counts agree depends on the CPU and on the code path MKL takes there. Measured on one Intel Xeon
-with MKL's paths forced (MKL_ENABLE_INSTRUCTIONS; torch 2.13, MKL_CBWR=AUTO,STRICT as workers/ sets it):
-AVX-512 and AVX2 agree from 2 rows up; SSE4.2, the path MKL takes where it does not tune for the CPU,
-from 8 rows up on one thread and from 4 on two, while 2-7 rows each round their own way (CI's machine
-failed the batch tests exactly as that path does). So nothing is assumed: `invariant_rows` multiplies random matrices
-of the model's own shapes, dtype and thread count at many row counts and offsets, and returns the widest
-range of counts whose rows all agree. The model pads each call up to the nearest of those counts and
+which counts agree depends on the CPU, on the code path MKL takes there and on the thread count. So
+nothing is assumed: `invariant_rows` multiplies random matrices of the model's own shapes, dtype and
+thread count at many row counts and offsets, and returns the widest range of counts whose rows all agree. The model pads each call up to the nearest of those counts and
 splits longer ones into tiles of the largest, so every row is computed the same way in every pass.
 """
 
@@ -23,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LEAST_CANDIDATES = (2, 4, 8, 16)  # a one-row call is GEMV, a kernel of its own on every path seen
+LEAST_CANDIDATES = (2, 4, 8, 16)  # where a range may start: a one-row call is a GEMV, a kernel of its own
 PROBED_COUNTS = tuple(sorted({*range(2, 18), 24, 31, 32, 33, 48, 63, 64, 65, 96, 128, 129, 256}))
 PROBED_COLUMNS = 4096  # wider matrices are probed on their first 4096 columns (MKL blocks columns alike)
 WIDE_ENOUGH = 64  # past this many rows a prompt tile is compute-bound, and wider tiles gain little

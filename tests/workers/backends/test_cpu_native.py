@@ -3,6 +3,7 @@ the same bits whatever shares its pass; without them fp16-weights falls back to 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from workers.backends import cpu_native
+from workers.backends.cpu_features import cpu_flags
 from workers.model import ModelRunner
 from workers.model.segment import Segment
 
@@ -40,7 +42,7 @@ def these_kernels(kernels, monkeypatch):
 
 def test_each_path_is_the_one_asked_for(kernels, tmp_path_factory):
     assert kernels.panel_width % kernels.vector_width == 0
-    flags = set(cpu_native._cpu_flags().split())
+    flags = cpu_flags()
     directory = str(tmp_path_factory.getbasetemp() / "kernels")
     assert kernels_for("plain", directory).vector_width == 1
     assert kernels_for("plain", directory).describe() == "specpipe CPU kernels (plain C)"
@@ -179,3 +181,50 @@ def test_drafted_branches_see_only_what_their_mask_shows(these_kernels, checkpoi
     assert torch.allclose(got, want, atol=3e-2)
     # the branch forking at 15 is the token that would follow the context's first 15
     assert torch.allclose(got[2], reference.forward([9], 15)[0], atol=3e-2)
+
+
+def test_the_library_lists_the_layout_of_every_struct_the_ctypes_copies_name(kernels):
+    table = dict(cpu_native.struct_layout(kernels.lib))
+    assert table["sp_matrix"] == ctypes.sizeof(cpu_native.Matrix)
+    assert table["sp_matrix.out"] == cpu_native.Matrix.out_features.offset
+    assert table["sp_layer.v_cache"] == cpu_native.Layer.v_cache.offset
+    assert table["sp_model.head"] == cpu_native.Model.head.offset
+    assert cpu_native.layout_mismatch(cpu_native.struct_layout(kernels.lib)) == ""
+
+
+class SwappedMatrix(ctypes.Structure):  # in and out swapped: the same offsets, other names
+    _fields_ = [("panels", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("out_features", ctypes.c_int32),
+                ("in_features", ctypes.c_int32)]
+
+
+class NarrowModel(ctypes.Structure):  # eps_times_dim a double: the fields after it move
+    _fields_ = [(name, ctypes.c_int32) for name, _ in cpu_native.Model._fields_[:8]] + [
+        ("eps_times_dim", ctypes.c_double)] + cpu_native.Model._fields_[9:]
+
+
+class ShortLayer(ctypes.Structure):  # v_cache missing
+    _fields_ = cpu_native.Layer._fields_[:-1]
+
+
+@pytest.mark.parametrize("struct, message", [
+    (("sp_matrix", SwappedMatrix), "sp_matrix's field 2 is in, but SwappedMatrix's is out_features"),
+    (("sp_model", NarrowModel), "sp_model.attn_scale is at offset 36, but NarrowModel.attn_scale at 40"),
+    (("sp_layer", ShortLayer), "sp_layer.v_cache (offset 104) has no field in ShortLayer"),
+    (("sp_other", cpu_native.Matrix), "the library lists no struct sp_other (copied by Matrix)"),
+], ids=["field-names", "offset", "missing-field", "missing-struct"])
+def test_a_ctypes_copy_unlike_its_c_struct_is_named(kernels, struct, message):
+    assert cpu_native.layout_mismatch(cpu_native.struct_layout(kernels.lib), dict([struct])) == message
+
+
+def test_a_library_whose_structs_differ_is_refused_and_the_loader_says_which_field(tmp_path, monkeypatch):
+    path = cpu_native.build(tmp_path)
+    wrong = dict(cpu_native.STRUCTS, sp_layer=ShortLayer)
+    monkeypatch.setattr(cpu_native, "STRUCTS", wrong)
+    refusal = r"a bug.*: sp_layer\.v_cache \(offset 104\) has no field in ShortLayer"
+    with pytest.raises(cpu_native.LayoutMismatch, match=refusal):
+        cpu_native.load_library(path)
+    monkeypatch.setattr(cpu_native, "build", lambda: path)
+    monkeypatch.delenv(cpu_native.DISABLE, raising=False)
+    reason = cpu_native.load.__wrapped__()  # the reason fp16-weights names when it falls back to fbgemm
+    assert isinstance(reason, str) and "cpu_kernels.c's structs differ from their ctypes copies" in reason
+    assert "sp_layer.v_cache" in reason
