@@ -212,7 +212,7 @@ class Transformer(nn.Module):
         self.eps_times_dim = torch.tensor(0.0)
         self.max_seq_len = 0
         self.gemm_rows: RowRange | None = None  # set by the runner on a CPU (workers.backends.cpu_rows)
-        self.native: cpu_native.NativeModel | None = None  # fp16 weights on a CPU: passes other than prompts'
+        self.native: cpu_native.NativeModel | None = None  # fp16 weights on a CPU: every pass in one C call
         self.native_missing = ""  # why fp16 weights run without it, where they do
 
     def setup_caches(self, n_slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
