@@ -12,13 +12,20 @@
  * operations (+, *, fma, /, sqrt) are used; exp is a fixed polynomial of them, so a row's result
  * depends on the binary and its inputs alone. Nothing here may be compiled with -ffast-math.
  *
+ * Threads (sp_set_threads): a pass spreads over a persistent pool, the calling thread included. A matrix
+ * product splits by output panels and attention by (row, KV head), so each output value is still computed
+ * by one thread in the fixed order above: a row's bits do not depend on the thread count either.
+ *
  * Built at first use with -march=native (workers/backends/cpu_native.py): AVX-512F, or AVX2 with
  * FMA and F16C, or plain C elsewhere.
  */
 
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__)
@@ -102,6 +109,125 @@ static inline float v_pow2i(int32_t n) {
 
 int sp_panel_width(void) { return PANEL; }
 int sp_vector_width(void) { return VLEN; }
+
+/* ---------------------------------------------------------------------------------------------- */
+/* the thread pool                                                                                 */
+
+#define MAX_THREADS 64
+#define SPIN_ROUNDS 20000 /* a helper's polls for the next job before it sleeps: a few tens of microseconds */
+
+typedef void (*sp_task)(void *job, int thread, int threads);
+
+static struct {
+    int threads; /* the calling thread and threads - 1 helpers */
+    pthread_t helpers[MAX_THREADS];
+    sp_task task;
+    void *job;
+    atomic_uint generation; /* bumped once per job */
+    unsigned started_at;    /* the generation when the helpers were started: the last job they must not run */
+    atomic_int unfinished;  /* helpers still running the current job */
+    atomic_int sleeping;    /* helpers waiting on `wake` */
+    atomic_int stopping;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+} pool = {.threads = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static inline void pause_briefly(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *helper_loop(void *arg) {
+    int thread = (int)(intptr_t)arg;
+    unsigned seen = pool.started_at; /* not the generation now: a job may have been published already */
+    for (;;) {
+        for (int i = 0; i < SPIN_ROUNDS && atomic_load(&pool.generation) == seen; i++) pause_briefly();
+        if (atomic_load(&pool.generation) == seen) {
+            /* sleeping is raised before generation is read again, and the caller bumps generation before it
+             * reads sleeping: one of the two sees the other, so no wake-up is lost */
+            pthread_mutex_lock(&pool.lock);
+            atomic_fetch_add(&pool.sleeping, 1);
+            while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            atomic_fetch_sub(&pool.sleeping, 1);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = atomic_load(&pool.generation);
+        if (atomic_load(&pool.stopping)) return NULL;
+        pool.task(pool.job, thread, pool.threads);
+        atomic_fetch_sub(&pool.unfinished, 1);
+    }
+}
+
+static void publish(sp_task task, void *job) {
+    pool.task = task;
+    pool.job = job;
+    atomic_store(&pool.unfinished, pool.threads - 1);
+    atomic_fetch_add(&pool.generation, 1);
+    if (atomic_load(&pool.sleeping) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+}
+
+/* Runs task(job, t, threads) for every t, the caller as thread 0, and returns when all are done. */
+static void run_parallel(sp_task task, void *job) {
+    if (pool.threads == 1) {
+        task(job, 0, 1);
+        return;
+    }
+    publish(task, job);
+    task(job, 0, pool.threads);
+    while (atomic_load(&pool.unfinished) > 0) pause_briefly();
+}
+
+static void stop_helpers(void) {
+    if (pool.threads == 1) return;
+    atomic_store(&pool.stopping, 1);
+    publish(NULL, NULL);
+    for (int t = 1; t < pool.threads; t++) pthread_join(pool.helpers[t], NULL);
+    atomic_store(&pool.stopping, 0);
+    pool.threads = 1;
+}
+
+/* A forked child has only the thread that forked: its passes run on that one. */
+static void forget_helpers(void) {
+    pool.threads = 1;
+    atomic_store(&pool.sleeping, 0);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+}
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, forget_helpers); }
+
+/* Passes use `threads` threads from now on (the caller and threads - 1 helpers, which inherit its CPU
+ * affinity); returns the count in effect. Not to be called while a pass runs. */
+int sp_set_threads(int threads) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads == pool.threads) return threads;
+    stop_helpers();
+    pool.started_at = atomic_load(&pool.generation);
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&pool.helpers[t], NULL, helper_loop, (void *)(intptr_t)t) != 0) {
+            pool.threads = t; /* as many as started */
+            return t;
+        }
+        pool.threads = t + 1;
+    }
+    return pool.threads;
+}
+
+int sp_threads(void) { return pool.threads; }
+
+/* [first, end) of `count` units for thread `t` of `threads`: contiguous, as even as they divide. */
+static inline void share(int count, int t, int threads, int *first, int *end) {
+    *first = (int)((int64_t)count * t / threads);
+    *end = (int)((int64_t)count * (t + 1) / threads);
+}
 
 /* ---------------------------------------------------------------------------------------------- */
 /* packing                                                                                        */
@@ -198,23 +324,26 @@ static inline int sweep_rows_of(int left) {
     return (left + sweeps - 1) / sweeps;
 }
 
-/* y [rows][ldy] = x [rows][in] @ W (+ bias), or y += that when `accumulate` (a residual). */
-static void matmul(const sp_matrix *m, const float *x, int rows, float *y, int ldy, int accumulate) {
+/* y [rows][ldy] = x [rows][in] @ W (+ bias), or y += that when `accumulate` (a residual), for the panels
+ * [first, end) (units of `panels` panels: a thread's share). */
+static void matmul_panels(const sp_matrix *m, const float *x, int rows, float *y, int ldy, int accumulate,
+                          int first_unit, int end_unit) {
     float block[ROW_BLOCK][2 * PANEL];
     int n_panels = (m->out + PANEL - 1) / PANEL;
     int panels = rows <= PAIRED_ROWS ? 2 : 1; /* per step; a pair's last panel may be alone */
     int sweeps = sweeps_for(rows);
     size_t panel_bytes = (size_t)m->in * PANEL * sizeof(uint16_t);
+    int end_panel = end_unit * panels < n_panels ? end_unit * panels : n_panels;
     /* panel by panel (or pair by pair), then its rows block by block: a panel (PANEL x in fp16, 16 KB at 512
      * inputs on AVX2) comes from memory once, and the sweeps for further row blocks find it in cache */
-    for (int p = 0; p < n_panels; p += panels) {
+    for (int p = first_unit * panels; p < end_panel; p += panels) {
         const uint16_t *panel = m->panels + (size_t)p * m->in * PANEL;
         int here = n_panels - p < panels ? n_panels - p : panels;
         for (int first = 0, left = rows, s = 0; left > 0; s++) {
             int count = sweep_rows_of(left);
             const char *ahead = (const char *)(panel + PREFETCH_ROWS * PANEL);
             size_t step = PANEL * sizeof(uint16_t);
-            if (sweeps > 1 && p + 1 < n_panels) {
+            if (sweeps > 1 && p + 1 < end_panel) {
                 /* each sweep fetches its share of the next panel, so that memory works while the FMAs do
                  * (otherwise the sweeps after the first, FMA-bound on a cached panel, leave it idle) */
                 ahead = (const char *)panel + panel_bytes + s * panel_bytes / sweeps;
@@ -233,6 +362,31 @@ static void matmul(const sp_matrix *m, const float *x, int rows, float *y, int l
             left -= count;
         }
     }
+}
+
+static inline int panel_units(const sp_matrix *m, int rows) {
+    int n_panels = (m->out + PANEL - 1) / PANEL, panels = rows <= PAIRED_ROWS ? 2 : 1;
+    return (n_panels + panels - 1) / panels;
+}
+
+typedef struct {
+    const sp_matrix *m;
+    const float *x;
+    int rows, ldy, accumulate;
+    float *y;
+} matmul_job;
+
+static void matmul_task(void *job, int t, int threads) {
+    const matmul_job *j = job;
+    int first, end;
+    share(panel_units(j->m, j->rows), t, threads, &first, &end);
+    matmul_panels(j->m, j->x, j->rows, j->y, j->ldy, j->accumulate, first, end);
+}
+
+/* The product over every thread of the pool, each taking a contiguous share of the panels. */
+static void matmul(const sp_matrix *m, const float *x, int rows, float *y, int ldy, int accumulate) {
+    matmul_job job = {m, x, rows, ldy, accumulate, y};
+    run_parallel(matmul_task, &job);
 }
 
 void sp_matmul(const sp_matrix *m, const float *x, int rows, float *y) { matmul(m, x, rows, y, m->out, 0); }
@@ -364,11 +518,16 @@ int sp_struct_layout(const sp_layout_entry **entries) {
     return (int)(sizeof(layout) / sizeof(layout[0]));
 }
 
-/* The floats of scratch one pass of `rows` rows needs. */
+/* A thread's attention scores: a row of max_seq + VLEN floats per query head of a KV head. */
+static inline size_t scores_floats(const sp_model *m) {
+    return (size_t)(m->max_seq + VLEN) * (m->n_heads / m->n_kv_heads);
+}
+
+/* The floats of scratch one pass of `rows` rows needs (whatever the thread count: scores for MAX_THREADS;
+ * pages a pass never touches cost nothing). */
 size_t sp_scratch_floats(const sp_model *m, int rows) {
     size_t q = (size_t)m->n_heads * m->head_dim, kv = (size_t)m->n_kv_heads * m->head_dim;
-    return (size_t)rows * (2 * m->d + q + 2 * kv + q + 3 * (size_t)m->ffn)
-           + (size_t)(m->max_seq + VLEN) * (m->n_heads / m->n_kv_heads);
+    return (size_t)rows * (2 * m->d + q + 2 * kv + q + 3 * (size_t)m->ffn) + MAX_THREADS * scores_floats(m);
 }
 
 /* One row's attention, every query head of one KV head at once (they share its keys and values).
@@ -408,16 +567,58 @@ static void attend(const sp_model *m, const sp_row *row, const float *q, const f
     }
 }
 
+typedef struct {
+    const sp_model *m;
+    const sp_layer *L;
+    const sp_row *rows;
+    int count;
+    const float *qkv;
+    float *attn, *scores;
+} attention_job;
+
+/* Thread t's share of the (row, KV head) pairs, each attended with the thread's own scores. */
+static void attention_task(void *job, int t, int threads) {
+    const attention_job *j = job;
+    const sp_model *m = j->m;
+    int hd = m->head_dim, n_kv = m->n_kv_heads, group = m->n_heads / n_kv;
+    int q_width = m->n_heads * hd, qkv_width = q_width + 2 * n_kv * hd;
+    size_t slot_stride = (size_t)n_kv * m->max_seq * hd, head_stride = (size_t)m->max_seq * hd;
+    float *scores = j->scores + (size_t)t * scores_floats(m);
+    int first, end;
+    share(j->count * n_kv, t, threads, &first, &end);
+    for (int unit = first; unit < end; unit++) {
+        int r = unit / n_kv, g = unit % n_kv;
+        size_t at = j->rows[r].slot * slot_stride + g * head_stride;
+        attend(m, &j->rows[r], j->qkv + (size_t)r * qkv_width + (size_t)g * group * hd, j->L->k_cache + at,
+               j->L->v_cache + at, j->attn + (size_t)r * q_width + (size_t)g * group * hd, scores);
+    }
+}
+
+typedef struct {
+    const float *gate_up;
+    float *act;
+    int count, f;
+} swiglu_job;
+
+static void swiglu_task(void *job, int t, int threads) {
+    const swiglu_job *j = job;
+    int first, end;
+    share(j->count, t, threads, &first, &end);
+    for (int r = first; r < end; r++)
+        swiglu(j->gate_up + (size_t)r * 2 * j->f, j->gate_up + (size_t)r * 2 * j->f + j->f, j->act + (size_t)r * j->f,
+               j->f);
+}
+
 static void layer_forward(const sp_model *m, const sp_layer *L, const sp_row *rows, int count, float *x,
                           float *scratch) {
-    int d = m->d, hd = m->head_dim, n_kv = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
+    int d = m->d, hd = m->head_dim, n_kv = m->n_kv_heads;
     int q_width = m->n_heads * hd, kv_width = n_kv * hd, qkv_width = q_width + 2 * kv_width, f = m->ffn;
     float *h = scratch;                          /* [count][d] */
     float *qkv = h + (size_t)count * d;          /* [count][qkv_width] */
     float *attn = qkv + (size_t)count * qkv_width; /* [count][q_width] */
     float *gate_up = attn + (size_t)count * q_width; /* [count][2f] */
     float *act = gate_up + (size_t)count * 2 * f;  /* [count][f] */
-    float *scores = act + (size_t)count * f;       /* [group][max_seq + VLEN] */
+    float *scores = act + (size_t)count * f;       /* [MAX_THREADS][group][max_seq + VLEN] */
 
     for (int r = 0; r < count; r++) normalize(x + (size_t)r * d, h + (size_t)r * d, d, m->eps_times_dim);
     matmul(&L->qkv, h, count, qkv, qkv_width, 0);
@@ -432,19 +633,13 @@ static void layer_forward(const sp_model *m, const sp_layer *L, const sp_row *ro
             memcpy(L->v_cache + at, row_qkv + q_width + kv_width + (size_t)g * hd, hd * sizeof(float));
         }
     }
-    for (int r = 0; r < count; r++) {
-        const float *row_qkv = qkv + (size_t)r * qkv_width;
-        for (int g = 0; g < n_kv; g++) {
-            size_t at = rows[r].slot * slot_stride + g * head_stride;
-            attend(m, &rows[r], row_qkv + (size_t)g * group * hd, L->k_cache + at, L->v_cache + at,
-                   attn + (size_t)r * q_width + (size_t)g * group * hd, scores);
-        }
-    }
+    attention_job attention = {m, L, rows, count, qkv, attn, scores};
+    run_parallel(attention_task, &attention);
     matmul(&L->o, attn, count, x, d, 1);
     for (int r = 0; r < count; r++) normalize(x + (size_t)r * d, h + (size_t)r * d, d, m->eps_times_dim);
     matmul(&L->gate_up, h, count, gate_up, 2 * f, 0);
-    for (int r = 0; r < count; r++)
-        swiglu(gate_up + (size_t)r * 2 * f, gate_up + (size_t)r * 2 * f + f, act + (size_t)r * f, f);
+    swiglu_job activation = {gate_up, act, count, f};
+    run_parallel(swiglu_task, &activation);
     matmul(&L->down, act, count, x, d, 1);
 }
 

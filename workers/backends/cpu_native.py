@@ -34,8 +34,8 @@ from torch import Tensor
 from workers.backends.cpu_features import cpu_flags_key
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O2", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
-         "-fno-math-errno")
+FLAGS = ("-O2", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-fast-math",
+         "-ffp-contract=off", "-fno-math-errno")
 DISABLE = "SPECPIPE_CPU_KERNELS"  # =torch: use fbgemm for fp16-weights even where the kernels build
 
 
@@ -83,7 +83,8 @@ class Kernels:
 
     def describe(self) -> str:
         isa = {16: "AVX-512", 8: "AVX2"}.get(self.vector_width, "plain C")
-        return f"specpipe CPU kernels ({isa})"
+        threads = self.lib.sp_threads()
+        return f"specpipe CPU kernels ({isa}, {threads} thread{'s' if threads > 1 else ''})"
 
 
 def cache_dir() -> Path:
@@ -125,15 +126,32 @@ def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> P
     return library
 
 
+_threads = 1  # set_threads'
+
+
 @functools.cache
 def load() -> Kernels | str:
     """The kernels, or why there are none here (a line for the worker's startup message)."""
     if os.environ.get(DISABLE, "").lower() == "torch":
         return f"{DISABLE}=torch"
     try:
-        return load_library(build())
+        kernels = load_library(build())
     except (RuntimeError, OSError) as error:
         return str(error)
+    kernels.lib.sp_set_threads(_threads)
+    return kernels
+
+
+def set_threads(threads: int) -> None:
+    """Every pass of the kernels in this process spreads over `threads` threads from now on (the caller and
+    helpers that inherit its CPU affinity), from when they load if they have not yet. A row's result is the
+    same at any count. Not to be called while a pass runs."""
+    global _threads
+    _threads = threads
+    if load.cache_info().currsize:
+        kernels = load()
+        if isinstance(kernels, Kernels):
+            kernels.lib.sp_set_threads(threads)
 
 
 def struct_layout(lib: ctypes.CDLL) -> list[tuple[str, int]]:
@@ -196,6 +214,9 @@ def load_library(path: Path) -> Kernels:
                                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.sp_products.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p]
     lib.sp_products.restype = None
+    lib.sp_set_threads.argtypes = [ctypes.c_int]
+    lib.sp_set_threads.restype = ctypes.c_int
+    lib.sp_threads.restype = ctypes.c_int
     lib.sp_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     lib.sp_read.restype = ctypes.c_float
     for name in ("sp_pack", "sp_matmul", "sp_forward"):

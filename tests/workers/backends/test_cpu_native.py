@@ -6,6 +6,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +48,7 @@ def test_each_path_is_the_one_asked_for(kernels, tmp_path_factory):
     flags = cpu_flags()
     directory = str(tmp_path_factory.getbasetemp() / "kernels")
     assert kernels_for("plain", directory).vector_width == 1
-    assert kernels_for("plain", directory).describe() == "specpipe CPU kernels (plain C)"
+    assert kernels_for("plain", directory).describe() == "specpipe CPU kernels (plain C, 1 thread)"
     if {"avx2", "fma", "f16c"} <= flags:
         assert kernels_for("avx2", directory).vector_width == 8
         assert kernels_for("native", directory).vector_width == (16 if "avx512f" in flags else 8)
@@ -106,6 +109,43 @@ def test_a_row_is_bitwise_the_same_in_a_step_a_window_and_a_batch(these_kernels,
     # a scratch row sees only what its mask allows: its first branch row is a one-token step from empty
     fresh = runner(directory, max_seq_len=128)
     assert torch.equal(got[2][0], fresh.forward([5], 0)[0])
+
+
+def passes_at(kernels, threads: int, directory) -> list[torch.Tensor]:
+    """A prompt pass, a window, decode steps and a batch with drafted rows, at `threads` threads."""
+    assert kernels.lib.sp_set_threads(threads) == threads
+    try:
+        ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+        model = runner(directory, n_slots=2, max_seq_len=128)
+        out = [model.forward(ids[:24], 0, 0, prompt_pass=True, last=24), model.forward(ids[24:30], 24, 0, last=6)]
+        out += [model.forward(ids[i : i + 1], i, 0) for i in range(30, 33)]
+        out += model.forward_batch([Segment(0, torch.tensor(ids[33:37]), 33, logits=4),
+                                    Segment(1, torch.tensor([5, 6, 7]), 0, torch.tensor([0, 1, 2]),
+                                            torch.ones(3, 3, dtype=torch.bool).tril(), logits=3)])
+        return out
+    finally:
+        kernels.lib.sp_set_threads(1)
+
+
+def test_a_pass_is_bitwise_the_same_at_any_thread_count(these_kernels, checkpoints):
+    directory, _ = checkpoints["llama3-gqa"]
+    one = passes_at(these_kernels, 1, directory)
+    for threads in (2, 3, 5):
+        assert all(torch.equal(a, b) for a, b in zip(one, passes_at(these_kernels, threads, directory))), threads
+    assert these_kernels.describe().endswith("1 thread)")
+
+
+def test_threads_apply_to_kernels_loaded_later_and_are_said(monkeypatch):
+    if isinstance(cpu_native.load(), str):
+        pytest.skip(f"no kernels here: {cpu_native.load()}")
+    kernels = cpu_native.load()
+    try:
+        cpu_native.set_threads(3)
+        assert kernels.lib.sp_threads() == 3 and kernels.describe().endswith(", 3 threads)")
+        cpu_native.load.cache_clear()  # a process whose kernels load after its --threads was set
+        assert cpu_native.load().lib.sp_threads() == 3
+    finally:
+        cpu_native.set_threads(1)
 
 
 def test_without_the_kernels_fp16_weights_runs_on_fbgemm_and_says_why(monkeypatch, checkpoints):
@@ -228,3 +268,43 @@ def test_a_library_whose_structs_differ_is_refused_and_the_loader_says_which_fie
     reason = cpu_native.load.__wrapped__()  # the reason fp16-weights names when it falls back to fbgemm
     assert isinstance(reason, str) and "cpu_kernels.c's structs differ from their ctypes copies" in reason
     assert "sp_layer.v_cache" in reason
+
+
+def test_a_forked_child_computes_on_the_one_thread_it_has(kernels):
+    matrix = cpu_native.PackedMatrix(kernels, torch.randn(256, 512) * 0.05, None)
+    x, y = torch.randn(3, 256), torch.empty(3, 512)
+    kernels.lib.sp_set_threads(2)
+    try:
+        want = matrix(x)
+        pid = os.fork()
+        if pid == 0:  # the helpers did not come along: a pass that waited for them would never end
+            status = 1
+            try:
+                kernels.lib.sp_matmul(ctypes.byref(matrix.struct), x.data_ptr(), 3, y.data_ptr())
+                status = 0 if kernels.lib.sp_threads() == 1 and torch.equal(y, want) else 1
+            finally:
+                os._exit(status)  # never back into pytest
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        kernels.lib.sp_set_threads(1)
+
+
+def test_a_pass_right_after_its_threads_start_finishes():
+    # helpers that start after the pass was published must still take their share (or it waits forever);
+    # in a child process, so that a hang fails the test instead of the suite. The pool is the same C on every path.
+    kernels = cpu_native.load()
+    if isinstance(kernels, str):
+        pytest.skip(f"no kernels here: {kernels}")
+    script = (f"import sys, torch\nfrom workers.backends import cpu_native\n"
+              f"k = cpu_native.load_library(cpu_native.Path({str(kernels.path)!r}))\n"
+              "m = cpu_native.PackedMatrix(k, torch.randn(64, 4096), None)\nx = torch.randn(2, 64)\nwant = m(x)\n"
+              "for _ in range(150):\n    k.lib.sp_set_threads(3)\n    assert torch.equal(m(x), want)\n"
+              "    k.lib.sp_set_threads(1)\n")
+    done = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
