@@ -98,13 +98,20 @@ class WorkersConfig:
     backend: str = "torch"
     draft_device: str = "cpu"
     target_device: str = "cpu"
-    threads: int = 1  # per worker
+    threads: int = 1  # per worker, unless its role's own count says otherwise
+    target_threads: int = 0  # 0 = threads
+    draft_threads: int = 0  # 0 = threads
+    max_model_len: int = 4096  # positions per sequence's KV slot, cut to each model's context; 0 = its context
     dtype: str = AUTO_DTYPE  # resolved by each worker for its device (workers.worker_settings.resolved_dtype)
     # niceness added to a draft that shares the coordinator's core: 0 = none, no worker below the coordinator
     draft_nice: int = 0
 
     def device(self, role: str) -> str:
         return self.target_device if role == "target" else self.draft_device
+
+    def threads_of(self, role: str) -> int:
+        own = self.target_threads if role == "target" else self.draft_threads
+        return own or self.threads
 
 
 @dataclass(frozen=True)

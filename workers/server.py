@@ -6,15 +6,17 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import zmq
 
 from workers.auth import secure
+from workers.backends import cpu_native
 from workers.backends.torch_device import lower_priority, pin_thread_ids, running_threads, set_cpu_threads
 from workers.connection_log import log_connection_events
 from workers.errors import SpecpipeError
-from workers.model.checkpoint import tokenizer_fingerprint
+from workers.model.checkpoint import read_config, tokenizer_fingerprint
 from workers.model.torch_runner import ModelRunner
 from workers.owner import Owner
 from workers.parent import exit_with_parent
@@ -49,10 +51,12 @@ def load(spec: WorkerSettings, zmq_threads: set[int] = frozenset()) -> tuple[Wor
     if spec.backend not in ("torch", "ttnn"):
         raise SpecpipeError(f"backend {spec.backend!r} is not available in this build; use --backend torch")
     set_cpu_threads(spec.threads, list(spec.cores) or None)
+    cpu_native.set_threads(spec.threads)
     if spec.io_cores:
         pin_thread_ids(zmq_threads, spec.io_cores)
     if spec.nice:
         lower_priority(spec.nice)
+    spec = replace(spec, max_seq_len=kv_positions(spec))
     runner = None
     if spec.backend == "ttnn":  # None: this worker stays on torch (a draft left on the CPU)
         from workers.model.ttnn_runner import open_runner
@@ -69,6 +73,13 @@ def load(spec: WorkerSettings, zmq_threads: set[int] = frozenset()) -> tuple[Wor
         eos_ids=list(runner.config.eos_token_ids), backend=spec.backend, device=str(runner.device), slots=spec.slots,
     )
     return WorkerService(spec.role, runner), ready
+
+
+def kv_positions(spec: WorkerSettings) -> int:
+    """Positions per KV slot: --max-seq-len, cut to the model's context (a coordinator asks for its
+    --max-model-len whatever the model), or the model's context for 0."""
+    context = read_config(spec.checkpoint).max_position_embeddings
+    return min(spec.max_seq_len, context) if spec.max_seq_len else context
 
 
 def serve(spec: WorkerSettings) -> int:

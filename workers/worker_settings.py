@@ -35,7 +35,7 @@ class WorkerSettings:
     cores: tuple[int, ...] = ()  # CPU cores to pin to; () = leave affinity alone
     io_cores: tuple[int, ...] = ()  # cores for ZeroMQ's I/O threads; () = wherever the rest are
     slots: int = 8  # sequences it can hold at once (KV slots)
-    max_seq_len: int = 0  # 0 = the model's context
+    max_seq_len: int = 0  # positions per KV slot, at most the model's context; 0 = the model's context
     spin_ms: float = 0.0  # busy-poll this long for the next request before sleeping (for a worker that owns its core)
     nice: int = 0  # added niceness: a worker that shares its core with the coordinator yields to it
     parent_pid: int = 0  # exit when this process (the coordinator that spawned us) is gone; 0 = never

@@ -227,6 +227,8 @@ def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[Key, 
                 "prefill_chunk": config.prefill_chunk, "k": list(config.k),
                 "max_branches": list(config.max_branches), "concurrency": list(config.concurrency),
                 "identity_reference": f"target-only at concurrency {reference_level}", "threads": threads,
+                "target_threads": config.workers.threads_of("target"),
+                "draft_threads": config.workers.threads_of("draft"),
                 "dtype": resolved_dtype(config.workers.dtype, config.workers.target_device),
                 "prompts_file": str(config.prompts.file or HELDOUT_PROMPTS), "command": command,
                 "placement": f"{threads} core(s) per worker; transformers in the coordinator with {threads} thread(s); "

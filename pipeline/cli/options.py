@@ -89,6 +89,14 @@ TARGET_DEVICE = Option("--target-device", "target_device", f"The target worker's
                        WorkersConfig.target_device)
 THREADS = Option("--threads", "threads", "CPU threads per worker; the workers a command starts are pinned to cores of "
                  "their own when the machine has enough.", click.INT, WorkersConfig.threads)
+TARGET_THREADS = Option("--target-threads", "target_threads", "CPU threads of the target worker (its kernels split "
+                        "each pass over them); 0 = --threads.", click.INT, WorkersConfig.target_threads)
+DRAFT_THREADS = Option("--draft-threads", "draft_threads", "CPU threads of the draft worker; 0 = --threads.",
+                       click.INT, WorkersConfig.draft_threads)
+MAX_MODEL_LEN = Option("--max-model-len", "max_model_len", "Positions (prompt and output) each sequence may hold: its "
+                       "KV slot in each worker, allocated up front. At most the model's context; 0 = the model's "
+                       "whole context (128k positions of a Llama-3 model take gigabytes per slot).", click.INT,
+                       WorkersConfig.max_model_len)
 DRAFT_NICE = Option("--draft-nice", "draft_nice", "Niceness to add to a draft worker that shares the coordinator's "
                     "core (0-19): a draft that matters less than anything else on the machine. 0 = as the "
                     "coordinator.", click.INT, WorkersConfig.draft_nice)
@@ -196,7 +204,8 @@ IO_CORES = Option("--io-cores", "io_cores", "Comma-separated CPU cores for ZeroM
                   "rest); launch puts a pinned target's on the coordinator's cores.", CoreList(), "",
                   show_default=False)
 SLOTS = Option("--slots", "slots", "Sequences held at once.", click.INT, WorkerSettings.slots)
-MAX_SEQ_LEN = Option("--max-seq-len", "max_seq_len", "0 = the model's context.", click.INT, WorkerSettings.max_seq_len)
+MAX_SEQ_LEN = Option("--max-seq-len", "max_seq_len", "Positions per KV slot, at most the model's context; 0 = the "
+                     "model's context.", click.INT, WorkerSettings.max_seq_len)
 SPIN_MS = Option("--spin-ms", "spin_ms", "Busy-poll this long for the next request before sleeping (only on a core "
                  "of its own).", click.FLOAT, WorkerSettings.spin_ms)
 NICE = Option("--nice", "nice", "Niceness to add (yield the core to others); a worker that leads its session, as "
@@ -252,26 +261,27 @@ remote_options = options(TARGET_ADDR, DRAFT_ADDR, CURVE_SECRET_KEY, TARGET_SERVE
 
 launch_options = options(
     models_options, PROMPT, PROMPTS_FILE, MAX_NEW_TOKENS, K, MODE, K_POLICY, MAX_BRANCHES, sampling_options,
-    CONCURRENCY, MAX_SEQS, PREFILL_CHUNK, BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DRAFT_NICE, DTYPE, liveness_options,
-    remote_options, JSON)
+    CONCURRENCY, MAX_SEQS, PREFILL_CHUNK, BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, TARGET_THREADS,
+    DRAFT_THREADS, DRAFT_NICE, DTYPE, liveness_options, remote_options, JSON)
 bench_options = options(
     models_options, PROMPTS_FILE, PROMPT_COUNT, WARMUP, K.sweep(), MAX_BRANCHES.sweep(), CONCURRENCY.sweep(),
-    MAX_NEW_TOKENS, PREFILL_CHUNK, REPETITIONS, PEERS, THREADS, DRAFT_NICE, DTYPE, BACKGROUND_LOAD, BACKGROUND_NICE,
-    BACKGROUND_CORES, JSON_OUT, REPORT)
+    MAX_NEW_TOKENS, PREFILL_CHUNK, REPETITIONS, PEERS, THREADS, TARGET_THREADS, DRAFT_THREADS, MAX_MODEL_LEN,
+    DRAFT_NICE, DTYPE, BACKGROUND_LOAD, BACKGROUND_NICE, BACKGROUND_CORES, JSON_OUT, REPORT)
 profile_options = options(
     models_options, PROMPT, PROMPTS_FILE, PROMPT_COUNT, WARMUP, MAX_NEW_TOKENS, K, MODE, K_POLICY, CONCURRENCY,
-    MAX_SEQS, PREFILL_CHUNK, THREADS, DRAFT_NICE, DTYPE, TRACE, MAX_SPANS)
+    MAX_SEQS, PREFILL_CHUNK, THREADS, TARGET_THREADS, DRAFT_THREADS, MAX_MODEL_LEN, DRAFT_NICE, DTYPE, TRACE,
+    MAX_SPANS)
 serve_options = options(
     models_options, MAX_NEW_TOKENS, K, MODE, K_POLICY, MAX_BRANCHES, sampling_options, MAX_SEQS, PREFILL_CHUNK,
-    BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, DRAFT_NICE, DTYPE, liveness_options, remote_options, HOST, PORT,
-    API_KEY, API_KEY_FILE, SERVED_MODEL_NAME, MAX_WAITING, DRAIN_TIMEOUT, CLIENT_TIMEOUT, KEEP_ALIVE_TIMEOUT,
-    MAX_CONNECTIONS)
+    BACKEND, DRAFT_DEVICE, TARGET_DEVICE, THREADS, TARGET_THREADS, DRAFT_THREADS, MAX_MODEL_LEN, DRAFT_NICE, DTYPE,
+    liveness_options, remote_options, HOST, PORT, API_KEY, API_KEY_FILE, SERVED_MODEL_NAME, MAX_WAITING,
+    DRAIN_TIMEOUT, CLIENT_TIMEOUT, KEEP_ALIVE_TIMEOUT, MAX_CONNECTIONS)
 bench_serve_options = options(
-    URL, API_KEY, SERVED_MODEL_NAME, PROMPTS_FILE, WARMUP, REQUESTS, CONCURRENCY, REQUEST_RATE, DURATION, MAX_NEW_TOKENS,
-    sampling_options, JSON, JSON_OUT)
+    URL, API_KEY, SERVED_MODEL_NAME, PROMPTS_FILE, WARMUP, REQUESTS, CONCURRENCY, REQUEST_RATE, DURATION,
+    MAX_NEW_TOKENS, sampling_options, JSON, JSON_OUT)
 distill_options = options(
-    models_options, OUT, CORPUS, INIT, LAYERS, WIDTH, MINUTES, STEPS, BATCH_SIZE, SEQ_LEN, LEARNING_RATE, GENERATIONS,
-    EVAL_ONLY, EVAL_K, PROMPTS_FILE, PROMPT_COUNT, MAX_NEW_TOKENS, JSON_OUT)
+    models_options, OUT, CORPUS, INIT, LAYERS, WIDTH, MINUTES, STEPS, BATCH_SIZE, SEQ_LEN, LEARNING_RATE,
+    GENERATIONS, EVAL_ONLY, EVAL_K, PROMPTS_FILE, PROMPT_COUNT, MAX_NEW_TOKENS, JSON_OUT)
 worker_options = options(
     ROLE, CHECKPOINT, BIND, BACKEND, DEVICE, DTYPE, THREADS, CORES, IO_CORES, SLOTS, MAX_SEQ_LEN, SPIN_MS, NICE,
     PARENT_PID, CURVE_SECRET_KEY, CURVE_CLIENTS)

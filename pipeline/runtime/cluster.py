@@ -62,12 +62,14 @@ class ClusterConfig:
     draft_nice: int = WorkersConfig.draft_nice
 
 
-def default_cores(threads: int, roles: int) -> list[tuple[int, ...]]:
-    """One disjoint block of `threads` cores per worker, when the machine has enough; else no pinning."""
+def default_cores(threads: list[int]) -> list[tuple[int, ...]]:
+    """One disjoint block of cores per worker, as many as its threads, when the machine has enough; else no
+    pinning."""
     available = sorted(os.sched_getaffinity(0))
-    if len(available) < threads * roles:
-        return [()] * roles
-    return [tuple(available[i * threads : (i + 1) * threads]) for i in range(roles)]
+    if len(available) < sum(threads):
+        return [()] * len(threads)
+    starts = [sum(threads[:i]) for i in range(len(threads))]
+    return [tuple(available[start : start + count]) for start, count in zip(starts, threads)]
 
 
 def cluster_config(models: ModelsConfig, workers: WorkersConfig, mode: str, slots: int = 1,
@@ -77,10 +79,12 @@ def cluster_config(models: ModelsConfig, workers: WorkersConfig, mode: str, slot
     the machine has enough (default_cores). `--dtype auto` travels as it is: each worker resolves it for its device."""
     roles = worker_roles(mode)
     on_cpu = {role: workers.device(role) == "cpu" for role in roles}
-    blocks = default_cores(workers.threads, len(roles)) if any(on_cpu.values()) else [()] * len(roles)
+    threads = [workers.threads_of(role) for role in roles]
+    blocks = default_cores(threads) if any(on_cpu.values()) else [()] * len(roles)
     specs = {role: WorkerSettings(role, str(models.directory(role)), bind="", backend=workers.backend,
-                              device=workers.device(role), dtype=workers.dtype, threads=workers.threads,
-                              cores=cores if on_cpu[role] else (), slots=max(slots, 1))
+                              device=workers.device(role), dtype=workers.dtype, threads=workers.threads_of(role),
+                              cores=cores if on_cpu[role] else (), slots=max(slots, 1),
+                              max_seq_len=workers.max_model_len)
              for role, cores in zip(roles, blocks)}
     return ClusterConfig(target=specs["target"], draft=specs.get("draft"), liveness=liveness, remote=remote,
                          draft_nice=workers.draft_nice)

@@ -63,6 +63,11 @@ def check_workers(workers: WorkersConfig) -> None:
     """The dtype, thread count, draft niceness and devices of the workers to spawn."""
     if workers.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {workers.threads}")
+    if workers.max_model_len < 0:
+        raise ValueError(f"--max-model-len must be at least 1 (or 0 for the model's context), got {workers.max_model_len}")
+    for flag, count in (("--target-threads", workers.target_threads), ("--draft-threads", workers.draft_threads)):
+        if count < 0:
+            raise ValueError(f"{flag} must be at least 1 (or 0 for --threads), got {count}")
     if not 0 <= workers.draft_nice <= 19:
         raise ValueError(f"--draft-nice takes a niceness to add from 0 to 19, got {workers.draft_nice}")
     for role in ("target", "draft"):

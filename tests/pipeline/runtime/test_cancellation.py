@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    draft_cores, target_cores = default_cores(1, 2)
+    draft_cores, target_cores = default_cores([1, 1])
     config = ClusterConfig(
         target=WorkerSettings("target", str(TARGET_DIR), "", slots=4, max_seq_len=256, cores=target_cores),
         draft=WorkerSettings("draft", str(DRAFT_DIR), "", slots=4, max_seq_len=256, cores=draft_cores),

@@ -28,7 +28,7 @@ def prompts():
 @pytest.fixture(scope="module")
 def cluster():
     affinity = os.sched_getaffinity(0)
-    draft_cores, target_cores = default_cores(1, 2)
+    draft_cores, target_cores = default_cores([1, 1])
     config = ClusterConfig(
         target=WorkerSettings("target", str(TARGET_DIR), "", slots=4, max_seq_len=256, cores=target_cores),
         draft=WorkerSettings("draft", str(DRAFT_DIR), "", slots=4, max_seq_len=256, cores=draft_cores),
@@ -42,7 +42,7 @@ def cluster():
 
 def test_a_draft_asked_to_yield_does_so_as_a_whole_session():
     # first in the module: the cluster fixture, while it runs, pins this process to the coordinator's core
-    draft_cores, target_cores = default_cores(1, 2)
+    draft_cores, target_cores = default_cores([1, 1])
     if not os.path.exists("/proc/self/autogroup") or not target_cores:
         pytest.skip("no autogroup scheduling here, or nothing pinned")
     config = ClusterConfig(
