@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +58,39 @@ def weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_hf_weights(directory: str | Path) -> dict[str, Tensor]:
-    """All tensors of a checkpoint by their Hugging Face names."""
-    tensors: dict[str, Tensor] = {}
-    for file in weight_files(Path(directory)):
+class CheckpointWeights(Mapping[str, Tensor]):
+    """A checkpoint's tensors by their Hugging Face names, each read from its shard (memory-mapped by
+    safetensors) when asked for and not kept: a loader that packs tensor by tensor never holds a second copy
+    of the whole checkpoint."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self._shards = []
+        self._where: dict[str, Any] = {}
+        for file in weight_files(Path(directory)):
+            try:
+                shard = safe_open(str(file), framework="pt")
+                self._where.update(dict.fromkeys(shard.keys(), (shard, file)))
+            except Exception as error:  # safetensors raises several types for truncated or corrupt files
+                raise CheckpointError(f"cannot read weights from {file}: {error}") from None
+            self._shards.append(shard)
+
+    def __getitem__(self, name: str) -> Tensor:
+        shard, file = self._where[name]
         try:
-            with safe_open(str(file), framework="pt") as shard:
-                for name in shard.keys():
-                    tensors[name] = shard.get_tensor(name)
-        except Exception as error:  # safetensors raises several types for truncated or corrupt files
-            raise CheckpointError(f"cannot read weights from {file}: {error}") from None
-    return tensors
+            return shard.get_tensor(name)
+        except Exception as error:
+            raise CheckpointError(f"cannot read {name} from {file}: {error}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def read_hf_weights(directory: str | Path) -> CheckpointWeights:
+    """All tensors of a checkpoint by their Hugging Face names, read as they are asked for."""
+    return CheckpointWeights(directory)
 
 
 def check_weight_names(config: ModelConfig, hf: dict[str, Tensor], directory: str | Path) -> None:

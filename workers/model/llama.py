@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import array
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +47,9 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) 
     return torch.where(is_medium, smoothed, scaled)
 
 
-def prepare_weights(config: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Hugging Face tensors (by HF name) -> this module's state dict.
+def prepared_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+    """Hugging Face tensors (by HF name) -> this module's state dict, a group at a time (the embedding and
+    head, then each layer), so that a loader can pack a group before the next is read.
 
     RMSNorm(x) @ W.T = (x / rms(x)) * g @ W.T = (x * rsqrt(sum(x^2) + d*eps)) @ (W * g * sqrt(d)).T,
     so the gain g and sqrt(d) move into the next matrix and the norm becomes five cheap ops.
@@ -61,17 +62,18 @@ def prepare_weights(config: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Ten
     def transposed(weight: Tensor) -> Tensor:
         return weight.t().contiguous()
 
-    state = {"embed": hf["model.embed_tokens.weight"]}
     head = hf["model.embed_tokens.weight"] if config.tie_word_embeddings else hf["lm_head.weight"]
-    state["lm_head"] = folded(head, hf["model.norm.weight"])
+    yield {"embed": hf["model.embed_tokens.weight"], "lm_head": folded(head, hf["model.norm.weight"])}
+    del head
     for i in range(config.num_layers):
         hf_layer, layer = f"model.layers.{i}.", f"layers.{i}."
         attn, mlp = hf_layer + "self_attn.", hf_layer + "mlp."
         attn_gain, mlp_gain = hf[hf_layer + "input_layernorm.weight"], hf[hf_layer + "post_attention_layernorm.weight"]
-        state[layer + "wqkv"] = folded(torch.cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"]), attn_gain)
-        state[layer + "wo"] = transposed(hf[attn + "o_proj.weight"])
+        state = {layer + "wqkv": folded(torch.cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"]), attn_gain),
+                 layer + "wo": transposed(hf[attn + "o_proj.weight"])}
         gate_up = torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
         state[layer + "w_gate_up"] = folded(gate_up, mlp_gain)
+        del gate_up
         state[layer + "w_down"] = transposed(hf[mlp + "down_proj.weight"])
         if config.qkv_bias:
             state[layer + "bqkv"] = torch.cat([hf[attn + f"{p}_proj.bias"] for p in "qkv"])
@@ -80,7 +82,12 @@ def prepare_weights(config: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Ten
         if config.mlp_bias:
             state[layer + "b_gate_up"] = torch.cat([hf[mlp + "gate_proj.bias"], hf[mlp + "up_proj.bias"]])
             state[layer + "b_down"] = hf[mlp + "down_proj.bias"]
-    return state
+        yield state
+
+
+def prepare_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The whole state dict of prepared_weights at once."""
+    return {name: tensor for group in prepared_weights(config, hf) for name, tensor in group.items()}
 
 
 def hf_weight_names(config: ModelConfig) -> list[str]:

@@ -14,7 +14,7 @@ from workers.backends.torch_device import resolve_device, resolve_dtype
 from workers.errors import CheckpointError, DeviceError
 from workers.model.checkpoint import check_weight_names, read_config, read_hf_weights
 from workers.model.config import ModelConfig
-from workers.model.llama import Transformer, prepare_weights
+from workers.model.llama import Transformer, prepared_weights
 from workers.model.runner_base import RunnerBase
 from workers.model.segment import Segment
 
@@ -71,18 +71,29 @@ class ModelRunner(RunnerBase):
         max_seq_len = cls.context_length(config, max_seq_len)
         with torch.device("meta"):
             model = Transformer(config)  # parameters without memory; the checkpoint supplies them
-        state = prepare_weights(config, hf_weights)
-        try:
-            missing, unexpected = model.load_state_dict(
-                {k: v.to(torch_device, torch_dtype) for k, v in state.items()}, strict=False, assign=True
-            )
-        except RuntimeError as error:  # shape mismatches
-            raise CheckpointError(f"weights do not match config.json: {str(error).splitlines()[-1].strip()}") from None
-        if missing or unexpected:
-            raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if pack_fp16:
-            pack_fp16_weights(model.matrices())
-        elif torch_device.type == "cpu":
+        expected = set(model.state_dict())
+        loaded: set[str] = set()
+        # A group (the embedding and head, then a layer) at a time, each packed before the next is read: the
+        # loader never holds the checkpoint twice, nor its matrices in fp32 all at once.
+        for group in prepared_weights(config, hf_weights):
+            state = {name: tensor.to(torch_device, torch_dtype) for name, tensor in group.items()}
+            del group
+            unexpected = state.keys() - expected
+            if unexpected:
+                raise CheckpointError(f"weights do not match the model: unexpected {sorted(unexpected)[:5]}")
+            try:
+                model.load_state_dict(state, strict=False, assign=True)
+            except RuntimeError as error:  # shape mismatches
+                raise CheckpointError(f"weights do not match config.json: {str(error).splitlines()[-1].strip()}") from None
+            loaded |= state.keys()
+            del state
+            if pack_fp16:
+                pack_fp16_weights((module, weight, bias) for module, weight, bias in model.matrices()
+                                  if isinstance(getattr(module, weight), Tensor) and not getattr(module, weight).is_meta)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise CheckpointError(f"weights do not match the model: missing {missing[:5]}")
+        if not pack_fp16 and torch_device.type == "cpu":
             model.gemm_rows = invariant_rows(
                 (getattr(module, weight).shape for module, weight, _ in model.matrices()), torch_dtype)
         model.setup_caches(n_slots, max_seq_len, torch_dtype, torch_device)
