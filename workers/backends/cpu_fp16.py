@@ -55,6 +55,21 @@ class PackedFp16:
         else:
             self.long_weight = weight_in_out.float().contiguous()  # [in, out], for MKL
 
+    @classmethod
+    def from_rows(cls, weight_out_in: Tensor, scale: Tensor | None, bias: Tensor | None) -> "PackedFp16":
+        """PackedFp16((weight_out_in.float() * scale).t(), bias) from the matrix as a checkpoint stores it: packed
+        straight from it where the kernels load, with no float copy."""
+        kernels = cpu_native.load()
+        if not isinstance(kernels, cpu_native.Kernels):
+            weight = weight_out_in.float() if scale is None else weight_out_in.float() * scale
+            return cls(weight.t(), bias)
+        packed = cls.__new__(cls)
+        packed.bias = torch.zeros(weight_out_in.shape[0]) if bias is None else bias.float()
+        packed.has_bias = bias is not None
+        packed.out_features = weight_out_in.shape[0]
+        packed.native = cpu_native.PackedMatrix.from_rows(kernels, weight_out_in, scale, bias)
+        return packed
+
     def __call__(self, x: Tensor, prompt_rows: tuple[tuple[int, int], ...] = ()) -> Tensor:
         # x: [rows, in] -> [rows, out]; prompt_rows: (first, end) ranges of x that are prompt chunks
         if self.native is not None:
@@ -91,18 +106,14 @@ class PackedFp16:
         return y + self.bias if self.has_bias else y
 
 
-def pack_fp16_weights(modules: Iterable[tuple[nn.Module, str, str | None]]) -> None:
-    """Swaps each (module, weight name, bias name) matrix for its fp16 packing; the bias goes with it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch marks the fbgemm fp16 ops deprecated; they are still there
-        for module, weight, bias in modules:
-            packed = PackedFp16(getattr(module, weight), getattr(module, bias) if bias else None)
-            for name in (weight, bias):
-                if name:
-                    module._parameters.pop(name, None)
-            setattr(module, weight, packed)
-            if bias:
-                setattr(module, bias, None)
+def install_packed(module: nn.Module, weight: str, bias: str | None, packed: PackedFp16) -> None:
+    """`packed` in place of the module's matrix (and its bias, which the packing holds)."""
+    for name in (weight, bias):
+        if name:
+            module._parameters.pop(name, None)
+    setattr(module, weight, packed)
+    if bias:
+        setattr(module, bias, None)
 
 
 @functools.cache

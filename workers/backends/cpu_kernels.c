@@ -246,6 +246,38 @@ void sp_pack(const uint16_t *w, int in, int out, uint16_t *panels) {
     }
 }
 
+/* w [out][in] as a checkpoint stores it (dtype: 0 float32, 1 bfloat16, 2 float16), each input k scaled by
+ * scale[k] (NULL: none) -> sp_pack's panels: the layout, the fold of a norm's gain and the rounding to fp16
+ * (to nearest even, as torch's .to(float16)) in one pass, with no [in][out] float copy. */
+void sp_pack_rows(const void *w, int dtype, const float *scale, int in, int out, uint16_t *panels) {
+    int n_panels = (out + PANEL - 1) / PANEL;
+    for (int p = 0; p < n_panels; p++) {
+        uint16_t *dst = panels + (size_t)p * in * PANEL;
+        for (int c = 0; c < PANEL; c++) {
+            int row = p * PANEL + c;
+            if (row >= out) {
+                for (int k = 0; k < in; k++) dst[(size_t)k * PANEL + c] = 0;
+                continue;
+            }
+            for (int k = 0; k < in; k++) {
+                size_t at = (size_t)row * in + k;
+                float v;
+                if (dtype == 1) {
+                    uint32_t bits = (uint32_t)((const uint16_t *)w)[at] << 16;
+                    memcpy(&v, &bits, sizeof v);
+                } else if (dtype == 2) {
+                    v = (float)((const _Float16 *)w)[at];
+                } else {
+                    v = ((const float *)w)[at];
+                }
+                if (scale) v *= scale[k];
+                _Float16 half = (_Float16)v;
+                memcpy(&dst[(size_t)k * PANEL + c], &half, sizeof half);
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* the matrix product                                                                              */
 

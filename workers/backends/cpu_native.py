@@ -69,6 +69,9 @@ class _LayoutEntry(ctypes.Structure):  # cpu_kernels.c's sp_layout_entry
     _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_int64)]
 
 
+# sp_pack_rows' codes for the dtypes a checkpoint stores matrices in
+SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
 ROW_FIELDS = 5  # per row of a pass, int32: token, slot, rotary position, cache index, end of the keys it sees
 
 
@@ -207,6 +210,9 @@ def load_library(path: Path) -> Kernels:
         raise LayoutMismatch(f"{SOURCE.name}'s structs differ from their ctypes copies in {Path(__file__).name} "
                              f"(a bug: make them match): {mismatch}")
     lib.sp_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.sp_pack_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                 ctypes.c_void_p]
+    lib.sp_pack_rows.restype = None
     lib.sp_matmul.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.sp_scratch_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
     lib.sp_scratch_floats.restype = ctypes.c_size_t
@@ -229,10 +235,33 @@ class PackedMatrix:
 
     def __init__(self, kernels: Kernels, weight_in_out: Tensor, bias: Tensor | None) -> None:
         in_features, out_features = weight_in_out.shape
-        panels = -(-out_features // kernels.panel_width)
         half = weight_in_out.detach().to(torch.float16).contiguous()
-        self.panels = torch.empty(panels * in_features * kernels.panel_width, dtype=torch.float16)
+        self._use(kernels, self._panels_for(kernels, in_features, out_features), in_features, out_features, bias)
         kernels.lib.sp_pack(half.data_ptr(), in_features, out_features, self.panels.data_ptr())
+
+    @classmethod
+    def from_rows(cls, kernels: Kernels, weight_out_in: Tensor, scale: Tensor | None, bias: Tensor | None
+                  ) -> "PackedMatrix":
+        """The matrix as a checkpoint stores it ([out, in], float32, bfloat16 or float16), each input column
+        scaled by `scale` [in] (a folded norm gain), packed in one pass: bitwise the panels of
+        PackedMatrix((weight.float() * scale).t(), bias), with no float copy of the matrix."""
+        out_features, in_features = weight_out_in.shape
+        weight = weight_out_in.detach().contiguous()
+        scale = None if scale is None else scale.detach().float().contiguous()
+        packed = cls.__new__(cls)
+        packed._use(kernels, cls._panels_for(kernels, in_features, out_features), in_features, out_features, bias)
+        kernels.lib.sp_pack_rows(weight.data_ptr(), SOURCE_DTYPES[weight.dtype],
+                                 None if scale is None else scale.data_ptr(), in_features, out_features,
+                                 packed.panels.data_ptr())
+        return packed
+
+    @staticmethod
+    def _panels_for(kernels: Kernels, in_features: int, out_features: int) -> Tensor:
+        panels = -(-out_features // kernels.panel_width)
+        return torch.empty(panels * in_features * kernels.panel_width, dtype=torch.float16)
+
+    def _use(self, kernels: Kernels, panels: Tensor, in_features: int, out_features: int, bias: Tensor | None) -> None:
+        self.panels = panels
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.struct = Matrix(self.panels.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(),
                              in_features, out_features)

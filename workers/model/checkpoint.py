@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+import torch
 from torch import Tensor
 
 from workers.errors import CheckpointError
@@ -58,28 +60,47 @@ def weight_files(directory: Path) -> list[Path]:
     return files
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
 class CheckpointWeights(Mapping[str, Tensor]):
-    """A checkpoint's tensors by their Hugging Face names, each read from its shard (memory-mapped by
-    safetensors) when asked for and not kept: a loader that packs tensor by tensor never holds a second copy
-    of the whole checkpoint."""
+    """A checkpoint's tensors by their Hugging Face names, each read from its shard when asked for and not
+    kept: a loader that packs tensor by tensor never holds a second copy of the checkpoint. Read, not
+    memory-mapped: a mapped shard's pages would count in the worker's resident memory until it closed."""
 
     def __init__(self, directory: str | Path) -> None:
-        self._shards = []
-        self._where: dict[str, Any] = {}
+        self._where: dict[str, tuple[Path, int, int, torch.dtype, list[int]]] = {}
         for file in weight_files(Path(directory)):
             try:
-                shard = safe_open(str(file), framework="pt")
-                self._where.update(dict.fromkeys(shard.keys(), (shard, file)))
-            except Exception as error:  # safetensors raises several types for truncated or corrupt files
-                raise CheckpointError(f"cannot read weights from {file}: {error}") from None
-            self._shards.append(shard)
+                with open(file, "rb") as stream:
+                    header_bytes = struct.unpack("<Q", stream.read(8))[0]
+                    header = json.loads(stream.read(header_bytes))
+                start = 8 + header_bytes
+                for name, entry in header.items():
+                    if name == "__metadata__":
+                        continue
+                    begin, end = entry["data_offsets"]
+                    dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"])
+                    if end - begin != math.prod(shape) * dtype.itemsize:
+                        raise ValueError(f"{name}: {end - begin} bytes for shape {shape} of {entry['dtype']}")
+                    self._where[name] = (file, start + begin, end - begin, dtype, shape)
+            except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
+                raise CheckpointError(f"cannot read weights from {file}: {error!r}") from None
 
     def __getitem__(self, name: str) -> Tensor:
-        shard, file = self._where[name]
-        try:
-            return shard.get_tensor(name)
-        except Exception as error:
-            raise CheckpointError(f"cannot read {name} from {file}: {error}") from None
+        file, offset, size, dtype, shape = self._where[name]
+        data = torch.empty(size, dtype=torch.uint8)
+        with open(file, "rb") as stream:
+            stream.seek(offset)
+            got = stream.readinto(data.numpy()) if size else 0
+        if got != size:
+            raise CheckpointError(f"cannot read {name} from {file}: {got} of its {size} bytes (truncated?)")
+        return data.view(dtype).reshape(shape)
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor, as Mapping's would
+        return name in self._where
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

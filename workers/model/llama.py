@@ -47,20 +47,33 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) 
     return torch.where(is_medium, smoothed, scaled)
 
 
-def prepared_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+@dataclass(frozen=True)
+class StoredMatrix:
+    """A matrix as the checkpoint stores it, [out, in], and the scale its inputs take (a folded norm gain).
+
+    A CPU loader packs it for the kernels straight from here (PackedFp16.from_rows); `in_out` is the [in, out]
+    float32 layout this module multiplies with otherwise."""
+
+    weight: Tensor
+    scale: Tensor | None = None
+
+    def in_out(self) -> Tensor:
+        weight = self.weight.float() if self.scale is None else self.weight.float() * self.scale
+        return weight.t().contiguous()
+
+
+def prepared_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> Iterator[dict[str, Tensor | StoredMatrix]]:
     """Hugging Face tensors (by HF name) -> this module's state dict, a group at a time (the embedding and
-    head, then each layer), so that a loader can pack a group before the next is read.
+    head, then each layer), so that a loader can pack a group before the next is read. Matrices come as
+    StoredMatrix.
 
     RMSNorm(x) @ W.T = (x / rms(x)) * g @ W.T = (x * rsqrt(sum(x^2) + d*eps)) @ (W * g * sqrt(d)).T,
     so the gain g and sqrt(d) move into the next matrix and the norm becomes five cheap ops.
     """
     root_d = math.sqrt(config.hidden_size)
 
-    def folded(weight: Tensor, gain: Tensor) -> Tensor:  # [out, in] -> [in, out] with the norm folded in
-        return (weight.float() * (gain.float() * root_d)).t().contiguous()
-
-    def transposed(weight: Tensor) -> Tensor:
-        return weight.t().contiguous()
+    def folded(weight: Tensor, gain: Tensor) -> StoredMatrix:
+        return StoredMatrix(weight, gain.float() * root_d)
 
     head = hf["model.embed_tokens.weight"] if config.tie_word_embeddings else hf["lm_head.weight"]
     yield {"embed": hf["model.embed_tokens.weight"], "lm_head": folded(head, hf["model.norm.weight"])}
@@ -69,12 +82,12 @@ def prepared_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> Iterator[
         hf_layer, layer = f"model.layers.{i}.", f"layers.{i}."
         attn, mlp = hf_layer + "self_attn.", hf_layer + "mlp."
         attn_gain, mlp_gain = hf[hf_layer + "input_layernorm.weight"], hf[hf_layer + "post_attention_layernorm.weight"]
-        state = {layer + "wqkv": folded(torch.cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"]), attn_gain),
-                 layer + "wo": transposed(hf[attn + "o_proj.weight"])}
-        gate_up = torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
-        state[layer + "w_gate_up"] = folded(gate_up, mlp_gain)
-        del gate_up
-        state[layer + "w_down"] = transposed(hf[mlp + "down_proj.weight"])
+        state: dict[str, Tensor | StoredMatrix] = {
+            layer + "wqkv": folded(torch.cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"]), attn_gain),
+            layer + "wo": StoredMatrix(hf[attn + "o_proj.weight"]),
+            layer + "w_gate_up": folded(torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]]), mlp_gain),
+            layer + "w_down": StoredMatrix(hf[mlp + "down_proj.weight"]),
+        }
         if config.qkv_bias:
             state[layer + "bqkv"] = torch.cat([hf[attn + f"{p}_proj.bias"] for p in "qkv"])
         if config.o_bias:
@@ -86,8 +99,9 @@ def prepared_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> Iterator[
 
 
 def prepare_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The whole state dict of prepared_weights at once."""
-    return {name: tensor for group in prepared_weights(config, hf) for name, tensor in group.items()}
+    """The whole state dict of prepared_weights at once, matrices [in, out] in float32."""
+    return {name: tensor.in_out() if isinstance(tensor, StoredMatrix) else tensor
+            for group in prepared_weights(config, hf) for name, tensor in group.items()}
 
 
 def hf_weight_names(config: ModelConfig) -> list[str]:

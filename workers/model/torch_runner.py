@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from workers.backends.cpu_fp16 import FP16_WEIGHTS, fp16_weights_available, pack_fp16_weights
+from workers.backends.cpu_fp16 import FP16_WEIGHTS, PackedFp16, fp16_weights_available, install_packed
 from workers.backends.cpu_rows import invariant_rows
 from workers.backends.torch_device import resolve_device, resolve_dtype
 from workers.errors import CheckpointError, DeviceError
 from workers.model.checkpoint import check_weight_names, read_config, read_hf_weights
 from workers.model.config import ModelConfig
-from workers.model.llama import Transformer, prepared_weights
+from workers.model.llama import StoredMatrix, Transformer, prepared_weights
 from workers.model.runner_base import RunnerBase
 from workers.model.segment import Segment
 
@@ -73,23 +73,36 @@ class ModelRunner(RunnerBase):
             model = Transformer(config)  # parameters without memory; the checkpoint supplies them
         expected = set(model.state_dict())
         loaded: set[str] = set()
+        biases = {(id(module), weight): bias for module, weight, bias in model.matrices()}
         # A group (the embedding and head, then a layer) at a time, each packed before the next is read: the
-        # loader never holds the checkpoint twice, nor its matrices in fp32 all at once.
+        # loader never holds the checkpoint twice, nor its matrices in fp32 all at once. For the CPU kernels a
+        # matrix goes from its stored [out, in] layout straight into their panels.
         for group in prepared_weights(config, hf_weights):
-            state = {name: tensor.to(torch_device, torch_dtype) for name, tensor in group.items()}
+            stored = {name: value for name, value in group.items() if isinstance(value, StoredMatrix)}
+            if not pack_fp16:
+                group = {**group, **{name: matrix.in_out() for name, matrix in stored.items()}}
+                stored = {}
+            state = {name: value.to(torch_device, torch_dtype) for name, value in group.items() if name not in stored}
             del group
-            unexpected = state.keys() - expected
+            unexpected = (state.keys() | stored.keys()) - expected
             if unexpected:
                 raise CheckpointError(f"weights do not match the model: unexpected {sorted(unexpected)[:5]}")
             try:
                 model.load_state_dict(state, strict=False, assign=True)
             except RuntimeError as error:  # shape mismatches
                 raise CheckpointError(f"weights do not match config.json: {str(error).splitlines()[-1].strip()}") from None
-            loaded |= state.keys()
-            del state
-            if pack_fp16:
-                pack_fp16_weights((module, weight, bias) for module, weight, bias in model.matrices()
-                                  if isinstance(getattr(module, weight), Tensor) and not getattr(module, weight).is_meta)
+            for name, matrix in stored.items():
+                module_name, _, weight = name.rpartition(".")
+                module = model.get_submodule(module_name) if module_name else model
+                expected_shape = getattr(module, weight).shape  # [in, out], still on the meta device
+                if tuple(matrix.weight.shape[::-1]) != tuple(expected_shape):
+                    raise CheckpointError(f"weights do not match config.json: {name} is {tuple(matrix.weight.shape)}, "
+                                          f"the model wants {tuple(expected_shape[::-1])}")
+                bias = biases[(id(module), weight)]
+                install_packed(module, weight, bias, PackedFp16.from_rows(
+                    matrix.weight, matrix.scale, getattr(module, bias) if bias else None))
+            loaded |= state.keys() | stored.keys()
+            del state, stored
         missing = sorted(expected - loaded)
         if missing:
             raise CheckpointError(f"weights do not match the model: missing {missing[:5]}")

@@ -71,6 +71,21 @@ def test_a_product_is_x_times_the_fp16_matrix_and_each_row_its_own(kernels, shap
         assert torch.equal(matrix(x[20 - count :]), alone[20 - count :])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(96, 80), (64, 40)], ids=["ragged-panel", "narrow"])
+def test_a_matrix_packs_from_its_stored_layout_bitwise_as_from_a_float_copy(kernels, dtype, shape):
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(2)
+    stored = (torch.randn(out_features, in_features, generator=generator) * 3).to(dtype)
+    scale = torch.rand(in_features, generator=generator) * 40  # a norm gain times sqrt(d)
+    bias = torch.randn(out_features, generator=generator)
+    for factor in (scale, None):
+        want = cpu_native.PackedMatrix(kernels, (stored.float() if factor is None else stored.float() * factor).t(), bias)
+        got = cpu_native.PackedMatrix.from_rows(kernels, stored, factor, bias)
+        assert torch.equal(got.panels.view(torch.int16), want.panels.view(torch.int16))
+        assert torch.equal(got.bias, want.bias)
+
+
 def runner(directory, **kwargs) -> ModelRunner:
     return ModelRunner.from_checkpoint(directory, dtype="fp16-weights", **kwargs)
 
