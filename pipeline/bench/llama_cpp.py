@@ -3,11 +3,14 @@
 `scripts/build_llama_cpp.py` builds llama.cpp once (from the source inside llama-cpp-python's sdist) into
 the cache directory and converts the draft and target there; `specpipe bench --peers llama.cpp` finds them
 by the checkpoints' contents. Each llama.cpp configuration is one `llama-server` process, started once
-and pinned to the cores our workers use, one thread per model as each of our workers has:
+and pinned to the cores our workers use, with as many threads for each model as our configuration uses cores
+(its speculative decoding drafts, then verifies, so each model may use them all in turn):
 
   llama.cpp target-only   the target alone
   llama.cpp spec k=K      llama.cpp's speculative decoding with the draft (`--spec-type draft-simple`,
                           `--spec-draft-n-max K`, its other settings its defaults), serial: draft, then verify
+  ... p-min=0.75          the same, drafting stopped once the draft's top token is below 0.75 (its
+                          `--spec-draft-p-min`; the default in this build is 0): each engine at its best
 
 Prompts go in as token ids (the server adds no BOS to them), so both engines read exactly the same
 tokens; the server streams each step's tokens (`return_tokens`), which give the token ids for the
@@ -148,8 +151,9 @@ class ServerConfig:
     target_gguf: Path
     draft_gguf: Path | None = None
     draft_max: int | None = None
-    threads: int = 1
+    threads: int = 1  # for each model: every core our configuration uses (llama.cpp drafts, then verifies)
     cores: tuple[int, ...] = ()  # pinned here (all its threads), as our workers are; () = anywhere
+    draft_p_min: float | None = None  # --spec-draft-p-min; None: the server's default
     context: int = 1024
 
     def command(self, server: Path, port: int) -> list[str]:
@@ -159,6 +163,8 @@ class ServerConfig:
         if self.draft_gguf is not None:
             command += ["-md", str(self.draft_gguf), "-td", threads, "-tbd", threads, "--spec-type", "draft-simple",
                         "--spec-draft-n-max", str(self.draft_max)]
+            if self.draft_p_min is not None:
+                command += ["--spec-draft-p-min", str(self.draft_p_min)]
         return command
 
 

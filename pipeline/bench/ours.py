@@ -26,6 +26,7 @@ class Contender:
     k: int | None  # window size, or the largest one (None: no window, or the peer's own schedule)
     max_branches: int | None = None  # overlap: outcomes drafted ahead at most
     k_policy: str = "fixed"  # fixed | adaptive | goodput (DecodeConfig.k_policy)
+    draft_p_min: float | None = None  # llama.cpp: its --spec-draft-p-min (None: its default, 0 in this build)
 
     @property
     def system(self) -> str:

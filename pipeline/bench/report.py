@@ -118,10 +118,10 @@ def describe(result: BenchResult) -> list[str]:
               for peer, count in result.peers_identical.items()]
     if any(f.system == "llama.cpp" for f in result.configs):
         lines.append(f"llama.cpp: {s.get('llama_cpp', 'llama-server')}, one server per configuration pinned to our "
-                     "workers' cores, one thread per model, f16 GGUFs of the same checkpoints, prompts sent as token "
-                     "ids, cache_prompt off; spec k=K is its speculative decoding (draft-simple) with draft max K, "
-                     "its other settings its defaults; timed here as ours, from the request to each streamed token; "
-                     "concurrency 1 only")
+                     "workers' cores with a thread per core for each model, f16 GGUFs of the same checkpoints, prompts "
+                     "sent as token ids, cache_prompt off; spec k=K is its speculative decoding (draft-simple) with "
+                     "draft max K, at its default --spec-draft-p-min and at 0.75 (each engine's best configuration on "
+                     "the same cores); timed here as ours, from the request to each streamed token; concurrency 1 only")
     if any(c > 1 for c in levels) and any(f.system == "transformers" for f in result.configs):
         lines.append("hf target-only at concurrency > 1: one batched generate per round (left-padded); hf assisted "
                      "runs at concurrency 1 only: transformers' assisted generation takes batch size 1")

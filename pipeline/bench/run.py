@@ -32,10 +32,16 @@ HF_PEERS = (Contender("hf target-only", "hf-target-only", None), Contender("hf a
 ONE_AT_A_TIME = frozenset({"hf-assisted", "llama.cpp-target-only", "llama.cpp-speculative"})
 
 
+LLAMA_CPP_P_MIN = 0.75  # a --spec-draft-p-min beside the server's default (0), so its best setting is among those run
+
+
 def llama_cpp_contenders(ks: tuple[int, ...]) -> list[Contender]:
-    """llama.cpp's target alone, and its speculative decoding with draft max = each of our k."""
+    """llama.cpp's target alone, and its speculative decoding with draft max = each of our k, at its default
+    --spec-draft-p-min and at LLAMA_CPP_P_MIN."""
     return [Contender("llama.cpp target-only", "llama.cpp-target-only", None),
-            *(Contender(f"llama.cpp spec k={k}", "llama.cpp-speculative", k) for k in ks)]
+            *(Contender(f"llama.cpp spec k={k}", "llama.cpp-speculative", k) for k in ks),
+            *(Contender(f"llama.cpp spec k={k} p-min={LLAMA_CPP_P_MIN}", "llama.cpp-speculative", k,
+                        draft_p_min=LLAMA_CPP_P_MIN) for k in ks)]
 
 
 def llama_cpp_build(config: BenchConfig) -> LlamaCppBuild | None:
@@ -52,7 +58,9 @@ def llama_cpp_build(config: BenchConfig) -> LlamaCppBuild | None:
 
 def start_llama_cpp(build: LlamaCppBuild, config: BenchConfig, contenders: list[Contender], cores: tuple[int, ...],
                     stack: contextlib.ExitStack) -> dict[str, LlamaCppRunner]:
-    """A llama-server per llama.cpp configuration, each pinned to `cores` (our workers'), one thread per model."""
+    """A llama-server per llama.cpp configuration, each pinned to `cores` (our workers') with a thread per core
+    (per core our workers' threads ask for, where they are not pinned) for each model."""
+    threads = len(cores) or sum(config.workers.threads_of(role) for role in ("draft", "target"))
     target, draft = build.gguf(config.models.target_dir), build.gguf(config.models.draft_dir)
     runners = {}
     for contender in contenders:
@@ -60,7 +68,7 @@ def start_llama_cpp(build: LlamaCppBuild, config: BenchConfig, contenders: list[
             continue
         speculative = contender.mode == "llama.cpp-speculative"
         server_config = ServerConfig(target, draft if speculative else None, contender.k if speculative else None,
-                                     config.workers.threads, cores)
+                                     threads, cores, draft_p_min=contender.draft_p_min)
         server = LlamaServer(build, server_config)
         stack.callback(server.close)
         runners[contender.name] = LlamaCppRunner(server, config.max_new_tokens)
@@ -231,7 +239,10 @@ def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[Key, 
                 "draft_threads": config.workers.threads_of("draft"),
                 "dtype": resolved_dtype(config.workers.dtype, config.workers.target_device),
                 "prompts_file": str(config.prompts.file or HELDOUT_PROMPTS), "command": command,
-                "placement": f"{threads} core(s) per worker; transformers in the coordinator with {threads} thread(s); "
-                             f"llama.cpp's server on our workers' cores, {threads} thread(s) per model",
+                "placement": f"{config.workers.threads_of('target')} core(s) for the target worker, "
+                             f"{config.workers.threads_of('draft')} for the draft; transformers in the coordinator with "
+                             f"{threads} thread(s); llama.cpp's server on our workers' cores with a thread per core for "
+                             "each model, at its default --spec-draft-p-min and 0.75: each engine's best configuration "
+                             "on the same cores",
                 "peers": list(config.peers), "background_load": config.background.describe()}
     return BenchResult(results, not differing, peers, machine(), settings, differing)

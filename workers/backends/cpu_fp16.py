@@ -56,18 +56,19 @@ class PackedFp16:
             self.long_weight = weight_in_out.float().contiguous()  # [in, out], for MKL
 
     @classmethod
-    def from_rows(cls, weight_out_in: Tensor, scale: Tensor | None, bias: Tensor | None) -> "PackedFp16":
-        """PackedFp16((weight_out_in.float() * scale).t(), bias) from the matrix as a checkpoint stores it: packed
-        straight from it where the kernels load, with no float copy."""
+    def from_rows(cls, parts: list[Tensor], scale: Tensor | None, bias: Tensor | None) -> "PackedFp16":
+        """PackedFp16((torch.cat(parts).float() * scale).t(), bias) from the matrix as a checkpoint stores it (its
+        parts' rows following one another): packed straight from them where the kernels load, with no copy."""
         kernels = cpu_native.load()
         if not isinstance(kernels, cpu_native.Kernels):
-            weight = weight_out_in.float() if scale is None else weight_out_in.float() * scale
-            return cls(weight.t(), bias)
+            weight = torch.cat(parts).float()
+            return cls((weight if scale is None else weight * scale).t(), bias)
         packed = cls.__new__(cls)
-        packed.bias = torch.zeros(weight_out_in.shape[0]) if bias is None else bias.float()
+        out_features = sum(part.shape[0] for part in parts)
+        packed.bias = torch.zeros(out_features) if bias is None else bias.float()
         packed.has_bias = bias is not None
-        packed.out_features = weight_out_in.shape[0]
-        packed.native = cpu_native.PackedMatrix.from_rows(kernels, weight_out_in, scale, bias)
+        packed.out_features = out_features
+        packed.native = cpu_native.PackedMatrix.from_rows(kernels, parts, scale, bias)
         return packed
 
     def __call__(self, x: Tensor, prompt_rows: tuple[tuple[int, int], ...] = ()) -> Tensor:

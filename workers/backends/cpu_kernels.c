@@ -246,11 +246,16 @@ void sp_pack(const uint16_t *w, int in, int out, uint16_t *panels) {
     }
 }
 
-/* w [out][in] as a checkpoint stores it (dtype: 0 float32, 1 bfloat16, 2 float16), each input k scaled by
- * scale[k] (NULL: none) -> sp_pack's panels: the layout, the fold of a norm's gain and the rounding to fp16
- * (to nearest even, as torch's .to(float16)) in one pass, with no [in][out] float copy. */
-void sp_pack_rows(const void *w, int dtype, const float *scale, int in, int out, uint16_t *panels) {
-    int n_panels = (out + PANEL - 1) / PANEL;
+/* A matrix as a checkpoint stores it, [out][in] (dtype: 0 float32, 1 bfloat16, 2 float16), possibly as several
+ * stored matrices whose rows follow one another (q, k and v; gate and up): parts[i] holds rows[i] of them.
+ * Each input k is scaled by scale[k] (NULL: none). -> sp_pack's panels: the fusion, the layout, the fold of a
+ * norm's gain and the rounding to fp16 (to nearest even, as torch's .to(float16)) in one pass, with no
+ * concatenated or [in][out] float copy. */
+void sp_pack_parts(const void *const *parts, const int32_t *rows, int n_parts, int dtype, const float *scale, int in,
+                   uint16_t *panels) {
+    int out = 0;
+    for (int i = 0; i < n_parts; i++) out += rows[i];
+    int n_panels = (out + PANEL - 1) / PANEL, part = 0, part_first = 0;
     for (int p = 0; p < n_panels; p++) {
         uint16_t *dst = panels + (size_t)p * in * PANEL;
         for (int c = 0; c < PANEL; c++) {
@@ -259,8 +264,10 @@ void sp_pack_rows(const void *w, int dtype, const float *scale, int in, int out,
                 for (int k = 0; k < in; k++) dst[(size_t)k * PANEL + c] = 0;
                 continue;
             }
+            while (row >= part_first + rows[part]) part_first += rows[part++];
+            const void *w = parts[part];
             for (int k = 0; k < in; k++) {
-                size_t at = (size_t)row * in + k;
+                size_t at = (size_t)(row - part_first) * in + k;
                 float v;
                 if (dtype == 1) {
                     uint32_t bits = (uint32_t)((const uint16_t *)w)[at] << 16;

@@ -69,7 +69,7 @@ class _LayoutEntry(ctypes.Structure):  # cpu_kernels.c's sp_layout_entry
     _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_int64)]
 
 
-# sp_pack_rows' codes for the dtypes a checkpoint stores matrices in
+# sp_pack_parts' codes for the dtypes a checkpoint stores matrices in
 SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 ROW_FIELDS = 5  # per row of a pass, int32: token, slot, rotary position, cache index, end of the keys it sees
@@ -210,9 +210,9 @@ def load_library(path: Path) -> Kernels:
         raise LayoutMismatch(f"{SOURCE.name}'s structs differ from their ctypes copies in {Path(__file__).name} "
                              f"(a bug: make them match): {mismatch}")
     lib.sp_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.sp_pack_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                 ctypes.c_void_p]
-    lib.sp_pack_rows.restype = None
+    lib.sp_pack_parts.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                  ctypes.c_int, ctypes.c_void_p]
+    lib.sp_pack_parts.restype = None
     lib.sp_matmul.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.sp_scratch_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
     lib.sp_scratch_floats.restype = ctypes.c_size_t
@@ -240,19 +240,22 @@ class PackedMatrix:
         kernels.lib.sp_pack(half.data_ptr(), in_features, out_features, self.panels.data_ptr())
 
     @classmethod
-    def from_rows(cls, kernels: Kernels, weight_out_in: Tensor, scale: Tensor | None, bias: Tensor | None
+    def from_rows(cls, kernels: Kernels, parts: list[Tensor], scale: Tensor | None, bias: Tensor | None
                   ) -> "PackedMatrix":
-        """The matrix as a checkpoint stores it ([out, in], float32, bfloat16 or float16), each input column
-        scaled by `scale` [in] (a folded norm gain), packed in one pass: bitwise the panels of
-        PackedMatrix((weight.float() * scale).t(), bias), with no float copy of the matrix."""
-        out_features, in_features = weight_out_in.shape
-        weight = weight_out_in.detach().contiguous()
+        """The matrix a checkpoint stores as `parts` ([rows_i, in] each, one dtype: float32, bfloat16 or float16;
+        their rows follow one another), each input column scaled by `scale` [in] (a folded norm gain), packed in
+        one pass: bitwise the panels of PackedMatrix((torch.cat(parts).float() * scale).t(), bias), with no
+        concatenated or float copy of the matrix."""
+        parts = [part.detach().contiguous() for part in parts]
+        (dtype,) = {part.dtype for part in parts}
+        in_features, out_features = parts[0].shape[1], sum(part.shape[0] for part in parts)
         scale = None if scale is None else scale.detach().float().contiguous()
         packed = cls.__new__(cls)
         packed._use(kernels, cls._panels_for(kernels, in_features, out_features), in_features, out_features, bias)
-        kernels.lib.sp_pack_rows(weight.data_ptr(), SOURCE_DTYPES[weight.dtype],
-                                 None if scale is None else scale.data_ptr(), in_features, out_features,
-                                 packed.panels.data_ptr())
+        kernels.lib.sp_pack_parts((ctypes.c_void_p * len(parts))(*[part.data_ptr() for part in parts]),
+                                  (ctypes.c_int32 * len(parts))(*[part.shape[0] for part in parts]), len(parts),
+                                  SOURCE_DTYPES[dtype], None if scale is None else scale.data_ptr(), in_features,
+                                  packed.panels.data_ptr())
         return packed
 
     @staticmethod

@@ -49,17 +49,22 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) 
 
 @dataclass(frozen=True)
 class StoredMatrix:
-    """A matrix as the checkpoint stores it, [out, in], and the scale its inputs take (a folded norm gain).
+    """A matrix as the checkpoint stores it, [out, in], in parts whose rows follow one another (q, k and v fuse
+    into one matrix), and the scale its inputs take (a folded norm gain).
 
     A CPU loader packs it for the kernels straight from here (PackedFp16.from_rows); `in_out` is the [in, out]
     float32 layout this module multiplies with otherwise."""
 
-    weight: Tensor
+    parts: tuple[Tensor, ...]
     scale: Tensor | None = None
 
+    @property
+    def shape(self) -> tuple[int, int]:  # [out, in]
+        return sum(part.shape[0] for part in self.parts), self.parts[0].shape[1]
+
     def in_out(self) -> Tensor:
-        weight = self.weight.float() if self.scale is None else self.weight.float() * self.scale
-        return weight.t().contiguous()
+        weight = torch.cat(self.parts).float()
+        return (weight if self.scale is None else weight * self.scale).t().contiguous()
 
 
 def prepared_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> Iterator[dict[str, Tensor | StoredMatrix]]:
@@ -72,21 +77,21 @@ def prepared_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> Iterator[
     """
     root_d = math.sqrt(config.hidden_size)
 
-    def folded(weight: Tensor, gain: Tensor) -> StoredMatrix:
-        return StoredMatrix(weight, gain.float() * root_d)
+    def folded(parts: tuple[Tensor, ...], gain: Tensor) -> StoredMatrix:
+        return StoredMatrix(parts, gain.float() * root_d)
 
     head = hf["model.embed_tokens.weight"] if config.tie_word_embeddings else hf["lm_head.weight"]
-    yield {"embed": hf["model.embed_tokens.weight"], "lm_head": folded(head, hf["model.norm.weight"])}
+    yield {"embed": hf["model.embed_tokens.weight"], "lm_head": folded((head,), hf["model.norm.weight"])}
     del head
     for i in range(config.num_layers):
         hf_layer, layer = f"model.layers.{i}.", f"layers.{i}."
         attn, mlp = hf_layer + "self_attn.", hf_layer + "mlp."
         attn_gain, mlp_gain = hf[hf_layer + "input_layernorm.weight"], hf[hf_layer + "post_attention_layernorm.weight"]
         state: dict[str, Tensor | StoredMatrix] = {
-            layer + "wqkv": folded(torch.cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"]), attn_gain),
-            layer + "wo": StoredMatrix(hf[attn + "o_proj.weight"]),
-            layer + "w_gate_up": folded(torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]]), mlp_gain),
-            layer + "w_down": StoredMatrix(hf[mlp + "down_proj.weight"]),
+            layer + "wqkv": folded(tuple(hf[attn + f"{p}_proj.weight"] for p in "qkv"), attn_gain),
+            layer + "wo": StoredMatrix((hf[attn + "o_proj.weight"],)),
+            layer + "w_gate_up": folded((hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]), mlp_gain),
+            layer + "w_down": StoredMatrix((hf[mlp + "down_proj.weight"],)),
         }
         if config.qkv_bias:
             state[layer + "bqkv"] = torch.cat([hf[attn + f"{p}_proj.bias"] for p in "qkv"])

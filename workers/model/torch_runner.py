@@ -95,12 +95,13 @@ class ModelRunner(RunnerBase):
                 module_name, _, weight = name.rpartition(".")
                 module = model.get_submodule(module_name) if module_name else model
                 expected_shape = getattr(module, weight).shape  # [in, out], still on the meta device
-                if tuple(matrix.weight.shape[::-1]) != tuple(expected_shape):
-                    raise CheckpointError(f"weights do not match config.json: {name} is {tuple(matrix.weight.shape)}, "
-                                          f"the model wants {tuple(expected_shape[::-1])}")
+                if len({part.shape[1] for part in matrix.parts}) > 1 or matrix.shape[::-1] != tuple(expected_shape):
+                    raise CheckpointError(f"weights do not match config.json: {name} is "
+                                          f"{[tuple(part.shape) for part in matrix.parts]}, the model wants "
+                                          f"{tuple(expected_shape[::-1])}")
                 bias = biases[(id(module), weight)]
                 install_packed(module, weight, bias, PackedFp16.from_rows(
-                    matrix.weight, matrix.scale, getattr(module, bias) if bias else None))
+                    list(matrix.parts), matrix.scale, getattr(module, bias) if bias else None))
             loaded |= state.keys() | stored.keys()
             del state, stored
         missing = sorted(expected - loaded)

@@ -34,7 +34,8 @@ def test_every_configuration_is_reported_with_the_required_figures(bench):
     names = [config["name"] for config in figures["configs"]]
     assert names == ["target-only", "serial k=2", "overlap k=2", "serial k=3", "overlap k=3",
                      "overlap goodput k<=3", "hf target-only", "hf assisted", "llama.cpp target-only",
-                     "llama.cpp spec k=2", "llama.cpp spec k=3"]
+                     "llama.cpp spec k=2", "llama.cpp spec k=3", "llama.cpp spec k=2 p-min=0.75",
+                     "llama.cpp spec k=3 p-min=0.75"]
     for config in figures["configs"]:
         assert REQUIRED <= config.keys()
         assert config["name"] in result.stdout  # the table names it too

@@ -74,10 +74,12 @@ def test_prompts_run_in_rounds_of_the_concurrency_and_hf_assisted_and_llama_cpp_
     assert rounds_of(2, 16) == [[0, 1]]
     hf_target, hf_assisted = HF_PEERS
     assert runs_at(hf_target, 4) and runs_at(hf_assisted, 1) and not runs_at(hf_assisted, 4)
-    llama_target, llama_spec = llama_cpp_contenders((3,))
+    llama_target, llama_spec, llama_spec_p_min = llama_cpp_contenders((3,))
     assert (llama_target.system, llama_spec.system, llama_spec.k) == ("llama.cpp", "llama.cpp", 3)
     assert llama_spec.name == "llama.cpp spec k=3" and not llama_spec.ours
+    assert llama_spec_p_min.name == "llama.cpp spec k=3 p-min=0.75" and llama_spec_p_min.draft_p_min == 0.75
     assert runs_at(llama_target, 1) and not runs_at(llama_target, 4) and not runs_at(llama_spec, 2)
+    assert not runs_at(llama_spec_p_min, 4)
 
 
 def test_the_goodput_controller_is_a_contender_of_its_own():

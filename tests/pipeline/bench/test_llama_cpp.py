@@ -21,7 +21,7 @@ from pipeline.bench.llama_cpp import (
     parse_stream,
     to_generation,
 )
-from pipeline.bench.run import llama_cpp_build
+from pipeline.bench.run import llama_cpp_build, llama_cpp_contenders
 from pipeline.config import ModelsConfig
 from tests.pipeline.bench import fake_llama_server
 from workers.bundled import DRAFT_DIR, TARGET_DIR
@@ -66,15 +66,24 @@ def test_an_error_event_is_an_error_and_other_lines_are_skipped():
         parse_stream([(0.0, 'data: {"error": {"code": 400, "message": "the context is full"}}')])
 
 
-def test_a_configuration_is_one_server_with_one_thread_per_model():
-    target_only = ServerConfig(Path("t.gguf")).command(Path("llama-server"), 8000)
+def test_a_configuration_is_one_server_with_every_core_for_each_model():
+    target_only = ServerConfig(Path("t.gguf"), threads=2).command(Path("llama-server"), 8000)
     assert target_only[:3] == ["llama-server", "-m", "t.gguf"] and "-md" not in target_only
-    assert target_only[target_only.index("-t") + 1] == "1" and target_only[target_only.index("-np") + 1] == "1"
-    speculative = ServerConfig(Path("t.gguf"), Path("d.gguf"), 3).command(Path("llama-server"), 8000)
+    assert target_only[target_only.index("-t") + 1] == "2" and target_only[target_only.index("-np") + 1] == "1"
+    speculative = ServerConfig(Path("t.gguf"), Path("d.gguf"), 3, threads=2).command(Path("llama-server"), 8000)
     assert speculative[speculative.index("-md") + 1] == "d.gguf"
     assert speculative[speculative.index("--spec-draft-n-max") + 1] == "3"
     assert speculative[speculative.index("--spec-type") + 1] == "draft-simple"
-    assert speculative[speculative.index("-td") + 1] == "1"
+    assert speculative[speculative.index("-td") + 1] == "2"
+    assert "--spec-draft-p-min" not in speculative  # the server's default
+    p_min = ServerConfig(Path("t.gguf"), Path("d.gguf"), 3, draft_p_min=0.75).command(Path("llama-server"), 8000)
+    assert p_min[p_min.index("--spec-draft-p-min") + 1] == "0.75"
+
+
+def test_llama_cpp_runs_at_its_default_p_min_and_another_for_each_k():
+    contenders = llama_cpp_contenders((2, 3))
+    assert [(c.k, c.draft_p_min) for c in contenders if c.mode == "llama.cpp-speculative"] == [
+        (2, None), (3, None), (2, 0.75), (3, 0.75)]
 
 
 def test_a_gguf_is_found_by_its_checkpoints_content(tmp_path):

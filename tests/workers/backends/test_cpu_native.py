@@ -81,9 +81,10 @@ def test_a_matrix_packs_from_its_stored_layout_bitwise_as_from_a_float_copy(kern
     bias = torch.randn(out_features, generator=generator)
     for factor in (scale, None):
         want = cpu_native.PackedMatrix(kernels, (stored.float() if factor is None else stored.float() * factor).t(), bias)
-        got = cpu_native.PackedMatrix.from_rows(kernels, stored, factor, bias)
-        assert torch.equal(got.panels.view(torch.int16), want.panels.view(torch.int16))
-        assert torch.equal(got.bias, want.bias)
+        for parts in ([stored], [stored[:7], stored[7:40], stored[40:]]):  # whole, or fused from stored pieces
+            got = cpu_native.PackedMatrix.from_rows(kernels, parts, factor, bias)
+            assert torch.equal(got.panels.view(torch.int16), want.panels.view(torch.int16))
+            assert torch.equal(got.bias, want.bias)
 
 
 def runner(directory, **kwargs) -> ModelRunner:
