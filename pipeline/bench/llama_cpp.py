@@ -144,6 +144,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+# A --spec-draft-p-min that bench runs beside the server's default (0 in this build), so that llama.cpp's best
+# setting is among those measured.
+SWEPT_DRAFT_P_MIN = 0.75
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """One llama.cpp configuration: the target alone, or with the draft at draft max k."""

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from pipeline.bench.figures import Figures
+from pipeline.bench.llama_cpp import SWEPT_DRAFT_P_MIN
 from pipeline.bench.run import BenchResult
 
 PEER_COLORS = {"transformers": "tab:gray", "llama.cpp": "tab:green"}  # bars of other engines (ours: default colours)
@@ -120,8 +121,9 @@ def describe(result: BenchResult) -> list[str]:
         lines.append(f"llama.cpp: {s.get('llama_cpp', 'llama-server')}, one server per configuration pinned to our "
                      "workers' cores with a thread per core for each model, f16 GGUFs of the same checkpoints, prompts "
                      "sent as token ids, cache_prompt off; spec k=K is its speculative decoding (draft-simple) with "
-                     "draft max K, at its default --spec-draft-p-min and at 0.75 (each engine's best configuration on "
-                     "the same cores); timed here as ours, from the request to each streamed token; concurrency 1 only")
+                     f"draft max K, at its default --spec-draft-p-min and at {SWEPT_DRAFT_P_MIN} (each engine's best "
+                     "configuration on the same cores); timed here as ours, from the request to each streamed token; "
+                     "concurrency 1 only")
     if any(c > 1 for c in levels) and any(f.system == "transformers" for f in result.configs):
         lines.append("hf target-only at concurrency > 1: one batched generate per round (left-padded); hf assisted "
                      "runs at concurrency 1 only: transformers' assisted generation takes batch size 1")

@@ -16,7 +16,14 @@ from tqdm import tqdm
 from pipeline.bench.background import running
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.figures import Figures, figures
-from pipeline.bench.llama_cpp import LlamaCppBuild, LlamaCppRunner, LlamaServer, ServerConfig, default_root
+from pipeline.bench.llama_cpp import (
+    SWEPT_DRAFT_P_MIN,
+    LlamaCppBuild,
+    LlamaCppRunner,
+    LlamaServer,
+    ServerConfig,
+    default_root,
+)
 from pipeline.bench.ours import Contender, PipelineRunner, our_contenders, start_cluster, worker_clocks
 from pipeline.bench.peers import HfRunner, load_models
 from pipeline.bench.records import Round
@@ -32,16 +39,13 @@ HF_PEERS = (Contender("hf target-only", "hf-target-only", None), Contender("hf a
 ONE_AT_A_TIME = frozenset({"hf-assisted", "llama.cpp-target-only", "llama.cpp-speculative"})
 
 
-LLAMA_CPP_P_MIN = 0.75  # a --spec-draft-p-min beside the server's default (0), so its best setting is among those run
-
-
 def llama_cpp_contenders(ks: tuple[int, ...]) -> list[Contender]:
     """llama.cpp's target alone, and its speculative decoding with draft max = each of our k, at its default
-    --spec-draft-p-min and at LLAMA_CPP_P_MIN."""
+    --spec-draft-p-min and at SWEPT_DRAFT_P_MIN."""
     return [Contender("llama.cpp target-only", "llama.cpp-target-only", None),
             *(Contender(f"llama.cpp spec k={k}", "llama.cpp-speculative", k) for k in ks),
-            *(Contender(f"llama.cpp spec k={k} p-min={LLAMA_CPP_P_MIN}", "llama.cpp-speculative", k,
-                        draft_p_min=LLAMA_CPP_P_MIN) for k in ks)]
+            *(Contender(f"llama.cpp spec k={k} p-min={SWEPT_DRAFT_P_MIN}", "llama.cpp-speculative", k,
+                        draft_p_min=SWEPT_DRAFT_P_MIN) for k in ks)]
 
 
 def llama_cpp_build(config: BenchConfig) -> LlamaCppBuild | None:
@@ -242,7 +246,7 @@ def summarize(config: BenchConfig, contenders: list[Contender], runs: dict[Key, 
                 "placement": f"{config.workers.threads_of('target')} core(s) for the target worker, "
                              f"{config.workers.threads_of('draft')} for the draft; transformers in the coordinator with "
                              f"{threads} thread(s); llama.cpp's server on our workers' cores with a thread per core for "
-                             "each model, at its default --spec-draft-p-min and 0.75: each engine's best configuration "
-                             "on the same cores",
+                             f"each model, at its default --spec-draft-p-min and {SWEPT_DRAFT_P_MIN}: each engine's "
+                             "best configuration on the same cores",
                 "peers": list(config.peers), "background_load": config.background.describe()}
     return BenchResult(results, not differing, peers, machine(), settings, differing)

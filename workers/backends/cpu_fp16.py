@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -42,13 +41,10 @@ class PackedFp16:
 
     def __init__(self, weight_in_out: Tensor, bias: Tensor | None) -> None:
         kernels = cpu_native.load()
-        self.bias = torch.zeros(weight_in_out.shape[1]) if bias is None else bias.float()
-        self.has_bias = bias is not None
-        self.out_features = weight_in_out.shape[1]
         if isinstance(kernels, cpu_native.Kernels):  # one kernel for every row: no fbgemm, no prefill copy
-            self.native: cpu_native.PackedMatrix | None = cpu_native.PackedMatrix(kernels, weight_in_out, bias)
+            self._hold(cpu_native.PackedMatrix(kernels, weight_in_out, bias), weight_in_out.shape[1], bias)
             return
-        self.native = None
+        self._hold(None, weight_in_out.shape[1], bias)
         self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight_in_out.float().t().contiguous())
         if native_bf16_gemm():
             self.long_weight = torch.ops.mkldnn._reorder_linear_weight(weight_in_out.t().contiguous().bfloat16(), None)
@@ -64,12 +60,15 @@ class PackedFp16:
             weight = torch.cat(parts).float()
             return cls((weight if scale is None else weight * scale).t(), bias)
         packed = cls.__new__(cls)
-        out_features = sum(part.shape[0] for part in parts)
-        packed.bias = torch.zeros(out_features) if bias is None else bias.float()
-        packed.has_bias = bias is not None
-        packed.out_features = out_features
-        packed.native = cpu_native.PackedMatrix.from_rows(kernels, parts, scale, bias)
+        packed._hold(cpu_native.PackedMatrix.from_rows(kernels, parts, scale, bias),
+                     sum(part.shape[0] for part in parts), bias)
         return packed
+
+    def _hold(self, native: cpu_native.PackedMatrix | None, out_features: int, bias: Tensor | None) -> None:
+        self.native = native
+        self.bias = torch.zeros(out_features) if bias is None else bias.float()
+        self.has_bias = bias is not None
+        self.out_features = out_features
 
     def __call__(self, x: Tensor, prompt_rows: tuple[tuple[int, int], ...] = ()) -> Tensor:
         # x: [rows, in] -> [rows, out]; prompt_rows: (first, end) ranges of x that are prompt chunks

@@ -232,25 +232,11 @@ static inline void share(int count, int t, int threads, int *first, int *end) {
 /* ---------------------------------------------------------------------------------------------- */
 /* packing                                                                                        */
 
-/* w [in][out] fp16 (row-major, as `x @ W` reads it) -> panels [ceil(out/PANEL)][in][PANEL], the last
- * panel's missing columns zero. */
-void sp_pack(const uint16_t *w, int in, int out, uint16_t *panels) {
-    int n_panels = (out + PANEL - 1) / PANEL;
-    for (int p = 0; p < n_panels; p++) {
-        uint16_t *dst = panels + (size_t)p * in * PANEL;
-        int first = p * PANEL, width = out - first < PANEL ? out - first : PANEL;
-        for (int k = 0; k < in; k++) {
-            memcpy(dst + (size_t)k * PANEL, w + (size_t)k * out + first, (size_t)width * sizeof(uint16_t));
-            if (width < PANEL) memset(dst + (size_t)k * PANEL + width, 0, (size_t)(PANEL - width) * sizeof(uint16_t));
-        }
-    }
-}
-
 /* A matrix as a checkpoint stores it, [out][in] (dtype: 0 float32, 1 bfloat16, 2 float16), possibly as several
- * stored matrices whose rows follow one another (q, k and v; gate and up): parts[i] holds rows[i] of them.
- * Each input k is scaled by scale[k] (NULL: none). -> sp_pack's panels: the fusion, the layout, the fold of a
- * norm's gain and the rounding to fp16 (to nearest even, as torch's .to(float16)) in one pass, with no
- * concatenated or [in][out] float copy. */
+ * stored matrices whose rows follow one another (q, k and v; gate and up): parts[i] holds rows[i] of them. Each
+ * input k is scaled by scale[k] (NULL: none). -> panels [ceil(out/PANEL)][in][PANEL], the last panel's missing
+ * columns zero: the fusion, the layout, the fold of a norm's gain and the rounding to fp16 (to nearest even, as
+ * torch's .to(float16)) in one pass, with no concatenated or [in][out] float copy. */
 void sp_pack_parts(const void *const *parts, const int32_t *rows, int n_parts, int dtype, const float *scale, int in,
                    uint16_t *panels) {
     int out = 0;
@@ -289,7 +275,7 @@ void sp_pack_parts(const void *const *parts, const int32_t *rows, int n_parts, i
 /* the matrix product                                                                              */
 
 typedef struct {
-    const uint16_t *panels; /* sp_pack's layout */
+    const uint16_t *panels; /* sp_pack_parts' layout */
     const float *bias;      /* [out] or NULL */
     int32_t in, out;
 } sp_matrix;

@@ -209,7 +209,6 @@ def load_library(path: Path) -> Kernels:
     if mismatch:
         raise LayoutMismatch(f"{SOURCE.name}'s structs differ from their ctypes copies in {Path(__file__).name} "
                              f"(a bug: make them match): {mismatch}")
-    lib.sp_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.sp_pack_parts.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                   ctypes.c_int, ctypes.c_void_p]
     lib.sp_pack_parts.restype = None
@@ -225,7 +224,7 @@ def load_library(path: Path) -> Kernels:
     lib.sp_threads.restype = ctypes.c_int
     lib.sp_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     lib.sp_read.restype = ctypes.c_float
-    for name in ("sp_pack", "sp_matmul", "sp_forward"):
+    for name in ("sp_matmul", "sp_forward"):
         getattr(lib, name).restype = None
     return Kernels(lib, path, lib.sp_vector_width(), lib.sp_panel_width())
 
@@ -234,37 +233,30 @@ class PackedMatrix:
     """A [in, out] matrix in the kernels' fp16 panels, with its bias: y = x @ W + b."""
 
     def __init__(self, kernels: Kernels, weight_in_out: Tensor, bias: Tensor | None) -> None:
-        in_features, out_features = weight_in_out.shape
-        half = weight_in_out.detach().to(torch.float16).contiguous()
-        self._use(kernels, self._panels_for(kernels, in_features, out_features), in_features, out_features, bias)
-        kernels.lib.sp_pack(half.data_ptr(), in_features, out_features, self.panels.data_ptr())
+        self._pack(kernels, [weight_in_out.t()], None, bias)
 
     @classmethod
     def from_rows(cls, kernels: Kernels, parts: list[Tensor], scale: Tensor | None, bias: Tensor | None
                   ) -> "PackedMatrix":
-        """The matrix a checkpoint stores as `parts` ([rows_i, in] each, one dtype: float32, bfloat16 or float16;
-        their rows follow one another), each input column scaled by `scale` [in] (a folded norm gain), packed in
-        one pass: bitwise the panels of PackedMatrix((torch.cat(parts).float() * scale).t(), bias), with no
-        concatenated or float copy of the matrix."""
-        parts = [part.detach().contiguous() for part in parts]
+        """The matrix a checkpoint stores as `parts` ([rows_i, in] each, one dtype; their rows follow one another),
+        each input column scaled by `scale` [in] (a folded norm gain), packed in one pass: the panels of
+        PackedMatrix((torch.cat(parts).float() * scale).t(), bias), with no concatenated or float copy."""
+        packed = cls.__new__(cls)
+        packed._pack(kernels, parts, scale, bias)
+        return packed
+
+    def _pack(self, kernels: Kernels, parts: list[Tensor], scale: Tensor | None, bias: Tensor | None) -> None:
+        # float32, bfloat16 and float16 are read as stored (sp_pack_parts); any other dtype as float32
+        parts = [(part if part.dtype in SOURCE_DTYPES else part.float()).detach().contiguous() for part in parts]
         (dtype,) = {part.dtype for part in parts}
         in_features, out_features = parts[0].shape[1], sum(part.shape[0] for part in parts)
         scale = None if scale is None else scale.detach().float().contiguous()
-        packed = cls.__new__(cls)
-        packed._use(kernels, cls._panels_for(kernels, in_features, out_features), in_features, out_features, bias)
+        self.panels = torch.empty(-(-out_features // kernels.panel_width) * in_features * kernels.panel_width,
+                                  dtype=torch.float16)
         kernels.lib.sp_pack_parts((ctypes.c_void_p * len(parts))(*[part.data_ptr() for part in parts]),
                                   (ctypes.c_int32 * len(parts))(*[part.shape[0] for part in parts]), len(parts),
                                   SOURCE_DTYPES[dtype], None if scale is None else scale.data_ptr(), in_features,
-                                  packed.panels.data_ptr())
-        return packed
-
-    @staticmethod
-    def _panels_for(kernels: Kernels, in_features: int, out_features: int) -> Tensor:
-        panels = -(-out_features // kernels.panel_width)
-        return torch.empty(panels * in_features * kernels.panel_width, dtype=torch.float16)
-
-    def _use(self, kernels: Kernels, panels: Tensor, in_features: int, out_features: int, bias: Tensor | None) -> None:
-        self.panels = panels
+                                  self.panels.data_ptr())
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.struct = Matrix(self.panels.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(),
                              in_features, out_features)

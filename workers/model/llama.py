@@ -6,7 +6,7 @@ one-token decode steps, k-token verifications and drafted-ahead branches are the
 length (the runner's job): stale entries past the length are never attended and get overwritten.
 
 On a CPU thread a small model's decode is bound by memory traffic and per-op overhead, so the
-weights are laid out for it (see `prepare_weights`): q|k|v and gate|up fused into one matrix each,
+weights are laid out for it (see `prepared_weights`): q|k|v and gate|up fused into one matrix each,
 stored [in, out] for `x @ W`, and each RMSNorm's gain folded into the matrix that follows it.
 """
 
@@ -103,14 +103,8 @@ def prepared_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> Iterator[
         yield state
 
 
-def prepare_weights(config: ModelConfig, hf: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The whole state dict of prepared_weights at once, matrices [in, out] in float32."""
-    return {name: tensor.in_out() if isinstance(tensor, StoredMatrix) else tensor
-            for group in prepared_weights(config, hf) for name, tensor in group.items()}
-
-
 def hf_weight_names(config: ModelConfig) -> list[str]:
-    """Every Hugging Face tensor name `prepare_weights` reads."""
+    """Every Hugging Face tensor name `prepared_weights` reads."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not config.tie_word_embeddings:
         names.append("lm_head.weight")

@@ -71,20 +71,33 @@ def test_a_product_is_x_times_the_fp16_matrix_and_each_row_its_own(kernels, shap
         assert torch.equal(matrix(x[20 - count :]), alone[20 - count :])
 
 
+def panels_of(weight_in_out: torch.Tensor, panel: int) -> torch.Tensor:
+    """The kernels' layout, by torch alone: [in, out] rounded to fp16, cut into panels of `panel` columns
+    (the last padded with zeros), each panel's rows one after another."""
+    in_features, out_features = weight_in_out.shape
+    count = -(-out_features // panel)
+    padded = torch.zeros(in_features, count * panel, dtype=torch.float16)
+    padded[:, :out_features] = weight_in_out.to(torch.float16)
+    return padded.view(in_features, count, panel).permute(1, 0, 2).reshape(-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(96, 80), (64, 40)], ids=["ragged-panel", "narrow"])
-def test_a_matrix_packs_from_its_stored_layout_bitwise_as_from_a_float_copy(kernels, dtype, shape):
+def test_a_matrix_packs_from_its_stored_layout_as_torch_rounds_it(kernels, dtype, shape):
     out_features, in_features = shape
     generator = torch.Generator().manual_seed(2)
     stored = (torch.randn(out_features, in_features, generator=generator) * 3).to(dtype)
     scale = torch.rand(in_features, generator=generator) * 40  # a norm gain times sqrt(d)
     bias = torch.randn(out_features, generator=generator)
     for factor in (scale, None):
-        want = cpu_native.PackedMatrix(kernels, (stored.float() if factor is None else stored.float() * factor).t(), bias)
+        want = panels_of((stored.float() if factor is None else stored.float() * factor).t(), kernels.panel_width)
         for parts in ([stored], [stored[:7], stored[7:40], stored[40:]]):  # whole, or fused from stored pieces
             got = cpu_native.PackedMatrix.from_rows(kernels, parts, factor, bias)
-            assert torch.equal(got.panels.view(torch.int16), want.panels.view(torch.int16))
-            assert torch.equal(got.bias, want.bias)
+            assert torch.equal(got.panels.view(torch.int16), want.view(torch.int16))
+            assert torch.equal(got.bias, bias)
+    in_out = cpu_native.PackedMatrix(kernels, stored.t(), None)  # an [in, out] matrix packs the same way
+    want = panels_of(stored.float().t(), kernels.panel_width)
+    assert torch.equal(in_out.panels.view(torch.int16), want.view(torch.int16))
 
 
 def runner(directory, **kwargs) -> ModelRunner:
